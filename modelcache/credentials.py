@@ -1,0 +1,117 @@
+"""Registry credentials: explicit username/password, Docker ``config.json`` files, per-volume secrets.
+
+A :class:`Credentials` value never shows its secret in ``repr`` or ``str``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from modelcache.errors import ModelCacheError, Kind
+
+DOCKER_HUB_KEYS = ("https://index.docker.io/v1/", "index.docker.io", "docker.io", "registry-1.docker.io")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A username and password, or an identity (refresh) token."""
+
+    username: str = ""
+    password: str = field(default="", repr=False)
+    identity_token: str = field(default="", repr=False)
+
+    def __str__(self) -> str:
+        return f"Credentials(username={self.username!r}, secret=***)"
+
+    @property
+    def empty(self) -> bool:
+        """True when nothing would be sent."""
+        return not (self.username or self.password or self.identity_token)
+
+
+def _host_key(key: str) -> str:
+    key = key.strip()
+    for prefix in ("https://", "http://"):
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+    key = key.split("/", 1)[0]
+    return "docker.io" if key in ("index.docker.io", "registry-1.docker.io") else key
+
+
+def _decode_entry(host: str, entry: Mapping[str, Any]) -> Credentials:
+    if not isinstance(entry, Mapping):
+        raise ModelCacheError(f"docker config entry for {host} is not an object", kind=Kind.INVALID_ARGUMENT)
+    if entry.get("auth"):
+        try:
+            decoded = base64.b64decode(str(entry["auth"]), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            raise ModelCacheError(f"docker config: 'auth' for {host} is not base64 of user:password",
+                                  kind=Kind.INVALID_ARGUMENT) from None
+        user, sep, password = decoded.partition(":")
+        if not sep:
+            raise ModelCacheError(f"docker config: 'auth' for {host} has no ':'", kind=Kind.INVALID_ARGUMENT)
+        return Credentials(user, password, str(entry.get("identitytoken", "")))
+    return Credentials(str(entry.get("username", "")), str(entry.get("password", "")),
+                       str(entry.get("identitytoken", "")))
+
+
+@dataclass
+class CredentialStore:
+    """Credentials by registry host; later sources override earlier ones."""
+
+    by_host: dict[str, Credentials] = field(default_factory=dict, repr=False)
+
+    def __repr__(self) -> str:
+        return f"CredentialStore(hosts={sorted(self.by_host)})"
+
+    def lookup(self, host: str) -> Credentials | None:
+        """Credentials for ``host`` (``docker.io`` aliases folded), or None."""
+        return self.by_host.get(_host_key(host))
+
+    def add(self, host: str, credentials: Credentials) -> None:
+        """Set the credentials for ``host``."""
+        self.by_host[_host_key(host)] = credentials
+
+    def merged(self, other: CredentialStore | None) -> CredentialStore:
+        """A new store with ``other``'s entries on top of this one's."""
+        combined = dict(self.by_host)
+        if other is not None:
+            combined.update(other.by_host)
+        return CredentialStore(combined)
+
+    def add_docker_config(self, data: Mapping[str, Any] | str | bytes, source: str = "docker config") -> None:
+        """Add the ``auths`` of a Docker config (``config.json`` or ``.dockerconfigjson``)."""
+        if isinstance(data, (str, bytes)):
+            try:
+                data = json.loads(data)
+            except ValueError as exc:
+                raise ModelCacheError(f"{source} is not valid JSON: {exc.msg}", kind=Kind.INVALID_ARGUMENT) from None
+        if not isinstance(data, Mapping):
+            raise ModelCacheError(f"{source} is not a JSON object", kind=Kind.INVALID_ARGUMENT)
+        auths = data.get("auths", {})
+        if not isinstance(auths, Mapping):
+            raise ModelCacheError(f"{source}: 'auths' is not an object", kind=Kind.INVALID_ARGUMENT)
+        for host, entry in auths.items():
+            self.add(host, _decode_entry(host, entry))
+
+    @classmethod
+    def from_docker_config_file(cls, path: str | os.PathLike[str]) -> CredentialStore:
+        """Load a Docker ``config.json``; a missing file gives an empty store."""
+        store = cls()
+        file = Path(path)
+        if file.is_file():
+            store.add_docker_config(file.read_bytes(), source=str(file))
+        return store
+
+
+def default_docker_config_path() -> Path:
+    """``$DOCKER_CONFIG/config.json``, else ``~/.docker/config.json``."""
+    base = os.environ.get("DOCKER_CONFIG")
+    return Path(base) / "config.json" if base else Path.home() / ".docker" / "config.json"

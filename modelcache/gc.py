@@ -1,0 +1,125 @@
+"""Cache accounting and garbage collection: disk use, model removal, unreferenced blobs and layers."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from modelcache.digest import Digest
+from modelcache.errors import Kind, ModelCacheError
+from modelcache.mounts import mounts_of
+from modelcache.pull import ModelCache, ModelRecord, remove_tree
+
+
+@dataclass
+class Usage:
+    """How much the cache holds: ``logical_bytes`` counts every model in full, ``disk_bytes`` each inode once."""
+
+    models: int = 0
+    blobs: int = 0
+    blob_bytes: int = 0
+    layer_bytes: int = 0
+    logical_bytes: int = 0
+    disk_bytes: int = 0
+    per_model: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def shared_bytes(self) -> int:
+        """Bytes saved by deduplication."""
+        return max(0, self.logical_bytes - self.disk_bytes)
+
+
+def _unique_bytes(root: Path, seen: set[tuple[int, int]]) -> int:
+    total = 0
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            key = (st.st_dev, st.st_ino)
+            if key not in seen:
+                seen.add(key)
+                total += st.st_blocks * 512
+    return total
+
+
+def usage(cache: ModelCache) -> Usage:
+    """Measure the cache."""
+    result = Usage()
+    seen: set[tuple[int, int]] = set()
+    for _, path in cache.store.iter_blobs():
+        result.blobs += 1
+        result.blob_bytes += path.stat().st_size
+    records = cache.records()
+    result.models = len(records)
+    for record in records:
+        result.logical_bytes += record.total_bytes
+        result.per_model[record.key] = record.total_bytes
+    result.disk_bytes = _unique_bytes(cache.store.blobs, seen)
+    result.layer_bytes = _unique_bytes(cache.store.layers, seen)
+    result.disk_bytes += result.layer_bytes
+    return result
+
+
+def in_use(cache: ModelCache, key: str) -> list[str]:
+    """Mount points that show the tree of ``key``."""
+    return [m.mountpoint for m in mounts_of(cache.tree_path(key))]
+
+
+def find(cache: ModelCache, text: str) -> list[ModelRecord]:
+    """Models matching a key, a digest, or a reference string."""
+    return [r for r in cache.records()
+            if text in (r.key, r.digest, r.manifest_digest, r.reference) or r.reference.startswith(text + "@")]
+
+
+def remove_model(cache: ModelCache, key: str, *, force: bool = False) -> None:
+    """Delete a model's tree and record (not its blobs: see :func:`collect_garbage`)."""
+    with cache.store.lock("gc"), cache.store.lock(f"tree-{key}"):
+        users = in_use(cache, key)
+        if users and not force:
+            raise ModelCacheError(f"model {key} is mounted at {', '.join(users)}", kind=Kind.INVALID_ARGUMENT)
+        cache.record_path(key).unlink(missing_ok=True)
+        remove_tree(cache.tree_path(key))
+
+
+@dataclass
+class GcReport:
+    """What a collection removed (or would remove, on a dry run)."""
+
+    blobs: list[str] = field(default_factory=list)
+    layers: list[str] = field(default_factory=list)
+    temporary: list[str] = field(default_factory=list)
+    freed_bytes: int = 0
+
+
+def collect_garbage(cache: ModelCache, *, dry_run: bool = False) -> GcReport:
+    """Remove blobs and extracted layers no model refers to, and leftovers of interrupted pulls."""
+    report = GcReport()
+    store = cache.store
+    with store.lock("gc"):
+        records = cache.records()
+        keys = {r.key for r in records}
+        live_blobs = {b for r in records for b in r.blobs}
+        live_layers = {layer for r in records for layer in r.layers}
+        for digest, path in list(store.iter_blobs()):
+            if str(digest) not in live_blobs:
+                report.blobs.append(str(digest))
+                report.freed_bytes += path.stat().st_size
+                if not dry_run:
+                    store.remove_blob(Digest.parse(str(digest)))
+        for layer in list(store.layers.iterdir()) if store.layers.is_dir() else []:
+            if layer.name not in live_layers:
+                report.layers.append(layer.name)
+                report.freed_bytes += _unique_bytes(layer, set())
+                if not dry_run:
+                    remove_tree(layer)
+        for tree in list(store.trees.iterdir()) if store.trees.is_dir() else []:
+            if tree.name not in keys and not mounts_of(tree):
+                report.temporary.append(tree.name)
+                if not dry_run:
+                    remove_tree(tree)
+        for record_file in store.models.glob("*.json"):
+            if record_file.stem not in keys and not dry_run:
+                record_file.unlink(missing_ok=True)
+        if not dry_run:
+            store.clear_partials()
+    return report

@@ -1,0 +1,127 @@
+"""Turning a manifest into a plan of files: ModelPack model-spec, generic ORAS artifacts, container images."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from modelcache import mediatypes as mt
+from modelcache.errors import IntegrityError, UnsupportedArtifact
+from modelcache.manifest import Descriptor, Manifest
+from modelcache.paths import PathFilter, safe_relpath
+
+DEFAULT_IMAGE_PATH = "models"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One layer's contribution: a raw file at ``dest``, or a tar extracted under ``dest``."""
+
+    descriptor: Descriptor
+    compression: mt.Compression
+    dest: str
+    prefix: str = ""
+
+
+@dataclass
+class Plan:
+    """The layout of a model and the ordered steps that build its tree."""
+
+    layout: str
+    steps: list[Step] = field(default_factory=list)
+    subpath: str = ""
+
+    def needed(self, path_filter: PathFilter) -> list[Step]:
+        """The steps whose content is needed under ``path_filter`` (raw files can be skipped)."""
+        return [s for s in self.steps if s.compression.is_tar or path_filter.accepts(s.dest)]
+
+
+def _check_metadata(layer: Descriptor, where: str) -> None:
+    text = layer.annotations.get(mt.ANNOTATION_FILE_METADATA)
+    if not text:
+        return
+    try:
+        meta = json.loads(text)
+    except ValueError:
+        raise IntegrityError(f"{where}: {mt.ANNOTATION_FILE_METADATA} is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise IntegrityError(f"{where}: {mt.ANNOTATION_FILE_METADATA} is not an object")
+    size = meta.get("size")
+    if isinstance(size, int) and size != layer.size:
+        raise IntegrityError(f"{where}: file metadata says {size} bytes but the layer has {layer.size}")
+    typeflag = meta.get("typeflag")
+    if typeflag not in (None, 0, "0", "", 48):
+        raise UnsupportedArtifact(f"{where}: raw layer with typeflag {typeflag!r} is not a regular file")
+
+
+def _modelpack(manifest: Manifest) -> Plan:
+    plan = Plan("modelpack")
+    for i, layer in enumerate(manifest.layers):
+        where = f"layer {i} ({layer.digest})"
+        parsed = mt.model_layer(layer.media_type)
+        if parsed is None:
+            plan.steps.append(_oras_step(layer, where))
+            continue
+        _, compression = parsed
+        path = layer.annotations.get(mt.ANNOTATION_FILEPATH) or layer.annotations.get(mt.ANNOTATION_FILEPATH_LEGACY)
+        if compression is mt.Compression.RAW:
+            if not path:
+                raise UnsupportedArtifact(f"{where}: raw model layer has no {mt.ANNOTATION_FILEPATH} annotation")
+            _check_metadata(layer, where)
+            plan.steps.append(Step(layer, compression, safe_relpath(path, where)))
+        else:
+            plan.steps.append(Step(layer, compression, ""))
+    return plan
+
+
+def _oras_step(layer: Descriptor, where: str) -> Step:
+    title = layer.annotations.get(mt.ANNOTATION_TITLE)
+    if not title:
+        raise UnsupportedArtifact(f"{where}: layer of type {layer.media_type!r} has no "
+                                  f"{mt.ANNOTATION_TITLE} annotation, so it has no file name")
+    dest = safe_relpath(title, where)
+    if layer.annotations.get(mt.ANNOTATION_ORAS_UNPACK, "").lower() == "true":
+        compression = mt.image_layer(layer.media_type) or mt.Compression.TAR_GZIP
+        return Step(layer, compression, dest)
+    return Step(layer, mt.Compression.RAW, dest)
+
+
+def _image(manifest: Manifest, subpath: str) -> Plan:
+    prefix = safe_relpath(subpath, "path") if subpath.strip("/") else ""
+    plan = Plan("image", subpath=prefix)
+    for i, layer in enumerate(manifest.layers):
+        compression = mt.image_layer(layer.media_type)
+        if compression is None:
+            raise UnsupportedArtifact(f"layer {i}: media type {layer.media_type!r} is not an image layer")
+        if layer.has_urls:
+            raise UnsupportedArtifact(f"layer {i}: foreign layers with external URLs are not fetched")
+        plan.steps.append(Step(layer, compression, "", prefix))
+    return plan
+
+
+def plan_for(manifest: Manifest, subpath: str | None = None) -> Plan:
+    """Classify ``manifest`` and list what each layer contributes.
+
+    ``subpath`` selects the directory exposed from a container image (default ``/models``).
+    """
+    layer_types = [layer.media_type for layer in manifest.layers]
+    if not manifest.layers:
+        raise UnsupportedArtifact("manifest has no layers: there are no model files")
+    if (manifest.artifact_type == mt.MODEL_ARTIFACT or manifest.config.media_type == mt.MODEL_CONFIG
+            or any(mt.model_layer(t) for t in layer_types)):
+        plan = _modelpack(manifest)
+    elif manifest.config.media_type in mt.IMAGE_CONFIG_TYPES and all(mt.image_layer(t) for t in layer_types) \
+            and not any(layer.annotations.get(mt.ANNOTATION_TITLE) for layer in manifest.layers):
+        return _image(manifest, DEFAULT_IMAGE_PATH if subpath is None else subpath)
+    else:
+        plan = Plan("oras", [_oras_step(layer, f"layer {i} ({layer.digest})")
+                             for i, layer in enumerate(manifest.layers)])
+    if subpath and subpath.strip("/"):
+        plan.subpath = safe_relpath(subpath, "path")
+    seen: set[str] = set()
+    for step in plan.steps:
+        if step.compression is mt.Compression.RAW:
+            if step.dest in seen:
+                raise IntegrityError(f"two layers claim the same file {step.dest!r}")
+            seen.add(step.dest)
+    return plan

@@ -1,0 +1,77 @@
+"""Media types of OCI manifests, ModelPack model-spec artifacts, ORAS artifacts and container images."""
+
+from __future__ import annotations
+
+import enum
+import re
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
+INDEX_TYPES = (OCI_INDEX, DOCKER_MANIFEST_LIST)
+ACCEPT_MANIFESTS = ", ".join((OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST))
+
+OCI_IMAGE_CONFIG = "application/vnd.oci.image.config.v1+json"
+DOCKER_IMAGE_CONFIG = "application/vnd.docker.container.image.v1+json"
+IMAGE_CONFIG_TYPES = (OCI_IMAGE_CONFIG, DOCKER_IMAGE_CONFIG)
+OCI_EMPTY = "application/vnd.oci.empty.v1+json"
+
+MODEL_ARTIFACT = "application/vnd.cncf.model.manifest.v1+json"
+MODEL_CONFIG = "application/vnd.cncf.model.config.v1+json"
+MODEL_KINDS = ("weight", "weight.config", "doc", "code", "dataset")
+ANNOTATION_FILEPATH = "org.cncf.model.filepath"
+ANNOTATION_FILEPATH_LEGACY = "org.cnai.model.filepath"
+ANNOTATION_FILE_METADATA = "org.cncf.model.file.metadata+json"
+ANNOTATION_TITLE = "org.opencontainers.image.title"
+ANNOTATION_ORAS_UNPACK = "io.deis.oras.content.unpack"
+
+_MODEL_LAYER = re.compile(r"^application/vnd\.cncf\.model\.(weight|weight\.config|doc|code|dataset)\.v1"
+                          r"(?:\.(raw|tar|tar\+gzip|tar\+zstd))?$")
+
+
+class Compression(enum.Enum):
+    """How a layer's bytes are stored."""
+
+    RAW = "raw"
+    TAR = "tar"
+    TAR_GZIP = "tar+gzip"
+    TAR_ZSTD = "tar+zstd"
+
+    @property
+    def is_tar(self) -> bool:
+        """True for the three tar forms."""
+        return self is not Compression.RAW
+
+
+_IMAGE_LAYERS = {
+    "application/vnd.oci.image.layer.v1.tar": Compression.TAR,
+    "application/vnd.oci.image.layer.v1.tar+gzip": Compression.TAR_GZIP,
+    "application/vnd.oci.image.layer.v1.tar+zstd": Compression.TAR_ZSTD,
+    "application/vnd.docker.image.rootfs.diff.tar": Compression.TAR,
+    "application/vnd.docker.image.rootfs.diff.tar.gzip": Compression.TAR_GZIP,
+    "application/vnd.oci.image.layer.nondistributable.v1.tar": Compression.TAR,
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip": Compression.TAR_GZIP,
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd": Compression.TAR_ZSTD,
+}
+
+
+def model_layer(media_type: str) -> tuple[str, Compression] | None:
+    """``(kind, compression)`` of a model-spec layer media type, else None (no suffix means tar)."""
+    match = _MODEL_LAYER.match(media_type)
+    if not match:
+        return None
+    return match.group(1), Compression(match.group(2) or "tar")
+
+
+def model_layer_type(kind: str, compression: Compression) -> str:
+    """The model-spec media type for a layer of ``kind`` stored as ``compression``."""
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"unknown model layer kind {kind!r}")
+    return f"application/vnd.cncf.model.{kind}.v1.{compression.value}"
+
+
+def image_layer(media_type: str) -> Compression | None:
+    """The compression of a container image layer media type, else None."""
+    return _IMAGE_LAYERS.get(media_type)

@@ -1,0 +1,210 @@
+"""OCI distribution client: resolve references, fetch manifests and blobs (verified while streaming), push."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import IO
+
+from modelcache import mediatypes as mt
+from modelcache.digest import Digest, Verifier
+from modelcache.errors import IntegrityError, Kind, RegistryError
+from modelcache.manifest import MAX_MANIFEST_BYTES, Descriptor, Index, Manifest, parse_manifest, select_from_index
+from modelcache.reference import Reference
+from modelcache.transport import STREAM_ERRORS, Transport, closing_response, read_limited, scope_for
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+MAX_CONFIG_BYTES = 4 << 20
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A reference resolved to content: ``digest`` is what the reference points at (maybe an index),
+    ``manifest`` the image manifest selected for this node."""
+
+    reference: Reference
+    digest: Digest
+    manifest: Manifest
+
+
+class RegistryClient:
+    """Talks the OCI distribution API through a :class:`Transport`."""
+
+    def __init__(self, transport: Transport | None = None) -> None:
+        self.transport = transport or Transport()
+
+    def _request(self, method: str, ref: Reference, path: str, what: str, **kwargs: object):  # type: ignore[no-untyped-def]
+        push = bool(kwargs.pop("push", False))
+        return self.transport.request(method, ref.registry, ref.endpoint_host, f"/v2/{ref.repository}{path}",
+                                      scope=scope_for(ref.repository, push), what=what, for_push=push,
+                                      **kwargs)  # type: ignore[arg-type]
+
+    # -- manifests --------------------------------------------------------------------------------------
+    def _get_manifest(self, ref: Reference, selector: str) -> Manifest | Index:
+        what = f"manifest {ref.repository}@{selector}" if ":" in selector else f"manifest {ref.repository}:{selector}"
+        response = self._request("GET", ref, f"/manifests/{selector}", what, headers={"Accept": mt.ACCEPT_MANIFESTS},
+                                 stream=True)
+        with closing_response(response):
+            raw = read_limited(response, MAX_MANIFEST_BYTES, what)
+            media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+            header_digest = response.headers.get("Docker-Content-Digest", "")
+        actual = Digest.of_bytes(raw)
+        if selector.startswith("sha"):
+            expected = Digest.parse(selector)
+            if Digest.of_bytes(raw, expected.algorithm) != expected:
+                raise IntegrityError(f"{what}: content does not match its digest")
+            actual = expected
+        elif header_digest:
+            try:
+                claimed = Digest.parse(header_digest)
+            except ValueError:
+                raise IntegrityError(f"{what}: registry sent an invalid Docker-Content-Digest") from None
+            if Digest.of_bytes(raw, claimed.algorithm) != claimed:
+                raise IntegrityError(f"{what}: content does not match Docker-Content-Digest {claimed}")
+            actual = claimed
+        return parse_manifest(raw, media_type, actual, what)
+
+    def resolve(self, ref: Reference) -> Resolved:
+        """Fetch the manifest ``ref`` points at, following an index to this node's platform."""
+        top = self._get_manifest(ref, ref.selector)
+        seen = 0
+        current = top
+        while isinstance(current, Index):
+            seen += 1
+            if seen > 2:
+                raise IntegrityError(f"{ref}: nested indexes deeper than 2 levels")
+            chosen = select_from_index(current, str(ref))
+            current = self._get_manifest(ref, str(chosen.digest))
+            if isinstance(current, Manifest) and len(current.raw) != chosen.size:
+                raise IntegrityError(f"{ref}: manifest size differs from its index entry")
+        return Resolved(ref, top.digest, current)
+
+    def head_digest(self, ref: Reference) -> Digest:
+        """The digest ``ref`` points at, by a HEAD request (cheap tag resolution)."""
+        what = f"manifest {ref.repository}:{ref.selector}"
+        response = self._request("HEAD", ref, f"/manifests/{ref.selector}", what,
+                                 headers={"Accept": mt.ACCEPT_MANIFESTS})
+        response.close()
+        header = response.headers.get("Docker-Content-Digest", "")
+        try:
+            return Digest.parse(header)
+        except ValueError:
+            return self.resolve(ref).digest
+
+    # -- blobs ------------------------------------------------------------------------------------------
+    def get_small_blob(self, ref: Reference, descriptor: Descriptor, limit: int = MAX_CONFIG_BYTES) -> bytes:
+        """Fetch and verify a small blob (a config) into memory."""
+        if descriptor.size > limit:
+            raise IntegrityError(f"blob {descriptor.digest}: {descriptor.size} bytes exceeds the {limit}-byte limit")
+        what = f"blob {descriptor.digest}"
+        response = self._request("GET", ref, f"/blobs/{descriptor.digest}", what, stream=True)
+        with closing_response(response):
+            data = read_limited(response, limit, what)
+        verifier = Verifier(descriptor.digest, descriptor.size, what)
+        verifier.update(data)
+        verifier.verify()
+        return data
+
+    def download_blob(self, ref: Reference, descriptor: Descriptor, out: IO[bytes], verifier: Verifier,
+                      progress: Progress | None = None) -> None:
+        """Stream a blob into ``out`` from ``verifier.count`` on, resuming with Range after breaks.
+
+        ``out`` must be positioned at ``verifier.count``. The digest and size are verified at the end;
+        more bytes than declared fail at once.
+        """
+        what = f"blob {descriptor.digest}"
+        failures = 0
+        policy = self.transport.retry
+        while True:
+            start = verifier.count
+            headers = {"Range": f"bytes={start}-"} if start else {}
+            if start == descriptor.size and descriptor.size:
+                break
+            response = self._request("GET", ref, f"/blobs/{descriptor.digest}", what, headers=headers, stream=True,
+                                     ok=lambda s: s in (200, 206))
+            with closing_response(response):
+                if start and not (response.status_code == 206 and
+                                  response.headers.get("Content-Range", "").startswith(f"bytes {start}-")):
+                    log.info("%s: registry ignored the range request; restarting from 0", what)
+                    out.seek(0)
+                    out.truncate()
+                    verifier.reset()
+                try:
+                    raw = response.raw
+                    while True:
+                        chunk = raw.read(CHUNK)
+                        if not chunk:
+                            break
+                        verifier.update(chunk)
+                        out.write(chunk)
+                        if progress:
+                            progress(len(chunk))
+                except STREAM_ERRORS as exc:
+                    failures += 1
+                    if failures >= policy.attempts:
+                        raise RegistryError(f"{what}: download kept failing at byte {verifier.count} "
+                                            f"({type(exc).__name__})", kind=Kind.UNAVAILABLE) from None
+                    log.info("%s: stream broke at byte %d (%s); resuming", what, verifier.count, type(exc).__name__)
+                    time.sleep(policy.delay(failures))
+                    continue
+            if verifier.count >= descriptor.size:
+                break
+            failures += 1
+            if failures >= policy.attempts:
+                raise RegistryError(f"{what}: stream ended early at byte {verifier.count} of {descriptor.size}",
+                                    kind=Kind.UNAVAILABLE)
+        verifier.verify()
+
+    def read_range(self, ref: Reference, digest: Digest, start: int, length: int) -> bytes:
+        """Read ``length`` bytes of a blob at ``start`` (for lazy reads); the caller verifies later."""
+        what = f"blob {digest} range {start}+{length}"
+        response = self._request("GET", ref, f"/blobs/{digest}", what, stream=True,
+                                 headers={"Range": f"bytes={start}-{start + length - 1}"},
+                                 ok=lambda s: s in (200, 206))
+        with closing_response(response):
+            if response.status_code == 200:
+                raise RegistryError(f"{what}: registry does not serve ranges", kind=Kind.UNSUPPORTED)
+            return read_limited(response, length, what)
+
+    def blob_exists(self, ref: Reference, digest: Digest) -> bool:
+        """True when the repository already has ``digest``."""
+        response = self._request("HEAD", ref, f"/blobs/{digest}", f"blob {digest}", push=True,
+                                 ok=lambda s: s in (200, 404))
+        response.close()
+        return response.status_code == 200
+
+    def upload_blob(self, ref: Reference, digest: Digest, size: int, body: IO[bytes] | bytes) -> None:
+        """Upload a blob monolithically (POST then PUT), streaming ``body``; skip it if present."""
+        if self.blob_exists(ref, digest):
+            return
+        what = f"upload {digest}"
+        response = self._request("POST", ref, "/blobs/uploads/", what, push=True, ok=lambda s: s == 202)
+        response.close()
+        location = response.headers.get("Location", "")
+        if not location:
+            raise RegistryError(f"{what}: registry gave no upload location", kind=Kind.INTERNAL)
+        if location.startswith("/"):
+            base = response.url.split("/v2/", 1)[0]
+            location = base + location
+        separator = "&" if "?" in location else "?"
+        response = self.transport.request(
+            "PUT", ref.registry, ref.endpoint_host, f"{location}{separator}digest={digest}",
+            scope=scope_for(ref.repository, True), what=what, for_push=True, body=body,
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+            ok=lambda s: s == 201)
+        response.close()
+
+    def put_manifest(self, ref: Reference, raw: bytes, media_type: str) -> Digest:
+        """Upload a manifest under ``ref``'s tag (or digest) and return its digest."""
+        digest = Digest.of_bytes(raw)
+        selector = ref.tag or str(digest)
+        response = self._request("PUT", ref, f"/manifests/{selector}", f"manifest {ref.repository}:{selector}",
+                                 push=True, body=raw, headers={"Content-Type": media_type},
+                                 ok=lambda s: s == 201)
+        response.close()
+        return digest

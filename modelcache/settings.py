@@ -1,0 +1,89 @@
+"""Node-wide settings (a YAML or JSON file, e.g. from a ConfigMap) and the factory for a ready ModelCache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from modelcache.credentials import CredentialStore, default_docker_config_path
+from modelcache.errors import Kind, ModelCacheError
+from modelcache.hosts import HostsConfig
+from modelcache.pull import DEFAULT_EXPAND_RATIO, ModelCache
+from modelcache.registry import RegistryClient
+from modelcache.store import DEFAULT_ROOT, ContentStore
+from modelcache.transport import RetryPolicy, Transport
+
+KNOWN_KEYS = {"root", "registries", "plainHTTP", "dockerConfig", "pullWorkers", "maxExpandRatio",
+              "highWatermark", "lowWatermark", "warmMemoryShare", "readTimeoutSeconds"}
+
+
+@dataclass
+class Settings:
+    """Everything a node process needs to reach registries and find its cache."""
+
+    root: Path = DEFAULT_ROOT
+    hosts: HostsConfig = field(default_factory=HostsConfig)
+    docker_config: Path | None = None
+    pull_workers: int = 4
+    max_expand_ratio: int = DEFAULT_EXPAND_RATIO
+    high_watermark: float = 0.85
+    low_watermark: float = 0.70
+    warm_memory_share: float = 0.5
+    read_timeout: float = 30.0
+
+    @classmethod
+    def load(cls, path: Path | None) -> Settings:
+        """Read ``path`` (YAML or JSON); None gives the defaults."""
+        if path is None:
+            return cls()
+        try:
+            data: Any = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ModelCacheError(f"config {path}: {exc}", kind=Kind.INVALID_ARGUMENT) from None
+        return cls.from_mapping(data, str(path))
+
+    @classmethod
+    def from_mapping(cls, data: Any, source: str = "config") -> Settings:
+        """Validate a parsed configuration mapping."""
+        if not isinstance(data, dict):
+            raise ModelCacheError(f"{source}: must be a mapping", kind=Kind.INVALID_ARGUMENT)
+        unknown = sorted(set(data) - KNOWN_KEYS)
+        if unknown:
+            raise ModelCacheError(f"{source}: unknown keys {unknown}", kind=Kind.INVALID_ARGUMENT)
+        settings = cls(hosts=HostsConfig.from_mapping(data))
+        try:
+            if "root" in data:
+                settings.root = Path(str(data["root"]))
+            if data.get("dockerConfig"):
+                settings.docker_config = Path(str(data["dockerConfig"]))
+            settings.pull_workers = int(data.get("pullWorkers", settings.pull_workers))
+            settings.max_expand_ratio = int(data.get("maxExpandRatio", settings.max_expand_ratio))
+            settings.high_watermark = float(data.get("highWatermark", settings.high_watermark))
+            settings.low_watermark = float(data.get("lowWatermark", settings.low_watermark))
+            settings.warm_memory_share = float(data.get("warmMemoryShare", settings.warm_memory_share))
+            settings.read_timeout = float(data.get("readTimeoutSeconds", settings.read_timeout))
+        except (TypeError, ValueError) as exc:
+            raise ModelCacheError(f"{source}: {exc}", kind=Kind.INVALID_ARGUMENT) from None
+        if not 0 < settings.low_watermark < settings.high_watermark <= 1:
+            raise ModelCacheError(f"{source}: need 0 < lowWatermark < highWatermark <= 1", kind=Kind.INVALID_ARGUMENT)
+        if not 0 < settings.warm_memory_share <= 1 or settings.pull_workers < 1 or settings.max_expand_ratio < 1:
+            raise ModelCacheError(f"{source}: warmMemoryShare must be in (0, 1], pullWorkers and maxExpandRatio >= 1",
+                                  kind=Kind.INVALID_ARGUMENT)
+        return settings
+
+    def credentials(self) -> CredentialStore:
+        """Node-wide credentials from the Docker config file."""
+        return CredentialStore.from_docker_config_file(self.docker_config or default_docker_config_path())
+
+    def transport(self, extra: CredentialStore | None = None) -> Transport:
+        """A transport with node credentials, overridden by ``extra``."""
+        return Transport(self.hosts, self.credentials().merged(extra),
+                         RetryPolicy(read_timeout=self.read_timeout))
+
+    def cache(self, extra: CredentialStore | None = None) -> ModelCache:
+        """A :class:`ModelCache` on ``root`` talking through :meth:`transport`."""
+        return ModelCache(ContentStore(self.root), RegistryClient(self.transport(extra)),
+                          workers=self.pull_workers, expand_ratio=self.max_expand_ratio)

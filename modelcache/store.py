@@ -1,0 +1,171 @@
+"""Content-addressed blob store: ``blobs/<alg>/<hex>``, written once, verified, read-only.
+
+Ingest goes to ``ingest/<alg>-<hex>`` under a per-digest lock; a partial ingest left by a killed
+process is re-hashed and resumed with a Range request. A verified blob is fsynced, renamed into
+place and stripped of write bits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO
+
+from modelcache.digest import Digest, Verifier
+from modelcache.errors import IntegrityError, StoreFull
+from modelcache.fsutil import file_lock, fsync_dir, raise_if_full
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ROOT = Path("/var/lib/ocimodel")
+Fetcher = Callable[[IO[bytes], Verifier], None]
+
+
+class ContentStore:
+    """Blobs by digest under ``root``; the same root holds layers, trees and model records."""
+
+    def __init__(self, root: Path | str = DEFAULT_ROOT) -> None:
+        self.root = Path(root)
+        self.blobs = self.root / "blobs"
+        self.ingest_dir = self.root / "ingest"
+        self.locks = self.root / "locks"
+        self.layers = self.root / "layers"
+        self.trees = self.root / "trees"
+        self.models = self.root / "models"
+
+    def ensure(self) -> None:
+        """Create the directory layout; the root is private to root (pods see trees through mounts)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o711)
+        for sub in (self.blobs, self.ingest_dir, self.locks, self.layers, self.trees, self.models):
+            sub.mkdir(exist_ok=True)
+            os.chmod(sub, 0o700 if sub in (self.ingest_dir, self.locks, self.models) else 0o711)
+
+    # -- paths and locks --------------------------------------------------------------------------------
+    def blob_path(self, digest: Digest) -> Path:
+        """Where the blob ``digest`` lives once committed."""
+        return self.blobs / digest.algorithm / digest.hex
+
+    def has_blob(self, digest: Digest, size: int | None = None) -> bool:
+        """True when ``digest`` is committed (and has ``size`` bytes when given)."""
+        try:
+            st = self.blob_path(digest).stat()
+        except FileNotFoundError:
+            return False
+        return size is None or st.st_size == size
+
+    @contextlib.contextmanager
+    def lock(self, name: str, *, shared: bool = False) -> Iterator[None]:
+        """Hold the named lock (blocking)."""
+        with file_lock(self.locks / f"{name}.lock", shared=shared):
+            yield
+
+    def partial_path(self, digest: Digest) -> Path:
+        """Where an ingest of ``digest`` accumulates."""
+        return self.ingest_dir / f"{digest.algorithm}-{digest.hex}"
+
+    # -- writing ----------------------------------------------------------------------------------------
+    def ingest(self, digest: Digest, size: int, fetch: Fetcher) -> Path:
+        """Make sure blob ``digest`` of ``size`` bytes is committed, calling ``fetch`` to stream it.
+
+        Only one process or thread fetches a digest at a time; others wait and reuse the result.
+        """
+        target = self.blob_path(digest)
+        if self.has_blob(digest, size):
+            return target
+        with self.lock(f"blob-{digest.algorithm}-{digest.hex}"):
+            if self.has_blob(digest, size):
+                return target
+            if target.exists():
+                log.warning("blob %s has the wrong size on disk; fetching it again", digest)
+                target.unlink()
+            partial = self.partial_path(digest)
+            verifier = Verifier(digest, size, f"blob {digest}")
+            try:
+                with open(partial, "ab+") as out:
+                    self._rehash(out, verifier, size)
+                    fetch(out, verifier)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.chmod(partial, 0o444)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(partial, target)
+                fsync_dir(target.parent)
+            except IntegrityError:
+                with contextlib.suppress(FileNotFoundError):
+                    partial.unlink()
+                raise
+            except OSError as exc:
+                if isinstance(exc, StoreFull):
+                    raise
+                raise_if_full(exc, f"blob {digest}")
+                raise
+            return target
+
+    @staticmethod
+    def _rehash(out: IO[bytes], verifier: Verifier, size: int) -> None:
+        """Feed what a previous, interrupted ingest wrote into ``verifier`` so it can resume."""
+        out.seek(0, os.SEEK_END)
+        existing = out.tell()
+        if existing == 0:
+            return
+        if existing > size:
+            out.truncate(0)
+            return
+        out.seek(0)
+        buffer = bytearray(1 << 20)
+        view = memoryview(buffer)
+        while True:
+            n = out.readinto(buffer)  # type: ignore[attr-defined]
+            if not n:
+                break
+            verifier.update(view[:n])
+        log.info("resuming blob %s at byte %d of %d", verifier.expected, verifier.count, size)
+
+    def put_bytes(self, digest: Digest, data: bytes) -> Path:
+        """Commit a small, already-fetched blob after verifying it."""
+        def write(out: IO[bytes], verifier: Verifier) -> None:
+            out.seek(0)
+            out.truncate()
+            verifier.reset()
+            verifier.update(data)
+            out.write(data)
+            verifier.verify()
+        return self.ingest(digest, len(data), write)
+
+    def remove_blob(self, digest: Digest) -> None:
+        """Delete a committed blob (the caller has checked nothing uses it)."""
+        with self.lock(f"blob-{digest.algorithm}-{digest.hex}"), contextlib.suppress(FileNotFoundError):
+            self.blob_path(digest).unlink()
+
+    def iter_blobs(self) -> Iterator[tuple[Digest, Path]]:
+        """Every committed blob."""
+        if not self.blobs.is_dir():
+            return
+        for algorithm_dir in self.blobs.iterdir():
+            for path in algorithm_dir.iterdir():
+                try:
+                    yield Digest.parse(f"{algorithm_dir.name}:{path.name}"), path
+                except ValueError:
+                    continue
+
+    def clear_partials(self) -> int:
+        """Remove ingests nobody holds a lock for; return how many."""
+        removed = 0
+        if not self.ingest_dir.is_dir():
+            return 0
+        for partial in self.ingest_dir.iterdir():
+            algorithm, _, hexpart = partial.name.partition("-")
+            with file_lock(self.locks / f"blob-{algorithm}-{hexpart}.lock", blocking=False) as got:
+                if got:
+                    with contextlib.suppress(FileNotFoundError):
+                        if partial.is_dir():
+                            shutil.rmtree(partial)
+                        else:
+                            partial.unlink()
+                    removed += 1
+        return removed
