@@ -87,7 +87,7 @@ def _oras_step(layer: Descriptor, where: str) -> Step:
 
 
 def _image(manifest: Manifest, subpath: str) -> Plan:
-    prefix = safe_relpath(subpath, "path") if subpath.strip("/") else ""
+    prefix = safe_relpath(subpath.lstrip("/"), "path") if subpath.strip("/") else ""
     plan = Plan("image", subpath=prefix)
     for i, layer in enumerate(manifest.layers):
         compression = mt.image_layer(layer.media_type)
@@ -117,7 +117,7 @@ def plan_for(manifest: Manifest, subpath: str | None = None) -> Plan:
         plan = Plan("oras", [_oras_step(layer, f"layer {i} ({layer.digest})")
                              for i, layer in enumerate(manifest.layers)])
     if subpath and subpath.strip("/"):
-        plan.subpath = safe_relpath(subpath, "path")
+        plan.subpath = safe_relpath(subpath.lstrip("/"), "path")
     seen: set[str] = set()
     for step in plan.steps:
         if step.compression is mt.Compression.RAW:

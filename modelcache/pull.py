@@ -268,11 +268,8 @@ class ModelCache:
                 include=list(options.include), exclude=list(options.exclude), created=time.time(),
                 auth_required=self._auth_required(ref))
             atomic_write_json(self.record_path(key), asdict(record))
-            path = self.exposed_path(record)
-            if not path.is_dir():
-                raise ModelCacheError(f"{ref}: path {plan.subpath!r} does not exist in the model", kind=Kind.NOT_FOUND)
             progress.set("ready")
-            return PullResult(record, path, progress.downloaded_bytes, False, time.monotonic() - started)
+            return PullResult(record, self.exposed_path(record), progress.downloaded_bytes, False, time.monotonic() - started)
 
     def _auth_required(self, ref: Reference) -> bool:
         """True when talking to ``ref``'s registry needed credentials (cache hits must re-check access)."""
@@ -364,6 +361,11 @@ class ModelCache:
                     builder.overlay(layer_dirs[(str(step.descriptor.digest), step.prefix)], step.dest)
                 else:
                     builder.add_file(step.dest, self.store.blob_path(step.descriptor.digest))
+            if plan.layout == "image" and not any(staging.iterdir()):
+                raise ModelCacheError(f"the image has nothing under /{plan.subpath}; set the path to the "
+                                      f"directory that holds the model", kind=Kind.NOT_FOUND)
+            if plan.layout != "image" and plan.subpath and not (staging / plan.subpath).is_dir():
+                raise ModelCacheError(f"path {plan.subpath!r} is not a directory in the model", kind=Kind.NOT_FOUND)
             stats = builder.finish()
             os.chmod(staging, 0o555)
             os.rename(staging, final)

@@ -142,12 +142,9 @@ def extract_tar(blob: Path, compression: Compression, dest: Path, *, max_bytes: 
 
 def _extract_member(archive: tarfile.TarFile, member: tarfile.TarInfo, dest: Path, real_dest: str, prefix: str,
                     stats: ExtractStats, max_bytes: int, what: str) -> None:
-    name = member.name.lstrip("./") if member.name not in (".", "./") else ""
-    while name.startswith("./"):
-        name = name[2:]
     if member.name.startswith("/") or ".." in member.name.split("/"):
         raise UnsafeContent(f"{what}: member {member.name!r} escapes the tree")
-    name = name.rstrip("/")
+    name = "/".join(p for p in member.name.split("/") if p not in ("", "."))
     mapped, clears_all = _strip_prefix(name, prefix)
     if clears_all:
         (dest / OPAQUE).touch()
@@ -157,7 +154,8 @@ def _extract_member(archive: tarfile.TarFile, member: tarfile.TarInfo, dest: Pat
     _refuse_special(member, what)
     mapped = safe_relpath(mapped, what)
     if member.islnk():
-        target, _ = _strip_prefix(posixpath.normpath(member.linkname.lstrip("./") or "."), prefix)
+        link = "/".join(p for p in member.linkname.split("/") if p not in ("", "."))
+        target, _ = _strip_prefix(link, prefix)
         if target is None or target == "" or target.startswith("..") or member.linkname.startswith("/"):
             raise UnsafeContent(f"{what}: hard link {member.name!r} points outside the tree ({member.linkname!r})")
         member = member.replace(linkname=target, deep=False)

@@ -1,0 +1,176 @@
+"""A real HTTP proxy on loopback in front of a registry: counts requests, throttles, breaks, stalls,
+corrupts, fails with 5xx, or demands Bearer tokens. Every behaviour is switched per test."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import secrets
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-authorization",
+               "proxy-authenticate", "host"}
+
+
+@dataclass
+class ProxyBehaviour:
+    bytes_per_second: float = 0.0          # throttle blob bodies (0 = unlimited)
+    cut_after_bytes: int = 0               # close a blob body after this many bytes, once per request (0 = never)
+    cut_times: int = 0                     # how many responses to cut
+    stall_after_bytes: int = -1            # stop sending (without closing) after this many bytes
+    corrupt_blobs: bool = False            # flip a byte in every blob body
+    fail_status: int = 0                   # answer this status ...
+    fail_times: int = 0                    # ... this many times
+    not_found: bool = False                # answer 404 to everything (a mirror without the content)
+    token_user: str = ""                   # require Bearer tokens issued to this user
+    token_password: str = ""
+    ignore_range: bool = False             # serve 200 with the whole body even for Range requests
+
+
+@dataclass
+class ProxyStats:
+    requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
+    blob_gets: Counter[str] = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class RegistryProxy:
+    def __init__(self, upstream: str, behaviour: ProxyBehaviour | None = None) -> None:
+        self.upstream = upstream
+        self.behaviour = behaviour or ProxyBehaviour()
+        self.stats = ProxyStats()
+        self.tokens: set[str] = set()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                return
+
+            def do_GET(self) -> None:
+                proxy._handle(self)
+
+            do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = do_GET
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.host = f"127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    # -- handling -----------------------------------------------------------------------------------------
+    def _handle(self, h: BaseHTTPRequestHandler) -> None:
+        b = self.behaviour
+        path = h.path
+        with self.stats.lock:
+            self.stats.requests.append((h.command, path, {k.lower(): v for k, v in h.headers.items()}))
+            if h.command == "GET" and "/blobs/sha256:" in path:
+                self.stats.blob_gets[urlsplit(path).path.rsplit("/", 1)[-1]] += 1
+        length = int(h.headers.get("Content-Length") or 0)
+        body = h.rfile.read(length) if length else None
+        if urlsplit(path).path == "/token":
+            return self._token(h)
+        if b.token_user and not self._authorised(h):
+            return self._reply(h, 401, b'{"errors":[{"code":"UNAUTHORIZED","message":"token required"}]}',
+                               {"WWW-Authenticate": f'Bearer realm="http://{self.host}/token",service="test-registry"'})
+        if b.not_found:
+            return self._reply(h, 404, b'{"errors":[{"code":"NAME_UNKNOWN","message":"not here"}]}')
+        with self.stats.lock:
+            failing = b.fail_times > 0
+            if failing:
+                b.fail_times -= 1
+        if failing:
+            return self._reply(h, b.fail_status, b"")
+        headers = {k: v for k, v in h.headers.items() if k.lower() not in HOP_HEADERS and k.lower() != "authorization"}
+        if b.ignore_range:
+            headers.pop("Range", None)
+        connection = http.client.HTTPConnection(self.upstream, timeout=60)
+        connection.request(h.command, path, body=body, headers=headers)
+        response = connection.getresponse()
+        is_blob = h.command == "GET" and "/blobs/sha256:" in path and response.status in (200, 206)
+        h.send_response(response.status)
+        for key, value in response.getheaders():
+            if key.lower() in HOP_HEADERS:
+                continue
+            if key.lower() == "location" and self.upstream in value:
+                value = value.replace(self.upstream, self.host)
+            h.send_header(key, value)
+        h.send_header("Connection", "close")
+        h.end_headers()
+        if h.command == "HEAD":
+            connection.close()
+            return
+        self._stream(h, response, is_blob)
+        connection.close()
+        h.close_connection = True
+
+    def _stream(self, h: BaseHTTPRequestHandler, response: http.client.HTTPResponse, is_blob: bool) -> None:
+        b = self.behaviour
+        sent = 0
+        cut = False
+        if is_blob and b.cut_times > 0 and b.cut_after_bytes:
+            with self.stats.lock:
+                if b.cut_times > 0:
+                    b.cut_times -= 1
+                    cut = True
+        started = time.monotonic()
+        corrupted = False
+        while True:
+            chunk = response.read(65536)
+            if not chunk:
+                break
+            if is_blob and b.stall_after_bytes >= 0 and sent + len(chunk) > b.stall_after_bytes:
+                h.wfile.write(chunk[: max(0, b.stall_after_bytes - sent)])
+                h.wfile.flush()
+                time.sleep(3600)
+            if is_blob and cut and sent + len(chunk) > b.cut_after_bytes:
+                h.wfile.write(chunk[: b.cut_after_bytes - sent])
+                h.wfile.flush()
+                return
+            if is_blob and b.corrupt_blobs and not corrupted:
+                chunk = bytes([chunk[0] ^ 0xFF]) + chunk[1:]
+                corrupted = True
+            try:
+                h.wfile.write(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                return
+            sent += len(chunk)
+            if is_blob and b.bytes_per_second:
+                ahead = sent / b.bytes_per_second - (time.monotonic() - started)
+                if ahead > 0:
+                    time.sleep(ahead)
+
+    def _reply(self, h: BaseHTTPRequestHandler, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        h.send_response(status)
+        for key, value in (headers or {}).items():
+            h.send_header(key, value)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        if h.command != "HEAD":
+            h.wfile.write(body)
+
+    def _authorised(self, h: BaseHTTPRequestHandler) -> bool:
+        value = h.headers.get("Authorization", "")
+        return value.startswith("Bearer ") and value[7:] in self.tokens
+
+    def _token(self, h: BaseHTTPRequestHandler) -> None:
+        b = self.behaviour
+        query = parse_qs(urlsplit(h.path).query)
+        value = h.headers.get("Authorization", "")
+        expected = "Basic " + base64.b64encode(f"{b.token_user}:{b.token_password}".encode()).decode()
+        if value != expected or query.get("service") != ["test-registry"] or not query.get("scope"):
+            return self._reply(h, 401, b'{"errors":[{"code":"UNAUTHORIZED","message":"bad credentials"}]}')
+        token = secrets.token_hex(16)
+        self.tokens.add(token)
+        self._reply(h, 200, f'{{"token": "{token}", "expires_in": 300}}'.encode())
