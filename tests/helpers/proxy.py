@@ -117,12 +117,6 @@ class RegistryProxy:
     def _stream(self, h: BaseHTTPRequestHandler, response: http.client.HTTPResponse, is_blob: bool) -> None:
         b = self.behaviour
         sent = 0
-        cut = False
-        if is_blob and b.cut_times > 0 and b.cut_after_bytes:
-            with self.stats.lock:
-                if b.cut_times > 0:
-                    b.cut_times -= 1
-                    cut = True
         started = time.monotonic()
         corrupted = False
         while True:
@@ -133,7 +127,7 @@ class RegistryProxy:
                 h.wfile.write(chunk[: max(0, b.stall_after_bytes - sent)])
                 h.wfile.flush()
                 time.sleep(3600)
-            if is_blob and cut and sent + len(chunk) > b.cut_after_bytes:
+            if is_blob and b.cut_after_bytes and sent + len(chunk) > b.cut_after_bytes and self._take_cut():
                 h.wfile.write(chunk[: b.cut_after_bytes - sent])
                 h.wfile.flush()
                 return
@@ -149,6 +143,13 @@ class RegistryProxy:
                 ahead = sent / b.bytes_per_second - (time.monotonic() - started)
                 if ahead > 0:
                     time.sleep(ahead)
+
+    def _take_cut(self) -> bool:
+        with self.stats.lock:
+            if self.behaviour.cut_times > 0:
+                self.behaviour.cut_times -= 1
+                return True
+            return False
 
     def _reply(self, h: BaseHTTPRequestHandler, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
         h.send_response(status)

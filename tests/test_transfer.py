@@ -1,0 +1,154 @@
+"""Mirrors, retries, resume (in-process and after kill -9), single-flight across processes, dedup."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from modelcache.digest import Digest
+from modelcache.errors import Kind, ModelCacheError
+from modelcache.gc import usage
+from modelcache.hosts import HostsConfig, RegistryHost
+from modelcache.pull import ModelCache
+from modelcache.store import ContentStore
+from tests.conftest import make_client
+from tests.helpers.oci import Fixtures
+from tests.helpers.proxy import ProxyBehaviour
+
+
+def _pull_cli(ref: str, root: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "ocimodel.cli", "pull", ref, "--plain-http", "--root", str(root),
+                             "--json", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_mirror_serves_before_upstream(fixtures: Fixtures, proxy_factory, cache_root: Path) -> None:
+    data = os.urandom(100_000)
+    fixtures.raw_model("mirror/model:v1", {"w": data})
+    mirror = proxy_factory()
+    upstream = proxy_factory()
+    hosts = HostsConfig({upstream.host: RegistryHost(mirrors=(f"http://{mirror.host}",))}, plain_http=True)
+    cache = ModelCache(ContentStore(cache_root), make_client(hosts))
+    assert (cache.pull(f"{upstream.host}/mirror/model:v1").path / "w").read_bytes() == data
+    assert mirror.stats.blob_gets[str(Digest.of_bytes(data))] == 1
+    assert upstream.stats.requests == []
+    expected_ns = "ns=" + upstream.host.replace(":", "%3A")
+    assert all(expected_ns in path for _, path, _ in mirror.stats.requests)
+
+
+@pytest.mark.parametrize("behaviour", [ProxyBehaviour(not_found=True), ProxyBehaviour(fail_status=503, fail_times=99),
+                                       None], ids=["mirror-404", "mirror-503", "mirror-down"])
+def test_mirror_failure_falls_back_to_upstream(fixtures: Fixtures, proxy_factory, cache_root: Path,
+                                               behaviour) -> None:
+    data = os.urandom(50_000)
+    fixtures.raw_model("mirror/fallback:v1", {"w": data})
+    upstream = proxy_factory()
+    mirror_url = "http://127.0.0.1:9" if behaviour is None else f"http://{proxy_factory(behaviour).host}"
+    hosts = HostsConfig({upstream.host: RegistryHost(mirrors=(mirror_url,))}, plain_http=True)
+    cache = ModelCache(ContentStore(cache_root), make_client(hosts))
+    assert (cache.pull(f"{upstream.host}/mirror/fallback:v1").path / "w").read_bytes() == data
+    assert upstream.stats.blob_gets[str(Digest.of_bytes(data))] == 1
+
+
+def test_transient_5xx_is_retried(fixtures: Fixtures, proxy_factory, cache_root: Path) -> None:
+    fixtures.raw_model("retry/model:v1", {"w": b"r" * 1000})
+    proxy = proxy_factory(ProxyBehaviour(fail_status=503, fail_times=2))
+    cache = ModelCache(ContentStore(cache_root), make_client())
+    assert (cache.pull(f"{proxy.host}/retry/model:v1").path / "w").read_bytes() == b"r" * 1000
+    assert len(proxy.stats.requests) >= 3
+
+
+def test_unreachable_registry_is_unavailable(cache_root: Path) -> None:
+    cache = ModelCache(ContentStore(cache_root), make_client())
+    with pytest.raises(ModelCacheError) as info:
+        cache.pull("127.0.0.1:9/nothing/here:v1")
+    assert info.value.kind is Kind.UNAVAILABLE
+
+
+def test_broken_stream_resumes_with_range(fixtures: Fixtures, proxy_factory, cache_root: Path) -> None:
+    data = os.urandom(3_000_000)
+    fixtures.raw_model("resume/inproc:v1", {"w": data})
+    proxy = proxy_factory(ProxyBehaviour(cut_after_bytes=1_000_000, cut_times=1))
+    cache = ModelCache(ContentStore(cache_root), make_client())
+    result = cache.pull(f"{proxy.host}/resume/inproc:v1")
+    assert (result.path / "w").read_bytes() == data
+    ranges = [h.get("range") for m, p, h in proxy.stats.requests if m == "GET" and "/blobs/" in p and h.get("range")]
+    assert ranges and ranges[0].startswith("bytes=") and ranges[0] != "bytes=0-"
+    assert result.downloaded_bytes == len(data)  # nothing fetched twice
+
+
+def test_registry_ignoring_range_restarts_cleanly(fixtures: Fixtures, proxy_factory, cache_root: Path) -> None:
+    data = os.urandom(2_000_000)
+    fixtures.raw_model("resume/norange:v1", {"w": data})
+    proxy = proxy_factory(ProxyBehaviour(cut_after_bytes=500_000, cut_times=1, ignore_range=True))
+    cache = ModelCache(ContentStore(cache_root), make_client())
+    assert (cache.pull(f"{proxy.host}/resume/norange:v1").path / "w").read_bytes() == data
+
+
+def test_resume_after_kill_9(fixtures: Fixtures, proxy_factory, cache_root: Path) -> None:
+    data = os.urandom(8_000_000)
+    fixtures.raw_model("resume/kill:v1", {"w": data})
+    proxy = proxy_factory(ProxyBehaviour(bytes_per_second=4_000_000))
+    ref = f"{proxy.host}/resume/kill:v1"
+    process = _pull_cli(ref, cache_root)
+    partial = cache_root / "ingest" / f"sha256-{Digest.of_bytes(data).hex}"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (not partial.exists() or partial.stat().st_size < 2_000_000):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    written = partial.stat().st_size
+    assert 0 < written < len(data)
+    assert list((cache_root / "trees").iterdir()) == []
+    proxy.behaviour.bytes_per_second = 0
+    cache = ModelCache(ContentStore(cache_root), make_client())
+    result = cache.pull(ref)
+    assert (result.path / "w").read_bytes() == data
+    assert result.downloaded_bytes <= len(data) - written
+    assert not partial.exists()
+
+
+def test_concurrent_processes_fetch_each_blob_once(fixtures: Fixtures, proxy_factory, cache_root: Path) -> None:
+    files = {f"shard-{i}.safetensors": os.urandom(1_500_000) for i in range(3)}
+    fixtures.raw_model("single/flight:v1", files)
+    proxy = proxy_factory(ProxyBehaviour(bytes_per_second=20_000_000))
+    processes = [_pull_cli(f"{proxy.host}/single/flight:v1", cache_root) for _ in range(4)]
+    outputs = [p.communicate(timeout=120) for p in processes]
+    assert all(p.returncode == 0 for p in processes), [o[1] for o in outputs]
+    for data in files.values():
+        assert proxy.stats.blob_gets[str(Digest.of_bytes(data))] == 1
+    paths = {__import__("json").loads(out)["path"] for out, _ in outputs}
+    assert len(paths) == 1
+
+
+def test_concurrent_threads_share_one_pull(fixtures: Fixtures, proxy_factory, cache_root: Path) -> None:
+    data = os.urandom(2_000_000)
+    fixtures.raw_model("single/threads:v1", {"w": data})
+    proxy = proxy_factory(ProxyBehaviour(bytes_per_second=10_000_000))
+    cache = ModelCache(ContentStore(cache_root), make_client())
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: cache.pull(f"{proxy.host}/single/threads:v1"), range(8)))
+    assert {r.path for r in results} == {results[0].path}
+    assert proxy.stats.blob_gets[str(Digest.of_bytes(data))] == 1
+
+
+def test_two_models_sharing_a_shard_share_one_inode(fixtures: Fixtures, cache: ModelCache) -> None:
+    shared = os.urandom(1_000_000)
+    fixtures.raw_model("dedup/a:v1", {"shared.safetensors": shared, "a.json": b"a"})
+    fixtures.raw_model("dedup/b:v1", {"weights/shared.safetensors": shared, "b.json": b"b"})
+    a = cache.pull(fixtures.ref("dedup/a:v1"))
+    b = cache.pull(fixtures.ref("dedup/b:v1"))
+    assert b.downloaded_bytes < 1000  # the shard was already there
+    ino_a = (a.path / "shared.safetensors").stat()
+    ino_b = (b.path / "weights/shared.safetensors").stat()
+    assert ino_a.st_ino == ino_b.st_ino and ino_a.st_nlink == 3  # blob + two trees
+    du = usage(cache)
+    assert du.logical_bytes == 2 * len(shared) + 2
+    assert len(shared) <= du.disk_bytes < 2 * len(shared)
+    assert du.shared_bytes >= len(shared) - 65536  # block rounding of the small blobs
