@@ -126,8 +126,11 @@ class RegistryClient:
             if start == descriptor.size and descriptor.size:
                 break
             response = self._request("GET", ref, f"/blobs/{descriptor.digest}", what, headers=headers, stream=True,
-                                     ok=lambda s: s in (200, 206))
+                                     ok=lambda s: s in (200, 206, 416))
             with closing_response(response):
+                if response.status_code == 416:
+                    raise IntegrityError(f"{what}: the registry has only {start} bytes but the descriptor "
+                                         f"says {descriptor.size}")
                 if start and not (response.status_code == 206 and
                                   response.headers.get("Content-Range", "").startswith(f"bytes {start}-")):
                     log.info("%s: registry ignored the range request; restarting from 0", what)

@@ -66,7 +66,7 @@ def _error_detail(response: requests.Response) -> tuple[str | None, str]:
         body = response.json() if len(response.content) < 65536 else {}
         first = (body.get("errors") or [{}])[0]
         return first.get("code"), str(first.get("message", ""))
-    except (ValueError, AttributeError, TypeError, IndexError):
+    except (ValueError, AttributeError, TypeError, IndexError, requests.RequestException):
         return None, ""
 
 
