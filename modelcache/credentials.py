@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modelcache.errors import ModelCacheError, Kind
+from modelcache.errors import Kind, ModelCacheError
 
 DOCKER_HUB_KEYS = ("https://index.docker.io/v1/", "index.docker.io", "docker.io", "registry-1.docker.io")
 
@@ -92,7 +92,7 @@ class CredentialStore:
             try:
                 data = json.loads(data)
             except ValueError as exc:
-                raise ModelCacheError(f"{source} is not valid JSON: {exc.msg}", kind=Kind.INVALID_ARGUMENT) from None
+                raise ModelCacheError(f"{source} is not valid JSON: {exc}", kind=Kind.INVALID_ARGUMENT) from None
         if not isinstance(data, Mapping):
             raise ModelCacheError(f"{source} is not a JSON object", kind=Kind.INVALID_ARGUMENT)
         auths = data.get("auths", {})

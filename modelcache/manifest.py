@@ -108,7 +108,8 @@ def parse_manifest(raw: bytes, media_type: str, digest: Digest, where: str) -> M
         annotations = data.get("annotations") or {}
         if not isinstance(annotations, dict):
             raise IntegrityError(f"{where}: annotations must be an object")
-        return Manifest(declared or mt.OCI_MANIFEST, digest, Descriptor.from_json(data.get("config"), f"{where} config"),
+        config = Descriptor.from_json(data.get("config"), f"{where} config")
+        return Manifest(declared or mt.OCI_MANIFEST, digest, config,
                         tuple(Descriptor.from_json(e, f"{where} layers[{i}]") for i, e in enumerate(layers)),
                         str(data.get("artifactType") or ""), {str(k): str(v) for k, v in annotations.items()}, raw)
     raise UnsupportedArtifact(f"{where}: media type {declared!r} is neither a manifest nor an index")
@@ -131,4 +132,5 @@ def select_from_index(index: Index, where: str) -> Descriptor:
         if descriptor.platform.get("os") == os_name and descriptor.platform.get("architecture") == arch:
             return descriptor
     platforms = sorted({f"{d.platform.get('os', '?')}/{d.platform.get('architecture', '?')}" for d in candidates})
-    raise UnsupportedArtifact(f"{where}: index has no entry for {os_name}/{arch} (it has {', '.join(platforms) or 'none'})")
+    have = ", ".join(platforms) or "none"
+    raise UnsupportedArtifact(f"{where}: index has no entry for {os_name}/{arch} (it has {have})")

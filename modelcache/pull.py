@@ -269,7 +269,8 @@ class ModelCache:
                 auth_required=self._auth_required(ref))
             atomic_write_json(self.record_path(key), asdict(record))
             progress.set("ready")
-            return PullResult(record, self.exposed_path(record), progress.downloaded_bytes, False, time.monotonic() - started)
+            elapsed = time.monotonic() - started
+            return PullResult(record, self.exposed_path(record), progress.downloaded_bytes, False, elapsed)
 
     def _auth_required(self, ref: Reference) -> bool:
         """True when talking to ``ref``'s registry needed credentials (cache hits must re-check access)."""

@@ -94,7 +94,7 @@ def _tar_layer(path: Path, relpath: str, compression: mt.Compression, workdir: P
         else:
             compressor = out
         hashing = _HashingWriter(compressor)
-        with tarfile.open(fileobj=hashing, mode="w|", format=tarfile.PAX_FORMAT) as archive:  # type: ignore[call-overload]
+        with tarfile.open(fileobj=hashing, mode="w|", format=tarfile.PAX_FORMAT) as archive:
             info = archive.gettarinfo(str(path), arcname=relpath)
             info.uid = info.gid = 0
             info.uname = info.gname = ""

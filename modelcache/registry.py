@@ -179,7 +179,7 @@ class RegistryClient:
         response = self._request("HEAD", ref, f"/blobs/{digest}", f"blob {digest}", push=True,
                                  ok=lambda s: s in (200, 404))
         response.close()
-        return response.status_code == 200
+        return bool(response.status_code == 200)
 
     def upload_blob(self, ref: Reference, digest: Digest, size: int, body: IO[bytes] | bytes) -> None:
         """Upload a blob monolithically (POST then PUT), streaming ``body``; skip it if present."""

@@ -49,7 +49,8 @@ class RetryPolicy:
         """Seconds to wait before retry number ``attempt`` (1-based)."""
         if retry_after and retry_after.isdigit():
             return min(float(retry_after), self.max_delay)
-        return min(self.base_delay * (2 ** (attempt - 1)), self.max_delay) * (0.5 + random.random() / 2)  # noqa: S311
+        backoff: float = min(self.base_delay * (2 ** (attempt - 1)), self.max_delay)
+        return backoff * (0.5 + random.random() / 2)
 
 
 def parse_challenge(header: str) -> tuple[str, dict[str, str]]:

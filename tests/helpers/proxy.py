@@ -151,7 +151,8 @@ class RegistryProxy:
                 return True
             return False
 
-    def _reply(self, h: BaseHTTPRequestHandler, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+    def _reply(self, h: BaseHTTPRequestHandler, status: int, body: bytes,
+               headers: dict[str, str] | None = None) -> None:
         h.send_response(status)
         for key, value in (headers or {}).items():
             h.send_header(key, value)
