@@ -1,0 +1,74 @@
+"""Shared helpers of the benchmarks: a local registry, sample models, cache dropping, timing children."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.helpers.registry import RunningRegistry, start_registry  # noqa: E402
+
+OCIMODEL = [sys.executable, "-m", "ocimodel.cli"]
+
+__all__ = ["OCIMODEL", "RunningRegistry", "drop_caches", "make_shards", "start_registry", "timed", "warm"]
+
+
+def drop_caches() -> bool:
+    """Write back and drop the page cache (root only); False when not allowed."""
+    subprocess.run(["sync"], check=True)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def warm(path: Path) -> None:
+    """Read every file under ``path`` once so the registry serves from page cache."""
+    for file in path.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                while handle.read(8 << 20):
+                    pass
+
+
+def make_shards(directory: Path, shards: int, shard_bytes: int) -> Path:
+    """A model directory of random shards plus a config."""
+    directory.mkdir(parents=True, exist_ok=True)
+    block = os.urandom(1 << 20)
+    for i in range(shards):
+        with open(directory / f"model-{i + 1:05d}-of-{shards:05d}.safetensors", "wb") as out:
+            for j in range(shard_bytes >> 20):
+                out.write(block[j % 256:] + block[: j % 256] if j else os.urandom(1 << 20))
+    (directory / "config.json").write_text('{"model_type": "bench"}')
+    return directory
+
+
+def _hwm(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError, ValueError):
+        pass
+    return 0
+
+
+def timed(cmd: list[str], **kwargs: object) -> tuple[float, int]:
+    """Run ``cmd``; return wall seconds and its peak RSS in bytes (VmHWM polled every 20 ms; the
+    rusage of wait4 would include the forking parent's memory)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kwargs)  # type: ignore[call-overload]
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, _hwm(proc.pid))
+        time.sleep(0.02)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
+    return elapsed, peak
