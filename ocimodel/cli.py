@@ -90,9 +90,10 @@ def cmd_push(args: argparse.Namespace) -> int:
 def cmd_cache_ls(args: argparse.Namespace) -> int:
     """List models in the cache."""
     cache = _settings(args).cache()
-    rows: list[dict[str, Any]] = [{"key": r.key, "reference": r.reference, "digest": r.digest, "layout": r.layout, "files": r.files,
-             "bytes": r.total_bytes, "path": str(cache.exposed_path(r)), "last_used": cache.last_used(r.key)}
-            for r in cache.records()]
+    rows: list[dict[str, Any]] = [
+        {"key": r.key, "reference": r.reference, "digest": r.digest, "layout": r.layout, "files": r.files,
+         "bytes": r.total_bytes, "path": str(cache.exposed_path(r)), "last_used": cache.last_used(r.key)}
+        for r in cache.records()]
     text = "\n".join(f"{r['key'][:19]:<20} {r['bytes']:>14,} {r['files']:>6} {r['reference']}" for r in rows)
     _emit(args, rows, text or "(cache is empty)")
     return 0
