@@ -195,7 +195,8 @@ def build_parser(extensions: Sequence[Callable[[Any], None]] = ()) -> argparse.A
 
 
 def _extensions() -> list[Callable[[Any], None]]:
-    return []
+    from csi_driver.cli import register as register_csi
+    return [register_csi]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,125 @@
+"""Volume attributes, capabilities and per-volume secrets, validated into what the core needs."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from csi_driver.errors import invalid
+from csi_driver.proto import csi_pb2
+from modelcache.credentials import Credentials, CredentialStore
+from modelcache.errors import ModelCacheError
+from modelcache.pull import PullOptions
+from modelcache.reference import Reference, parse_reference
+
+Mode = csi_pb2.VolumeCapability.AccessMode.Mode
+SUPPORTED_MODES = frozenset({Mode.SINGLE_NODE_WRITER, Mode.SINGLE_NODE_READER_ONLY, Mode.MULTI_NODE_READER_ONLY,
+                             Mode.SINGLE_NODE_SINGLE_WRITER})
+MOUNT_TYPES = ("bind", "lazy")
+EPHEMERAL_KEY = "csi.storage.k8s.io/ephemeral"
+POD_KEYS = ("csi.storage.k8s.io/pod.name", "csi.storage.k8s.io/pod.namespace", "csi.storage.k8s.io/pod.uid",
+            "csi.storage.k8s.io/serviceAccount.name")
+KNOWN_ATTRIBUTES = frozenset({"reference", "mount", "include", "exclude", "path", "warm", "lazyVerify", EPHEMERAL_KEY,
+                              *POD_KEYS})
+
+
+@dataclass(frozen=True)
+class VolumeSpec:
+    """What a volume asks for: a reference and how to expose it."""
+
+    reference: Reference
+    options: PullOptions
+    mount: str = "bind"
+    warm: bool = False
+    ephemeral: bool = False
+
+    def fingerprint(self) -> str:
+        """A stable digest of everything that changes what is mounted (for idempotency checks)."""
+        text = f"{self.reference}|{self.options.variant()}|{self.mount}"
+        return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _globs(value: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in value.split(",") if p.strip())
+
+
+def parse_volume_context(context: Mapping[str, str], *, lazy_supported: bool = False) -> VolumeSpec:
+    """Validate ``volumeAttributes`` (or StorageClass parameters); raise INVALID_ARGUMENT with a reason."""
+    unknown = sorted(k for k in context if k not in KNOWN_ATTRIBUTES and not k.startswith("csi.storage.k8s.io/"))
+    if unknown:
+        raise invalid(f"unknown volume attributes {unknown}; known: reference, mount, include, exclude, path, warm")
+    text = context.get("reference", "").strip()
+    if not text:
+        raise invalid("volume attribute 'reference' is required (e.g. registry.example.com/models/name:tag)")
+    try:
+        reference = parse_reference(text)
+    except ModelCacheError as exc:
+        raise invalid(f"volume attribute 'reference': {exc}") from None
+    mount = context.get("mount", "bind").strip() or "bind"
+    if mount not in MOUNT_TYPES:
+        raise invalid(f"volume attribute 'mount' must be one of {', '.join(MOUNT_TYPES)}, not {mount!r}")
+    if mount == "lazy" and not lazy_supported:
+        raise invalid("volume attribute mount=lazy is not available on this node (FUSE lazy mounts are not enabled); "
+                      "use mount=bind")
+    warm = context.get("warm", "false").strip().lower()
+    if warm not in ("true", "false", ""):
+        raise invalid(f"volume attribute 'warm' must be \"true\" or \"false\", not {warm!r}")
+    path = context.get("path", "").strip() or None
+    options = PullOptions(_globs(context.get("include", "")), _globs(context.get("exclude", "")), path)
+    return VolumeSpec(reference, options, mount, warm == "true", context.get(EPHEMERAL_KEY, "") == "true")
+
+
+def check_capability(capability: csi_pb2.VolumeCapability, *, what: str = "volume_capability") -> None:
+    """Refuse block access and access modes that imply writing from several nodes."""
+    if not capability.HasField("access_mode"):
+        raise invalid(f"{what}.access_mode is required")
+    if capability.HasField("block"):
+        raise invalid(f"{what}: block access is not supported; model volumes are read-only filesystems")
+    if not capability.HasField("mount"):
+        raise invalid(f"{what}: access type (mount) is required")
+    if capability.access_mode.mode not in SUPPORTED_MODES:
+        name = Mode.Name(capability.access_mode.mode)
+        raise invalid(f"{what}: access mode {name} is not supported; model volumes are read-only "
+                      f"(use a *_READER_ONLY mode)")
+
+
+def capability_problem(capability: csi_pb2.VolumeCapability) -> str | None:
+    """Why ``capability`` is unsupported, or None (for ValidateVolumeCapabilities, which never fails on it)."""
+    try:
+        check_capability(capability)
+    except Exception as exc:  # noqa: BLE001 - CsiError carries the reason
+        return str(exc)
+    return None
+
+
+def credentials_from_secrets(secrets: Mapping[str, str], registry_host: str) -> CredentialStore | None:
+    """Credentials from a ``nodePublishSecretRef``: a ``.dockerconfigjson`` key or ``username`` + ``password``."""
+    if not secrets:
+        return None
+    store = CredentialStore()
+    if ".dockerconfigjson" in secrets:
+        try:
+            store.add_docker_config(secrets[".dockerconfigjson"], source="secret .dockerconfigjson")
+        except ModelCacheError as exc:
+            raise invalid(str(exc)) from None
+    elif ".dockercfg" in secrets:
+        try:
+            store.add_docker_config('{"auths": %s}' % secrets[".dockercfg"], source="secret .dockercfg")
+        except ModelCacheError as exc:
+            raise invalid(str(exc)) from None
+    elif "username" in secrets or "password" in secrets:
+        if not secrets.get("username") or not secrets.get("password"):
+            raise invalid("secret must have both 'username' and 'password' keys")
+        store.add(registry_host, Credentials(secrets["username"], secrets["password"]))
+    else:
+        raise invalid("secret has none of the keys .dockerconfigjson, .dockercfg, or username + password")
+    return store
+
+
+def secrets_fingerprint(secrets: Mapping[str, str]) -> str:
+    """A one-way digest of a secret map, to tell pulls with different credentials apart."""
+    digest = hashlib.sha256()
+    for key in sorted(secrets):
+        digest.update(key.encode() + b"\0" + secrets[key].encode() + b"\0")
+    return digest.hexdigest()[:16] if secrets else ""

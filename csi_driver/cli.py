@@ -1,0 +1,143 @@
+"""``ocimodel csi``, ``ocimodel mount`` and ``ocimodel umount``."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from csi_driver.attributes import parse_volume_context
+from csi_driver.errors import CsiError
+from csi_driver.proto import csi_pb2
+from csi_driver.pulls import PullManager
+from csi_driver.node import NodeService
+from csi_driver.server import MODES, build_driver, serve_forever
+from csi_driver.volumes import VolumeState
+from modelcache.settings import Settings
+
+Mode = csi_pb2.VolumeCapability.AccessMode.Mode
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = Settings.load(Path(args.config) if args.config else None)
+    if args.root:
+        settings.root = Path(args.root)
+    if getattr(args, "plain_http", False):
+        settings.hosts.plain_http = True
+    if getattr(args, "docker_config", None):
+        settings.docker_config = Path(args.docker_config)
+    return settings
+
+
+def cmd_csi(args: argparse.Namespace) -> int:
+    """Run the CSI plugin until SIGTERM."""
+    settings = _settings(args)
+    pvc_lookup = None
+    if args.mode in ("controller", "all") and args.kubeconfig != "none":
+        from kubeadapter.client import KubeClient
+        pvc_lookup = KubeClient.connect(args.kubeconfig or None).pvc_annotation
+    driver = build_driver(settings, endpoint=args.endpoint, node_id=args.node_id or socket.gethostname(),
+                          mode=args.mode, state_dir=Path(args.state_dir) if args.state_dir else None,
+                          publish_wait=args.publish_wait, pvc_annotation=pvc_lookup)
+    serve_forever(driver)
+    return 0
+
+
+def _local_node(args: argparse.Namespace) -> NodeService:
+    settings = _settings(args)
+    return NodeService(socket.gethostname(), PullManager(settings), VolumeState(settings.root))
+
+
+def _volume_id(target: str) -> str:
+    return "local-" + hashlib.sha256(os.path.abspath(target).encode()).hexdigest()[:16]
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    """Mount REF read-only at TARGET through the Node service's publish path."""
+    node = _local_node(args)
+    context = {"reference": args.reference, "mount": "lazy" if args.lazy else "bind"}
+    if args.include:
+        context["include"] = ",".join(args.include)
+    if args.exclude:
+        context["exclude"] = ",".join(args.exclude)
+    if args.path:
+        context["path"] = args.path
+    parse_volume_context(context)
+    secrets: dict[str, str] = {}
+    if args.username:
+        secrets = {"username": args.username, "password": os.environ.get("OCIMODEL_PASSWORD", "")}
+    request = csi_pb2.NodePublishVolumeRequest(
+        volume_id=_volume_id(args.target), target_path=os.path.abspath(args.target), readonly=True,
+        volume_context=context, secrets=secrets,
+        volume_capability=csi_pb2.VolumeCapability(
+            mount=csi_pb2.VolumeCapability.MountVolume(),
+            access_mode=csi_pb2.VolumeCapability.AccessMode(mode=Mode.SINGLE_NODE_READER_ONLY)))
+    while True:
+        try:
+            node.publish(request)
+            break
+        except CsiError as exc:
+            if exc.code.name != "ABORTED":
+                print(f"ocimodel: {exc.code.name}: {exc.message}", file=sys.stderr)
+                return 1
+            print(exc.message, file=sys.stderr)
+            time.sleep(0.2)
+    print(f"mounted {args.reference} at {os.path.abspath(args.target)}")
+    return 0
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    """Unmount TARGET through the Node service's unpublish path."""
+    node = _local_node(args)
+    target = os.path.abspath(args.target)
+    record = node.state.get(target)
+    volume_id = record.volume_id if record else _volume_id(target)
+    try:
+        node.unpublish(csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=target))
+    except CsiError as exc:
+        print(f"ocimodel: {exc.code.name}: {exc.message}", file=sys.stderr)
+        return 1
+    print(f"unmounted {target}")
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add the CSI subcommands to the ``ocimodel`` parser."""
+    csi = sub.add_parser("csi", help="run the CSI plugin (gRPC on a unix socket)")
+    csi.add_argument("--endpoint", default=os.environ.get("CSI_ENDPOINT", "unix:///csi/csi.sock"))
+    csi.add_argument("--node-id", default=os.environ.get("NODE_ID", ""))
+    csi.add_argument("--mode", choices=MODES, default="all")
+    csi.add_argument("--state-dir", help="where the controller keeps its volume records (default: --root)")
+    csi.add_argument("--publish-wait", type=float, default=100.0,
+                     help="seconds NodePublishVolume waits for a pull before answering ABORTED (kubelet retries)")
+    csi.add_argument("--kubeconfig", default="", help="kubeconfig for PVC lookups ('' = in-cluster, 'none' = off)")
+    _common(csi)
+    csi.set_defaults(handler=cmd_csi)
+
+    mount = sub.add_parser("mount", help="mount a model read-only at a directory (no Kubernetes needed)")
+    mount.add_argument("reference")
+    mount.add_argument("target")
+    mount.add_argument("--lazy", action="store_true", help="FUSE lazy mount (reads before the pull ends)")
+    mount.add_argument("--include", action="append")
+    mount.add_argument("--exclude", action="append")
+    mount.add_argument("--path")
+    mount.add_argument("--username", help="registry user (password from $OCIMODEL_PASSWORD)")
+    _common(mount)
+    mount.set_defaults(handler=cmd_mount)
+
+    umount = sub.add_parser("umount", help="unmount a model mounted with 'ocimodel mount'")
+    umount.add_argument("target")
+    _common(umount)
+    umount.set_defaults(handler=cmd_umount)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", help="cache root (default /var/lib/ocimodel)")
+    parser.add_argument("--config", help="node settings file (YAML or JSON)")
+    parser.add_argument("--plain-http", action="store_true")
+    parser.add_argument("--docker-config")

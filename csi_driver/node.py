@@ -1,0 +1,229 @@
+"""The CSI Node service: publish a cached model read-only at a target path, unpublish it, report stats.
+
+Every RPC follows the same steps: validate, lock the target, check whether it is already done, act,
+persist the record.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+
+from csi_driver.attributes import (
+    VolumeSpec,
+    check_capability,
+    credentials_from_secrets,
+    parse_volume_context,
+    secrets_fingerprint,
+)
+from csi_driver.errors import CsiError, from_core, invalid
+from csi_driver.proto import csi_pb2, csi_pb2_grpc
+from csi_driver.pulls import PullManager, PullPending
+from csi_driver.volumes import Publication, VolumeState
+from modelcache.errors import ModelCacheError
+from modelcache.mounts import bind_mount_readonly, is_mountpoint, mount_table, mounts_at, unmount
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PUBLISH_WAIT = 100.0
+DEADLINE_MARGIN = 5.0
+MAX_ID_LENGTH = 4096
+
+
+class NodeService(csi_pb2_grpc.NodeServicer):
+    """Node RPCs. ``wait_budget`` caps how long one publish waits for a pull before answering ABORTED."""
+
+    def __init__(self, node_id: str, pulls: PullManager, state: VolumeState, *,
+                 publish_wait: float = DEFAULT_PUBLISH_WAIT,
+                 on_published: Callable[[Publication, VolumeSpec], None] | None = None) -> None:
+        self.node_id = node_id
+        self.pulls = pulls
+        self.state = state
+        self.publish_wait = publish_wait
+        self.on_published = on_published
+
+    # -- publish ---------------------------------------------------------------------------------------
+    def publish(self, request: csi_pb2.NodePublishVolumeRequest, time_remaining: float | None = None) -> None:
+        """NodePublishVolume without the gRPC plumbing (``ocimodel mount`` calls it directly)."""
+        volume_id, target = request.volume_id, request.target_path
+        if not volume_id or len(volume_id) > MAX_ID_LENGTH:
+            raise invalid("volume_id is required")
+        if not target:
+            raise invalid("target_path is required")
+        if not os.path.isabs(target):
+            raise invalid(f"target_path {target!r} must be absolute")
+        if not request.HasField("volume_capability"):
+            raise invalid("volume_capability is required")
+        check_capability(request.volume_capability)
+        spec = parse_volume_context(request.volume_context)
+        credentials = credentials_from_secrets(request.secrets, spec.reference.endpoint_host)
+        target = os.path.normpath(target)
+        with self.state.locked(target):
+            existing = self._already_published(target, request, spec)
+            if existing:
+                return
+            wait = self.publish_wait
+            if time_remaining is not None:
+                wait = min(wait, max(time_remaining - DEADLINE_MARGIN, 0.5))
+            try:
+                result = self.pulls.ensure(spec.reference, spec.options, credentials,
+                                           secrets_fingerprint(request.secrets), wait)
+                self.pulls.check_access(result, credentials)
+            except PullPending as pending:
+                raise CsiError(grpc.StatusCode.ABORTED, str(pending)) from None
+            except ModelCacheError as exc:
+                raise from_core(exc, f"volume {volume_id}: {spec.reference}") from None
+            created = not os.path.exists(target)
+            try:
+                os.makedirs(target, exist_ok=True)
+                bind_mount_readonly(result.path, target)
+            except OSError as exc:
+                if created:
+                    _remove_dir(target)
+                raise CsiError(grpc.StatusCode.INTERNAL, f"mounting {spec.reference} at {target}: {exc}") from None
+            self.pulls.cache.touch(result.record.key)
+            publication = Publication(
+                volume_id=volume_id, target_path=target, key=result.record.key, source=str(result.path),
+                reference=result.record.reference, digest=result.record.digest, fingerprint=spec.fingerprint(),
+                access_mode=request.volume_capability.access_mode.mode, readonly=request.readonly,
+                mount=spec.mount, ephemeral=spec.ephemeral, files=result.record.files,
+                total_bytes=result.record.total_bytes,
+                pod="/".join(request.volume_context.get(k, "") for k in ("csi.storage.k8s.io/pod.namespace",
+                                                                        "csi.storage.k8s.io/pod.name")).strip("/"))
+            self.state.put(publication)
+            log.info("published %s (%s) at %s", volume_id, result.record.reference, target)
+            if self.on_published:
+                self.on_published(publication, spec)
+
+    def _already_published(self, target: str, request: csi_pb2.NodePublishVolumeRequest, spec: VolumeSpec) -> bool:
+        """True when ``target`` already shows this volume with compatible arguments; ALREADY_EXISTS when it
+        shows something else."""
+        record = self.state.get(target)
+        mounted = is_mountpoint(target)
+        if record is None:
+            if mounted:
+                raise CsiError(grpc.StatusCode.ALREADY_EXISTS,
+                               f"{target} is already a mount point of something this driver did not publish")
+            return False
+        if not mounted:
+            log.info("record for %s exists but nothing is mounted there; publishing again", target)
+            self.state.delete(target)
+            return False
+        if record.volume_id != request.volume_id:
+            raise CsiError(grpc.StatusCode.ALREADY_EXISTS,
+                           f"{target} already holds volume {record.volume_id}, not {request.volume_id}")
+        if record.fingerprint != spec.fingerprint():
+            raise CsiError(grpc.StatusCode.ALREADY_EXISTS,
+                           f"{target} already holds {record.reference}, published with other volume attributes")
+        if record.readonly != request.readonly:
+            raise CsiError(grpc.StatusCode.ALREADY_EXISTS,
+                           f"{target} was published with readonly={record.readonly}, not {request.readonly}")
+        if record.access_mode != request.volume_capability.access_mode.mode:
+            raise CsiError(grpc.StatusCode.ALREADY_EXISTS, f"{target} was published with another access mode")
+        return True
+
+    # -- unpublish -------------------------------------------------------------------------------------
+    def unpublish(self, request: csi_pb2.NodeUnpublishVolumeRequest) -> None:
+        """NodeUnpublishVolume: unmount and remove the target; an unknown target is already done."""
+        if not request.volume_id:
+            raise invalid("volume_id is required")
+        if not request.target_path:
+            raise invalid("target_path is required")
+        target = os.path.normpath(request.target_path)
+        with self.state.locked(target):
+            record = self.state.get(target)
+            if record is not None and record.volume_id != request.volume_id:
+                raise CsiError(grpc.StatusCode.NOT_FOUND,
+                               f"volume {request.volume_id} is not published at {target} ({record.volume_id} is)")
+            try:
+                while is_mountpoint(target):
+                    unmount(target)
+            except OSError as exc:
+                raise CsiError(grpc.StatusCode.INTERNAL, f"unmounting {target}: {exc}") from None
+            if record is not None or os.path.isdir(target):
+                _remove_dir(target)
+            self.state.delete(target)
+            log.info("unpublished %s from %s", request.volume_id, target)
+
+    # -- stats, info, capabilities -----------------------------------------------------------------------
+    def volume_stats(self, request: csi_pb2.NodeGetVolumeStatsRequest) -> csi_pb2.NodeGetVolumeStatsResponse:
+        """Bytes and inodes of the model shown at ``volume_path``."""
+        if not request.volume_id:
+            raise invalid("volume_id is required")
+        if not request.volume_path:
+            raise invalid("volume_path is required")
+        path = os.path.normpath(request.volume_path)
+        if not os.path.exists(path):
+            raise CsiError(grpc.StatusCode.NOT_FOUND, f"volume path {path} does not exist")
+        record = self.state.get(path)
+        if record is None or record.volume_id != request.volume_id:
+            raise CsiError(grpc.StatusCode.NOT_FOUND, f"volume {request.volume_id} is not published at {path}")
+        healthy = is_mountpoint(path) and Path(record.source).is_dir()
+        usage = [
+            csi_pb2.VolumeUsage(unit=csi_pb2.VolumeUsage.BYTES, total=record.total_bytes, used=record.total_bytes,
+                                available=0),
+            csi_pb2.VolumeUsage(unit=csi_pb2.VolumeUsage.INODES, total=record.files, used=record.files, available=0),
+        ]
+        condition = csi_pb2.VolumeCondition(abnormal=not healthy,
+                                            message="ok" if healthy else "the model mount is gone; republish")
+        return csi_pb2.NodeGetVolumeStatsResponse(usage=usage, volume_condition=condition)
+
+    def orphans(self) -> list[str]:
+        """Mount points that show a tree of our cache but have no record (reported at start-up)."""
+        trees = str(self.pulls.cache.store.trees)
+        known = {p.target_path for p in self.state.all()}
+        suffix = "/" + Path(trees).name + "/"
+        found = []
+        for mount in mount_table():
+            if suffix in mount.root + "/" and mount.mountpoint not in known and mount.mountpoint != trees \
+                    and not mount.mountpoint.startswith(trees):
+                found.append(mount.mountpoint)
+        return found
+
+    def stale_records(self) -> list[str]:
+        """Records whose target is no longer mounted (reported at start-up)."""
+        return [p.target_path for p in self.state.all() if not mounts_at(p.target_path)]
+
+    # -- gRPC -------------------------------------------------------------------------------------------
+    def NodePublishVolume(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+        """gRPC entry of :meth:`publish`."""
+        remaining = context.time_remaining()
+        started = time.monotonic()
+        self.publish(request, remaining)
+        log.debug("publish took %.1f ms", (time.monotonic() - started) * 1000)
+        return csi_pb2.NodePublishVolumeResponse()
+
+    def NodeUnpublishVolume(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+        """gRPC entry of :meth:`unpublish`."""
+        self.unpublish(request)
+        return csi_pb2.NodeUnpublishVolumeResponse()
+
+    def NodeGetVolumeStats(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+        """gRPC entry of :meth:`volume_stats`."""
+        return self.volume_stats(request)
+
+    def NodeGetCapabilities(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+        """GET_VOLUME_STATS and VOLUME_CONDITION."""
+        rpc = csi_pb2.NodeServiceCapability.RPC
+        return csi_pb2.NodeGetCapabilitiesResponse(capabilities=[
+            csi_pb2.NodeServiceCapability(rpc=rpc(type=rpc.GET_VOLUME_STATS)),
+            csi_pb2.NodeServiceCapability(rpc=rpc(type=rpc.VOLUME_CONDITION)),
+        ])
+
+    def NodeGetInfo(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+        """This node's id; no volume limit."""
+        return csi_pb2.NodeGetInfoResponse(node_id=self.node_id, max_volumes_per_node=0)
+
+
+def _remove_dir(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("could not remove %s: %s", path, exc)

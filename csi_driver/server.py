@@ -1,0 +1,181 @@
+"""The gRPC server: services per mode, a logging interceptor that redacts secrets, graceful shutdown."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import stat
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf.message import Message
+
+from csi_driver.controller import AnnotationLookup, ControllerService
+from csi_driver.errors import CsiError, from_core
+from csi_driver.identity import IdentityService
+from csi_driver.node import NodeService
+from csi_driver.proto import csi_pb2, csi_pb2_grpc
+from csi_driver.pulls import PullManager
+from csi_driver.volumes import VolumeState
+from modelcache.errors import ModelCacheError
+from modelcache.settings import Settings
+
+log = logging.getLogger(__name__)
+MODES = ("node", "controller", "all")
+OperationHook = Callable[[str, str, float], None]
+
+
+def redact(message: Message) -> Message:
+    """A copy of ``message`` with every field marked ``csi_secret`` replaced by ``***``."""
+    copy = type(message)()
+    copy.CopyFrom(message)
+    _redact_in_place(copy)
+    return copy
+
+
+def _redact_in_place(message: Message) -> None:
+    for field, value in message.ListFields():
+        if field.GetOptions().Extensions[csi_pb2.csi_secret]:
+            if field.message_type is not None and field.message_type.GetOptions().map_entry:
+                for key in list(value):
+                    value[key] = "***"
+            else:
+                message.ClearField(field.name)
+        elif field.message_type is not None and not field.message_type.GetOptions().map_entry:
+            if field.label == field.LABEL_REPEATED:
+                for item in value:
+                    _redact_in_place(item)
+            else:
+                _redact_in_place(value)
+
+
+class ErrorAndLogInterceptor(grpc.ServerInterceptor):
+    """Turns service errors into status codes and logs one line per call, never a secret."""
+
+    def __init__(self, on_operation: OperationHook | None = None) -> None:
+        self.on_operation = on_operation
+
+    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        inner = handler.unary_unary
+        hook = self.on_operation
+
+        def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
+            started = time.monotonic()
+            code = "OK"
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s request: %s", method, str(redact(request)).replace("\n", " "))
+            try:
+                return inner(request, context)
+            except CsiError as exc:
+                code = exc.code.name
+                context.abort(exc.code, exc.message)
+            except ModelCacheError as exc:
+                error = from_core(exc)
+                code = error.code.name
+                context.abort(error.code, error.message)
+            except Exception:
+                code = "INTERNAL"
+                log.exception("%s failed", method)
+                context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal error (see the driver's log)")
+            finally:
+                elapsed = time.monotonic() - started
+                level = logging.INFO if code not in ("OK", "ABORTED") else logging.DEBUG
+                log.log(level if method not in ("Probe", "NodeGetCapabilities") else logging.DEBUG,
+                         "%s %s in %.1f ms", method, code, elapsed * 1000)
+                if hook:
+                    hook(method, code, elapsed)
+
+        return grpc.unary_unary_rpc_method_handler(wrapped, request_deserializer=handler.request_deserializer,
+                                                   response_serializer=handler.response_serializer)
+
+
+@dataclass
+class Driver:
+    """The running pieces, for tests and the CLI."""
+
+    server: grpc.Server
+    identity: IdentityService
+    node: NodeService | None
+    controller: ControllerService | None
+    pulls: PullManager | None
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop serving; in-flight RPCs get ``grace`` seconds."""
+        self.server.stop(grace).wait()
+        if self.pulls:
+            self.pulls.shutdown()
+
+
+def _bind_unix(server: grpc.Server, endpoint: str) -> None:
+    if endpoint.startswith("unix://"):
+        path = endpoint[len("unix://"):]
+        if os.path.exists(path):
+            if not stat.S_ISSOCK(os.stat(path).st_mode):
+                raise SystemExit(f"endpoint {path} exists and is not a socket")
+            os.unlink(path)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        server.add_insecure_port(f"unix:{path}")
+    elif endpoint.startswith("tcp://"):
+        server.add_insecure_port(endpoint[len("tcp://"):])
+    else:
+        raise SystemExit(f"endpoint must be unix:///path or tcp://host:port, not {endpoint!r}")
+
+
+def build_driver(settings: Settings, *, endpoint: str, node_id: str, mode: str, state_dir: Path | None = None,
+                 publish_wait: float = 100.0, pvc_annotation: AnnotationLookup | None = None,
+                 on_operation: OperationHook | None = None, workers: int = 16) -> Driver:
+    """Assemble the services of ``mode`` and start serving on ``endpoint``."""
+    if mode not in MODES:
+        raise SystemExit(f"--mode must be one of {', '.join(MODES)}")
+    serves_node = mode in ("node", "all")
+    serves_controller = mode in ("controller", "all")
+    if serves_node:
+        settings.cache().store.ensure()
+    identity = IdentityService(settings.root, needs_mounts=serves_node)
+    server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
+                         interceptors=[ErrorAndLogInterceptor(on_operation)])
+    csi_pb2_grpc.add_IdentityServicer_to_server(identity, server)
+    node = pulls = controller = None
+    if serves_node:
+        pulls = PullManager(settings)
+        node = NodeService(node_id, pulls, VolumeState(settings.root), publish_wait=publish_wait)
+        csi_pb2_grpc.add_NodeServicer_to_server(node, server)
+    if serves_controller:
+        controller = ControllerService(settings, state_dir or settings.root, pvc_annotation=pvc_annotation)
+        csi_pb2_grpc.add_ControllerServicer_to_server(controller, server)
+    _bind_unix(server, endpoint)
+    server.start()
+    if node is not None:
+        for target in node.orphans():
+            log.warning("orphaned mount at %s shows a cached model but has no record; unmount it by hand or "
+                        "let kubelet unpublish it", target)
+        for target in node.stale_records():
+            log.warning("record for %s has no mount any more; kubelet will publish or unpublish it", target)
+    identity.ready.set()
+    log.info("serving %s mode on %s as node %s", mode, endpoint, node_id)
+    return Driver(server, identity, node, controller, pulls)
+
+
+def serve_forever(driver: Driver) -> None:
+    """Block until SIGTERM or SIGINT, then shut down gracefully."""
+    stopping = threading.Event()
+
+    def handle(signum: int, _frame: object) -> None:
+        log.info("signal %d: shutting down", signum)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    stopping.wait()
+    driver.stop()

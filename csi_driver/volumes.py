@@ -1,0 +1,101 @@
+"""Published-volume records, kept on disk (atomic JSON) so a restarted driver knows what it mounted,
+and per-target locks that answer ABORTED while another operation on the same target runs."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+
+from csi_driver.errors import CsiError
+from modelcache.fsutil import atomic_write_json, read_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Publication:
+    """One target path we mounted a model on."""
+
+    volume_id: str
+    target_path: str
+    key: str
+    source: str
+    reference: str
+    digest: str
+    fingerprint: str
+    access_mode: int
+    readonly: bool
+    mount: str
+    ephemeral: bool
+    files: int
+    total_bytes: int
+    pod: str = ""
+    published_at: float = 0.0
+
+
+class VolumeState:
+    """Records under ``<root>/csi/publications`` and in-process locks per target."""
+
+    def __init__(self, root: Path) -> None:
+        self.dir = root / "csi" / "publications"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def _path(self, target: str) -> Path:
+        return self.dir / f"{hashlib.sha256(target.encode()).hexdigest()[:32]}.json"
+
+    def get(self, target: str) -> Publication | None:
+        """The record for ``target``, if any."""
+        data = read_json(self._path(target))
+        if not isinstance(data, dict):
+            return None
+        try:
+            publication = Publication(**data)
+        except TypeError:
+            log.warning("ignoring unreadable publication record for %s", target)
+            return None
+        return publication if publication.target_path == target else None
+
+    def put(self, publication: Publication) -> None:
+        """Persist ``publication`` atomically."""
+        publication.published_at = publication.published_at or time.time()
+        atomic_write_json(self._path(publication.target_path), asdict(publication))
+
+    def delete(self, target: str) -> None:
+        """Forget ``target``."""
+        self._path(target).unlink(missing_ok=True)
+
+    def all(self) -> list[Publication]:
+        """Every record."""
+        result = []
+        for path in sorted(self.dir.glob("*.json")):
+            data = read_json(path)
+            if isinstance(data, dict):
+                with contextlib.suppress(TypeError):
+                    result.append(Publication(**data))
+        return result
+
+    def sources_in_use(self) -> set[str]:
+        """Model keys that some publication shows."""
+        return {p.key for p in self.all()}
+
+    @contextlib.contextmanager
+    def locked(self, target: str) -> Iterator[None]:
+        """Hold the lock of ``target``; ABORTED if another operation holds it."""
+        with self._guard:
+            lock = self._locks.setdefault(target, threading.Lock())
+        if not lock.acquire(blocking=False):
+            raise CsiError(grpc.StatusCode.ABORTED, f"an operation on {target} is already in progress")
+        try:
+            yield
+        finally:
+            lock.release()
