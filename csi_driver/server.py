@@ -49,11 +49,16 @@ def _redact_in_place(message: Message) -> None:
             else:
                 message.ClearField(field.name)
         elif field.message_type is not None and not field.message_type.GetOptions().map_entry:
-            if field.label == field.LABEL_REPEATED:
+            if _repeated(field):
                 for item in value:
                     _redact_in_place(item)
             else:
                 _redact_in_place(value)
+
+
+def _repeated(field: Any) -> bool:
+    flag = getattr(field, "is_repeated", None)
+    return bool(flag) if flag is not None else bool(field.label == field.LABEL_REPEATED)
 
 
 class ErrorAndLogInterceptor(grpc.ServerInterceptor):
@@ -73,9 +78,9 @@ class ErrorAndLogInterceptor(grpc.ServerInterceptor):
         def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
             started = time.monotonic()
             code = "OK"
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("%s request: %s", method, str(redact(request)).replace("\n", " "))
             try:
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("%s request: %s", method, str(redact(request)).replace("\n", " "))
                 return inner(request, context)
             except CsiError as exc:
                 code = exc.code.name
