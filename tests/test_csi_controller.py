@@ -1,0 +1,156 @@
+"""CSI Controller service over real gRPC against the real server process, and the PVC lookup through the
+Kubernetes adapter against an HTTP-level fake API server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from csi_driver.controller import PVC_REFERENCE_ANNOTATION, ControllerService
+from csi_driver.errors import CsiError
+from csi_driver.proto import csi_pb2
+from kubeadapter.client import KubeClient
+from modelcache.settings import Settings
+from tests.conftest import needs_root
+from tests.helpers.csi import CsiProcess, Mode, block_capability, code_of, mount_capability, publish_request
+from tests.helpers.fakekube import FakeKubeAPI
+from tests.helpers.oci import Fixtures
+
+OK, INVALID = grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.fixture
+def csi(tmp_path: Path) -> Iterator[CsiProcess]:
+    process = CsiProcess(tmp_path, mode="controller")
+    yield process
+    process.stop()
+
+
+def create(name: str, **parameters: str) -> csi_pb2.CreateVolumeRequest:
+    return csi_pb2.CreateVolumeRequest(name=name, parameters=parameters,
+                                       volume_capabilities=[mount_capability(Mode.MULTI_NODE_READER_ONLY)])
+
+
+def test_create_resolves_tag_to_digest_and_is_idempotent(csi: CsiProcess, fixtures: Fixtures) -> None:
+    files = {"w": os.urandom(5000), "c.json": b"{}"}
+    digest = fixtures.raw_model("ctl/model:v1", files)
+    request = create("pvc-1", reference=fixtures.ref("ctl/model:v1"), include="*.json")
+    first = csi.controller.CreateVolume(request).volume
+    assert first.volume_context["reference"] == f"{fixtures.ref('ctl/model:v1')}@{digest}"
+    assert first.volume_context["include"] == "*.json"
+    assert first.capacity_bytes == sum(len(v) for v in files.values())
+    fixtures.raw_model("ctl/model:v1", {"w": b"moved tag"})
+    again = csi.controller.CreateVolume(request).volume
+    assert again == first
+    other = csi.controller.CreateVolume(create("pvc-2", reference=fixtures.ref("ctl/model:v1"))).volume
+    assert other.volume_id != first.volume_id
+
+
+def test_create_conflicts_and_argument_checks(csi: CsiProcess, fixtures: Fixtures) -> None:
+    fixtures.raw_model("ctl/c:v1", {"w": b"12345"})
+    ref = fixtures.ref("ctl/c:v1")
+    csi.controller.CreateVolume(create("pvc-x", reference=ref))
+    assert code_of(csi.controller.CreateVolume, create("pvc-x", reference=ref, include="*")) == \
+        grpc.StatusCode.ALREADY_EXISTS
+    with_block = csi_pb2.CreateVolumeRequest(name="b", parameters={"reference": ref},
+                                             volume_capabilities=[block_capability()])
+    from_snapshot = create("s", reference=ref)
+    from_snapshot.volume_content_source.snapshot.snapshot_id = "snap"
+    too_small = create("small", reference=ref)
+    too_small.capacity_range.limit_bytes = 2
+    cases = [
+        (csi_pb2.CreateVolumeRequest(parameters={"reference": ref}, volume_capabilities=[mount_capability()]), INVALID),
+        (csi_pb2.CreateVolumeRequest(name="n", parameters={"reference": ref}), INVALID),
+        (create("n"), INVALID),
+        (create("n", reference=ref, colour="red"), INVALID),
+        (with_block, INVALID),
+        (from_snapshot, INVALID),
+        (create("n", reference=fixtures.ref("ctl/absent:v1")), grpc.StatusCode.NOT_FOUND),
+        (too_small, grpc.StatusCode.OUT_OF_RANGE),
+    ]
+    for request, code in cases:
+        assert code_of(csi.controller.CreateVolume, request) == code, request
+
+
+def test_delete_validate_and_capabilities(csi: CsiProcess, fixtures: Fixtures) -> None:
+    fixtures.raw_model("ctl/d:v1", {"w": b"1"})
+    volume = csi.controller.CreateVolume(create("pvc-d", reference=fixtures.ref("ctl/d:v1"))).volume
+    good = csi_pb2.ValidateVolumeCapabilitiesRequest(volume_id=volume.volume_id, volume_context=volume.volume_context,
+                                                     volume_capabilities=[mount_capability()])
+    assert csi.controller.ValidateVolumeCapabilities(good).confirmed.volume_capabilities
+    writer = csi_pb2.ValidateVolumeCapabilitiesRequest(volume_id=volume.volume_id,
+                                                       volume_capabilities=[mount_capability(Mode.MULTI_NODE_MULTI_WRITER)])
+    answer = csi.controller.ValidateVolumeCapabilities(writer)
+    assert not answer.HasField("confirmed") and "read-only" in answer.message
+    unknown = csi_pb2.ValidateVolumeCapabilitiesRequest(volume_id="nope", volume_capabilities=[mount_capability()])
+    assert code_of(csi.controller.ValidateVolumeCapabilities, unknown) == grpc.StatusCode.NOT_FOUND
+    assert code_of(csi.controller.ValidateVolumeCapabilities,
+                   csi_pb2.ValidateVolumeCapabilitiesRequest(volume_id=volume.volume_id)) == INVALID
+    csi.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id))
+    csi.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id))
+    assert code_of(csi.controller.DeleteVolume, csi_pb2.DeleteVolumeRequest()) == INVALID
+    deleted = csi_pb2.ValidateVolumeCapabilitiesRequest(volume_id=volume.volume_id,
+                                                        volume_capabilities=[mount_capability()])
+    assert code_of(csi.controller.ValidateVolumeCapabilities, deleted) == grpc.StatusCode.NOT_FOUND
+    caps = csi.controller.ControllerGetCapabilities(csi_pb2.ControllerGetCapabilitiesRequest()).capabilities
+    assert [c.rpc.type for c in caps] == [csi_pb2.ControllerServiceCapability.RPC.CREATE_DELETE_VOLUME]
+
+
+def test_controller_state_survives_restart(csi: CsiProcess, fixtures: Fixtures) -> None:
+    fixtures.raw_model("ctl/r:v1", {"w": b"r"})
+    request = create("pvc-r", reference=fixtures.ref("ctl/r:v1"))
+    first = csi.controller.CreateVolume(request).volume
+    csi.restart()
+    assert csi.controller.CreateVolume(request).volume == first
+
+
+@needs_root
+def test_pv_from_controller_mounts_the_pinned_digest(tmp_path: Path, fixtures: Fixtures) -> None:
+    fixtures.raw_model("ctl/pin:v1", {"w": b"original"})
+    csi = CsiProcess(tmp_path, mode="all")
+    try:
+        volume = csi.controller.CreateVolume(create("pvc-pin", reference=fixtures.ref("ctl/pin:v1"))).volume
+        fixtures.raw_model("ctl/pin:v1", {"w": b"tag moved on"})
+        target = tmp_path / "pod" / "mnt"
+        target.parent.mkdir()
+        csi.node.NodePublishVolume(publish_request(volume.volume_id, target, volume.volume_context["reference"],
+                                                   capability=mount_capability(Mode.MULTI_NODE_READER_ONLY)))
+        assert (target / "w").read_bytes() == b"original"
+        csi.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume.volume_id,
+                                                                        target_path=str(target)))
+    finally:
+        subprocess.run(["umount", str(tmp_path / "pod" / "mnt")], check=False, capture_output=True)
+        csi.stop()
+
+
+# -- PVC annotation through the Kubernetes adapter --------------------------------------------------------
+
+def test_reference_from_pvc_annotation(tmp_path: Path, fixtures: Fixtures) -> None:
+    fixtures.raw_model("ctl/pvc:v1", {"w": b"from annotation"})
+    api = FakeKubeAPI()
+    try:
+        api.route("GET", "/api/v1/namespaces/team-a/persistentvolumeclaims/claim-1", (200, {
+            "kind": "PersistentVolumeClaim", "apiVersion": "v1",
+            "metadata": {"name": "claim-1", "namespace": "team-a",
+                         "annotations": {PVC_REFERENCE_ANNOTATION: fixtures.ref("ctl/pvc:v1")}}}))
+        settings = Settings(root=tmp_path)
+        settings.hosts.plain_http = True
+        controller = ControllerService(settings, tmp_path, pvc_annotation=KubeClient.for_url(api.url).pvc_annotation)
+        request = create("pvc-from-annotation", **{"csi.storage.k8s.io/pvc/name": "claim-1",
+                                                   "csi.storage.k8s.io/pvc/namespace": "team-a"})
+        volume = controller.create(request)
+        assert volume.volume_context["reference"].startswith(fixtures.ref("ctl/pvc:v1") + "@sha256:")
+        assert [(r.method, r.path) for r in api.requests] == [
+            ("GET", "/api/v1/namespaces/team-a/persistentvolumeclaims/claim-1")]
+        missing = create("pvc-missing", **{"csi.storage.k8s.io/pvc/name": "absent",
+                                           "csi.storage.k8s.io/pvc/namespace": "team-a"})
+        with pytest.raises(CsiError) as info:
+            controller.create(missing)
+        assert info.value.code == grpc.StatusCode.NOT_FOUND
+    finally:
+        api.close()
