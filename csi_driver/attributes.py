@@ -105,7 +105,7 @@ def credentials_from_secrets(secrets: Mapping[str, str], registry_host: str) -> 
             raise invalid(str(exc)) from None
     elif ".dockercfg" in secrets:
         try:
-            store.add_docker_config('{"auths": %s}' % secrets[".dockercfg"], source="secret .dockercfg")
+            store.add_docker_config(f'{{"auths": {secrets[".dockercfg"]}}}', source="secret .dockercfg")
         except ModelCacheError as exc:
             raise invalid(str(exc)) from None
     elif "username" in secrets or "password" in secrets:

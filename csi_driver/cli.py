@@ -13,9 +13,9 @@ from typing import Any
 
 from csi_driver.attributes import parse_volume_context
 from csi_driver.errors import CsiError
+from csi_driver.node import NodeService
 from csi_driver.proto import csi_pb2
 from csi_driver.pulls import PullManager
-from csi_driver.node import NodeService
 from csi_driver.server import MODES, build_driver, serve_forever
 from csi_driver.volumes import VolumeState
 from modelcache.settings import Settings

@@ -159,7 +159,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         with self._lock:
             self._path(request.volume_id).unlink(missing_ok=True)
 
-    def validate(self, request: csi_pb2.ValidateVolumeCapabilitiesRequest) -> csi_pb2.ValidateVolumeCapabilitiesResponse:
+    def validate(
+            self, request: csi_pb2.ValidateVolumeCapabilitiesRequest) -> csi_pb2.ValidateVolumeCapabilitiesResponse:
         """Confirm supported capabilities; unsupported ones leave ``confirmed`` empty with the reason."""
         if not request.volume_id:
             raise invalid("volume_id is required")

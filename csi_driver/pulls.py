@@ -3,6 +3,7 @@ and each waits only a bounded time before getting a retriable answer with the pr
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -76,7 +77,7 @@ class PullManager:
                 future = self._pool.submit(cache.pull, reference, options, progress)
                 job = _Job(future, progress)
                 self._jobs[key] = job
-                future.add_done_callback(lambda _f, k=key, j=job: self._finished(k, j))
+                future.add_done_callback(functools.partial(self._finished, key, job))
                 log.info("started pull of %s", reference)
             job.waiters += 1
         try:
@@ -102,7 +103,7 @@ class PullManager:
             log.warning("registry unreachable resolving %s; using cached %s", reference, newest.digest)
             return parse_reference(newest.reference)
 
-    def _finished(self, key: tuple[str, str, str], job: _Job) -> None:
+    def _finished(self, key: tuple[str, str, str], job: _Job, _future: object = None) -> None:
         with self._lock:
             if self._jobs.get(key) is job:
                 del self._jobs[key]

@@ -40,9 +40,12 @@ def redact(message: Message) -> Message:
     return copy
 
 
+_SECRET: Any = csi_pb2.csi_secret
+
+
 def _redact_in_place(message: Message) -> None:
     for field, value in message.ListFields():
-        if field.GetOptions().Extensions[csi_pb2.csi_secret]:
+        if field.GetOptions().Extensions[_SECRET]:
             if field.message_type is not None and field.message_type.GetOptions().map_entry:
                 for key in list(value):
                     value[key] = "***"

@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from kubernetes import client, config
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 
 from modelcache.errors import Kind, ModelCacheError
 

@@ -149,7 +149,8 @@ def test_publish_is_idempotent_and_conflicts_are_already_exists(csi: CsiProcess,
     request = publish_request("vol-1", t, ref)
     csi.node.NodePublishVolume(request)
     csi.node.NodePublishVolume(request)
-    assert sum(1 for line in open("/proc/self/mountinfo") if line.split()[4] == str(t)) == 1
+    mountinfo = Path("/proc/self/mountinfo").read_text().splitlines()
+    assert sum(1 for line in mountinfo if line.split()[4] == str(t)) == 1
     assert code_of(csi.node.NodePublishVolume, publish_request("vol-2", t, ref)) == ALREADY
     assert code_of(csi.node.NodePublishVolume, publish_request("vol-1", t, ref, readonly=False)) == ALREADY
     assert code_of(csi.node.NodePublishVolume, publish_request("vol-1", t, fixtures.ref("csi/other:v1"))) == ALREADY
