@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import datetime
 import logging
+import secrets
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from kubernetes import client, config
+from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
 from modelcache.errors import Kind, ModelCacheError
@@ -25,6 +29,7 @@ class KubeClient:
     def __init__(self, api_client: client.ApiClient) -> None:
         self.api = api_client
         self.core = client.CoreV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
 
     @classmethod
     def connect(cls, kubeconfig: str | None = None) -> KubeClient:
@@ -58,3 +63,83 @@ class KubeClient:
         annotations = (pvc.metadata.annotations or {}) if pvc.metadata else {}
         value = annotations.get(key)
         return str(value) if value else None
+
+    # -- nodes ------------------------------------------------------------------------------------------
+    def node_labels(self, node: str) -> dict[str, str]:
+        """The labels of Node ``node``."""
+        try:
+            data: Any = self.core.read_node(node)
+        except ApiException as exc:
+            raise _error(exc, f"reading node {node}") from None
+        return dict(data.metadata.labels or {})
+
+    def patch_node_labels(self, node: str, labels: dict[str, str | None]) -> None:
+        """Set (or, with None, remove) labels on Node ``node`` with a JSON merge patch."""
+        body = {"metadata": {"labels": labels}}
+        try:
+            self.core.patch_node(node, body, _content_type="application/merge-patch+json")
+        except ApiException as exc:
+            raise _error(exc, f"labelling node {node}") from None
+
+    # -- ModelCache objects -----------------------------------------------------------------------------
+    def list_modelcaches(self, group: str, version: str, plural: str) -> tuple[list[dict[str, Any]], str]:
+        """All ModelCache objects and the list's resourceVersion."""
+        try:
+            data: Any = self.custom.list_cluster_custom_object(group, version, plural)
+        except ApiException as exc:
+            raise _error(exc, f"listing {plural}") from None
+        return list(data.get("items", [])), str(data.get("metadata", {}).get("resourceVersion", ""))
+
+    def watch_modelcaches(self, group: str, version: str, plural: str, resource_version: str,
+                          timeout_seconds: int, stopped: Callable[[], bool]) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(event type, object) pairs from a watch starting after ``resource_version``."""
+        watcher = watch.Watch()
+        try:
+            for event in watcher.stream(self.custom.list_cluster_custom_object, group, version, plural,
+                                        resource_version=resource_version, timeout_seconds=timeout_seconds,
+                                        allow_watch_bookmarks=True):
+                if stopped():
+                    break
+                yield str(event["type"]), event["object"]
+        except ApiException as exc:
+            raise _error(exc, f"watching {plural}") from None
+        finally:
+            watcher.stop()
+
+    def apply_status(self, group: str, version: str, plural: str, kind: str, namespace: str, name: str,
+                     status: dict[str, Any], field_manager: str) -> None:
+        """Server-side apply of ``status`` to the status subresource, owned by ``field_manager``."""
+        body = {"apiVersion": f"{group}/{version}", "kind": kind, "metadata": {"name": name, "namespace": namespace},
+                "status": status}
+        try:
+            self.custom.patch_namespaced_custom_object_status(
+                group, version, namespace, plural, name, body, field_manager=field_manager,
+                force=True, _content_type="application/apply-patch+yaml")
+        except ApiException as exc:
+            raise _error(exc, f"applying status of {namespace}/{name}") from None
+
+    # -- secrets and events -----------------------------------------------------------------------------
+    def secret_data(self, namespace: str, name: str) -> dict[str, str]:
+        """The decoded data of Secret ``namespace/name``."""
+        try:
+            data: Any = self.core.read_namespaced_secret(name, namespace)
+        except ApiException as exc:
+            raise _error(exc, f"reading secret {namespace}/{name}") from None
+        return {k: base64.b64decode(v).decode() for k, v in (data.data or {}).items()}
+
+    def create_event(self, involved: dict[str, str], reason: str, message: str, event_type: str,
+                     component: str, host: str) -> None:
+        """Record a core/v1 Event about ``involved`` (apiVersion, kind, namespace, name, uid)."""
+        now = datetime.datetime.now(datetime.timezone.utc)
+        body = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": f"{involved['name']}.{secrets.token_hex(8)}", "namespace": involved["namespace"]},
+            "involvedObject": involved, "reason": reason, "message": message[:1024], "type": event_type,
+            "source": {"component": component, "host": host}, "reportingComponent": component,
+            "reportingInstance": host, "firstTimestamp": now.isoformat(), "lastTimestamp": now.isoformat(),
+            "count": 1,
+        }
+        try:
+            self.core.create_namespaced_event(involved["namespace"], body)
+        except ApiException as exc:
+            raise _error(exc, f"recording event on {involved['namespace']}/{involved['name']}") from None
