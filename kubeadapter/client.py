@@ -130,8 +130,8 @@ class KubeClient:
     def create_event(self, involved: dict[str, str], reason: str, message: str, event_type: str,
                      component: str, host: str) -> None:
         """Record a core/v1 Event about ``involved`` (apiVersion, kind, namespace, name, uid)."""
-        now = datetime.datetime.now(datetime.timezone.utc)
-        body = {
+        now = datetime.datetime.now(datetime.UTC)
+        body: Any = {
             "apiVersion": "v1", "kind": "Event",
             "metadata": {"name": f"{involved['name']}.{secrets.token_hex(8)}", "namespace": involved["namespace"]},
             "involvedObject": involved, "reason": reason, "message": message[:1024], "type": event_type,

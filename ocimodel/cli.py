@@ -196,7 +196,8 @@ def build_parser(extensions: Sequence[Callable[[Any], None]] = ()) -> argparse.A
 
 def _extensions() -> list[Callable[[Any], None]]:
     from csi_driver.cli import register as register_csi
-    return [register_csi]
+    from node_agent.cli import register as register_agent
+    return [register_csi, register_agent]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,393 @@
+"""The node agent: one trio process per node. Services run in one nursery; blocking work (pulls,
+Kubernetes calls, page-cache scans) runs in worker threads behind capacity limiters."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+from prometheus_client import start_http_server
+
+from kubeadapter.client import KubeClient
+from modelcache import pagecache
+from modelcache.credentials import CredentialStore
+from modelcache.errors import Kind, ModelCacheError
+from modelcache.eviction import evict
+from modelcache.gc import usage
+from modelcache.mounts import mount_table
+from modelcache.pins import Pins, WarmRequests
+from modelcache.pull import ModelCache, Progress, PullOptions, PullResult
+from modelcache.registry import RegistryClient
+from modelcache.settings import Settings
+from node_agent import GROUP, KIND, PLURAL, VERSION
+from node_agent.metrics import AgentMetrics
+from node_agent.spec import ModelCacheSpec, node_label, parse_spec
+
+log = logging.getLogger(__name__)
+COMPONENT = "ocimodel-agent"
+RETRY_KINDS = (Kind.UNAVAILABLE, Kind.RESOURCE_EXHAUSTED)
+
+
+@dataclass
+class AgentConfig:
+    """Tunables of the agent (intervals in seconds)."""
+
+    node_name: str
+    settings: Settings
+    metrics_address: str = "0.0.0.0:9810"
+    evict_interval: float = 30.0
+    gauge_interval: float = 15.0
+    node_refresh: float = 30.0
+    warm_poll: float = 1.0
+    progress_interval: float = 2.0
+    retry_after: float = 60.0
+    watch_timeout: int = 300
+    pull_threads: int = 2
+    kube_threads: int = 4
+
+
+@dataclass
+class Tracked:
+    """An object this node acts on."""
+
+    spec: ModelCacheSpec
+    cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
+    phase: str = "Pending"
+    result: PullResult | None = None
+
+
+class Agent:
+    """Watches ModelCache objects, pulls what this node should hold, warms and locks, evicts, reports."""
+
+    def __init__(self, config: AgentConfig, kube: KubeClient | None) -> None:
+        self.config = config
+        self.kube = kube
+        self.cache: ModelCache = config.settings.cache()
+        root = config.settings.root
+        self.pins = Pins(root)
+        self.warm_requests = WarmRequests(root)
+        self.metrics = AgentMetrics()
+        self.pull_limiter = trio.CapacityLimiter(config.pull_threads)
+        self.kube_limiter = trio.CapacityLimiter(config.kube_threads)
+        self.io_limiter = trio.CapacityLimiter(2)
+        self.objects: dict[str, Tracked] = {}
+        self.locks: dict[str, pagecache.LockedFiles] = {}
+        self.warmed: dict[str, Path] = {}
+        self.node_labels: dict[str, str] = {}
+        self.metrics_port = 0
+        self._nursery: trio.Nursery | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run every service until cancelled."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await nursery.start(self._serve_metrics)
+                nursery.start_soon(self._every, self.config.evict_interval, self.evict_once)
+                nursery.start_soon(self._every, self.config.gauge_interval, self.update_gauges)
+                nursery.start_soon(self._every, self.config.warm_poll, self.serve_warm_requests)
+                if self.kube is not None:
+                    await self._refresh_node()
+                    nursery.start_soon(self._every, self.config.node_refresh, self._refresh_node)
+                    nursery.start_soon(self._watch_forever)
+                log.info("agent running on node %s (metrics on port %d)", self.config.node_name, self.metrics_port)
+                task_status.started()
+        finally:
+            for locked in self.locks.values():
+                locked.release()
+            self.locks.clear()
+
+    async def _every(self, seconds: float, action: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            try:
+                await action()
+            except Exception:
+                log.exception("periodic task %s failed", getattr(action, "__name__", action))
+            await trio.sleep(seconds)
+
+    async def _serve_metrics(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        host, _, port = self.config.metrics_address.rpartition(":")
+        server, _ = start_http_server(int(port), addr=host or "0.0.0.0",  # noqa: S104 - a DaemonSet port
+                                      registry=self.metrics.registry)
+        self.metrics_port = int(server.server_address[1])
+        task_status.started()
+        try:
+            await trio.sleep_forever()
+        finally:
+            server.shutdown()
+            server.server_close()
+
+    async def _thread(self, fn: Callable[..., Any], *args: Any, limiter: trio.CapacityLimiter | None = None) -> Any:
+        return await trio.to_thread.run_sync(fn, *args, limiter=limiter or self.io_limiter, abandon_on_cancel=True)
+
+    # -- Kubernetes ------------------------------------------------------------------------------------
+    async def _kube(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await self._thread(fn, *args, limiter=self.kube_limiter)
+
+    async def _refresh_node(self) -> None:
+        assert self.kube is not None
+        labels = await self._kube(self.kube.node_labels, self.config.node_name)
+        changed = labels != self.node_labels
+        self.node_labels = labels
+        if changed:
+            for tracked in list(self.objects.values()):
+                if not tracked.spec.selects(labels):
+                    await self._forget(tracked.spec.owner, deleted=False)
+
+    async def _watch_forever(self) -> None:
+        assert self.kube is not None
+        kube = self.kube
+        backoff = 1.0
+        while True:
+            try:
+                items, version = await self._kube(kube.list_modelcaches, GROUP, VERSION, PLURAL)
+                seen = set()
+                for obj in items:
+                    meta = obj.get("metadata") or {}
+                    seen.add(f"{meta.get('namespace')}/{meta.get('name')}")
+                    await self.handle_event("ADDED", obj)
+                for owner in set(self.objects) - seen:
+                    await self._forget(owner, deleted=True)
+                backoff = 1.0
+                while True:
+                    version = await self._watch_once(version)
+            except (ModelCacheError, _Gone) as exc:
+                log.info("watch restarts in %.0f s: %s", backoff, exc)
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
+
+    async def _watch_once(self, version: str) -> str:
+        assert self.kube is not None
+        kube = self.kube
+        token = trio.lowlevel.current_trio_token()
+        latest = [version]
+
+        def blocking() -> None:
+            for event_type, obj in kube.watch_modelcaches(GROUP, VERSION, PLURAL, latest[0],
+                                                          self.config.watch_timeout, lambda: False):
+                if event_type == "ERROR":
+                    raise _Gone(str(obj.get("message", obj)))
+                rv = (obj.get("metadata") or {}).get("resourceVersion")
+                if rv:
+                    latest[0] = str(rv)
+                if event_type != "BOOKMARK":
+                    trio.from_thread.run(self.handle_event, event_type, obj, trio_token=token)
+
+        await trio.to_thread.run_sync(blocking, abandon_on_cancel=True)
+        if latest[0] == version:
+            await trio.sleep(1.0)
+        return latest[0]
+
+    async def handle_event(self, event_type: str, obj: dict[str, Any]) -> None:
+        """React to one watch event (also used for the initial list)."""
+        meta = obj.get("metadata") or {}
+        owner = f"{meta.get('namespace')}/{meta.get('name')}"
+        if event_type == "DELETED":
+            await self._forget(owner, deleted=True)
+            return
+        try:
+            spec = parse_spec(obj)
+        except ModelCacheError as exc:
+            await self._apply_status(str(meta.get("namespace")), str(meta.get("name")),
+                                     {"phase": "Failed", "message": f"invalid spec: {exc}"})
+            return
+        tracked = self.objects.get(owner)
+        if not spec.selects(self.node_labels):
+            if tracked is not None:
+                await self._forget(owner, deleted=False)
+            return
+        if tracked is not None and tracked.spec == spec:
+            return
+        if tracked is not None:
+            tracked.cancel.cancel()
+            self._release_lock(owner)
+        tracked = Tracked(spec)
+        self.objects[owner] = tracked
+        assert self._nursery is not None
+        self._nursery.start_soon(self._realise, tracked)
+
+    async def _forget(self, owner: str, *, deleted: bool) -> None:
+        tracked = self.objects.pop(owner, None)
+        if tracked is None:
+            return
+        tracked.cancel.cancel()
+        self._release_lock(owner)
+        self.pins.unpin(owner)
+        namespace, _, name = owner.partition("/")
+        if self.kube is not None:
+            try:
+                await self._kube(self.kube.patch_node_labels, self.config.node_name,
+                                 {node_label(namespace, name): None})
+            except ModelCacheError as exc:
+                log.warning("could not remove the node label of %s: %s", owner, exc)
+        if not deleted:
+            await self._apply_status(namespace, name, None)
+        log.info("stopped tracking %s (%s)", owner, "deleted" if deleted else "no longer selects this node")
+
+    def _release_lock(self, owner: str) -> None:
+        locked = self.locks.pop(owner, None)
+        if locked is not None:
+            locked.release()
+            self.metrics.locked_bytes.set(sum(lf.bytes for lf in self.locks.values()))
+
+    async def _apply_status(self, namespace: str, name: str, entry: dict[str, Any] | None) -> None:
+        """Server-side apply this node's entry of ``status.nodes`` (None removes it)."""
+        if self.kube is None:
+            return
+        nodes = []
+        if entry is not None:
+            nodes = [{"node": self.config.node_name,
+                      "lastUpdate": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                      **entry}]
+        try:
+            await self._kube(self.kube.apply_status, GROUP, VERSION, PLURAL, KIND, namespace, name, {"nodes": nodes},
+                             f"{COMPONENT}-{self.config.node_name}")
+        except ModelCacheError as exc:
+            log.warning("could not write the status of %s/%s: %s", namespace, name, exc)
+
+    async def _event(self, spec: ModelCacheSpec, reason: str, message: str, warning: bool = False) -> None:
+        if self.kube is None:
+            return
+        involved = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "namespace": spec.namespace,
+                    "name": spec.name, "uid": spec.uid}
+        try:
+            await self._kube(self.kube.create_event, involved, reason, message, "Warning" if warning else "Normal",
+                             COMPONENT, self.config.node_name)
+        except ModelCacheError as exc:
+            log.warning("could not record event %s on %s: %s", reason, spec.owner, exc)
+
+    # -- realising one object ---------------------------------------------------------------------------
+    def _credentials(self, spec: ModelCacheSpec) -> CredentialStore:
+        store = CredentialStore()
+        for secret in spec.pull_secrets:
+            assert self.kube is not None
+            data = self.kube.secret_data(spec.namespace, secret)
+            if ".dockerconfigjson" not in data:
+                raise ModelCacheError(f"secret {spec.namespace}/{secret} has no .dockerconfigjson key",
+                                      kind=Kind.INVALID_ARGUMENT)
+            store.add_docker_config(data[".dockerconfigjson"], source=f"secret {spec.namespace}/{secret}")
+        return store
+
+    async def _realise(self, tracked: Tracked) -> None:
+        spec = tracked.spec
+        with tracked.cancel:
+            while True:
+                try:
+                    await self._pull_and_prepare(tracked)
+                    return
+                except ModelCacheError as exc:
+                    tracked.phase = "Failed"
+                    self.metrics.pulls_failed.labels(reason=exc.kind.name).inc()
+                    await self._apply_status(spec.namespace, spec.name, {"phase": "Failed", "message": str(exc)})
+                    await self._event(spec, "PullFailed", f"node {self.config.node_name}: {exc}", warning=True)
+                    if exc.kind not in RETRY_KINDS:
+                        return
+                except Exception as exc:
+                    log.exception("preparing %s failed", spec.owner)
+                    tracked.phase = "Failed"
+                    await self._apply_status(spec.namespace, spec.name,
+                                             {"phase": "Failed", "message": f"internal error: {exc}"})
+                    return
+                await trio.sleep(self.config.retry_after)
+
+    async def _pull_and_prepare(self, tracked: Tracked) -> None:
+        spec = tracked.spec
+        tracked.phase = "Pulling"
+        await self._apply_status(spec.namespace, spec.name,
+                                 {"phase": "Pulling", "message": f"pulling {spec.reference}"})
+        await self._event(spec, "Pulling", f"pulling {spec.reference} to node {self.config.node_name}")
+        credentials = await self._kube(self._credentials, spec) if spec.pull_secrets else None
+        cache = self.cache
+        if credentials is not None:
+            cache = ModelCache(self.cache.store, RegistryClient(self.config.settings.transport(credentials)),
+                               workers=self.config.settings.pull_workers)
+        progress = Progress()
+        self.metrics.pulls_started.inc()
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._report_progress, spec, progress)
+            result: PullResult = await self._thread(cache.pull, spec.reference, PullOptions(), progress,
+                                                    limiter=self.pull_limiter)
+            nursery.cancel_scope.cancel()
+        self.metrics.pull_seconds.observe(trio.current_time() - started)
+        self.metrics.pulls_succeeded.inc()
+        self.metrics.bytes_pulled.inc(result.downloaded_bytes)
+        tracked.result = result
+        if spec.pin:
+            self.pins.pin(spec.owner, result.record.key)
+        message = f"{result.record.total_bytes} bytes in {result.record.files} files"
+        resident = 0
+        if spec.warm or spec.lock:
+            report = await self._thread(pagecache.warm, [result.path], self.config.settings.warm_memory_share)
+            resident = report.resident_bytes
+            self.warmed[spec.owner] = result.path
+            if report.message:
+                message += f"; {report.message}"
+        if spec.lock:
+            self._release_lock(spec.owner)
+            try:
+                self.locks[spec.owner] = await self._thread(pagecache.LockedFiles, [result.path])
+                self.metrics.locked_bytes.set(sum(lf.bytes for lf in self.locks.values()))
+            except OSError as exc:
+                message += f"; could not lock in memory: {exc}"
+        if self.kube is not None:
+            await self._kube(self.kube.patch_node_labels, self.config.node_name,
+                             {node_label(spec.namespace, spec.name): "ready"})
+        tracked.phase = "Ready"
+        await self._apply_status(spec.namespace, spec.name, {
+            "phase": "Ready", "digest": result.record.digest, "bytes": result.record.total_bytes,
+            "progress": "100%", "residentBytes": resident, "message": message})
+        await self._event(spec, "Pulled", f"{spec.reference} is ready on node {self.config.node_name} ({message})")
+
+    async def _report_progress(self, spec: ModelCacheSpec, progress: Progress) -> None:
+        while True:
+            await trio.sleep(self.config.progress_interval)
+            percent = 100.0 * progress.done_bytes / progress.total_bytes if progress.total_bytes else 0.0
+            await self._apply_status(spec.namespace, spec.name, {
+                "phase": "Pulling", "bytes": progress.total_bytes, "progress": f"{math.floor(percent)}%",
+                "message": progress.describe()})
+
+    # -- periodic work ----------------------------------------------------------------------------------
+    async def evict_once(self) -> None:
+        """Apply the disk watermarks."""
+        protected = {t.result.record.key for t in self.objects.values() if t.result is not None and t.spec.pin}
+        settings = self.config.settings
+        result = await self._thread(lambda: evict(self.cache, high=settings.high_watermark,
+                                                  low=settings.low_watermark, protected=protected))
+        if result.evicted:
+            self.metrics.evictions.inc(len(result.evicted))
+
+    async def update_gauges(self) -> None:
+        """Refresh the cache, mount and page-cache gauges."""
+        def measure() -> tuple[Any, int, int]:
+            measured = usage(self.cache)
+            trees = str(self.cache.store.trees)
+            mounts = sum(1 for m in mount_table() if f"/{Path(trees).name}/" in m.root + "/")
+            resident = sum(pagecache.report([p]).resident_bytes for p in self.warmed.values() if p.exists())
+            return measured, mounts, resident
+        measured, mounts, resident = await self._thread(measure)
+        self.metrics.cache_bytes.set(measured.disk_bytes)
+        self.metrics.cache_models.set(measured.models)
+        self.metrics.cache_blobs.set(measured.blobs)
+        self.metrics.mounts_in_use.set(mounts)
+        self.metrics.resident_bytes.set(resident)
+
+    async def serve_warm_requests(self) -> None:
+        """Warm the models the CSI driver asked for (volume attribute warm: "true")."""
+        for request in self.warm_requests.take():
+            path = Path(request["path"])
+            if path.is_dir():
+                report = await self._thread(pagecache.warm, [path], self.config.settings.warm_memory_share)
+                self.warmed[request["key"] or str(path)] = path
+                log.info("warmed %s: %d of %d bytes resident", path, report.resident_bytes, report.total_bytes)
+
+
+class _Gone(Exception):
+    """The watch's resourceVersion is too old (or the stream reported an error): list again."""

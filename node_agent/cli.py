@@ -1,0 +1,125 @@
+"""``ocimodel agent`` and ``ocimodel warm``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from modelcache import pagecache
+from modelcache.errors import Kind, ModelCacheError
+from modelcache.reference import parse_reference
+from modelcache.settings import Settings
+from node_agent.agent import Agent, AgentConfig
+
+log = logging.getLogger(__name__)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = Settings.load(Path(args.config) if args.config else None)
+    if args.root:
+        settings.root = Path(args.root)
+    if getattr(args, "plain_http", False):
+        settings.hosts.plain_http = True
+    if getattr(args, "docker_config", None):
+        settings.docker_config = Path(args.docker_config)
+    return settings
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    """Run the node agent until SIGTERM."""
+    kube = None
+    if args.kubeconfig != "none":
+        from kubeadapter.client import KubeClient
+        kube = KubeClient.connect(args.kubeconfig or None)
+    config = AgentConfig(node_name=args.node_name or os.environ.get("NODE_NAME") or socket.gethostname(),
+                         settings=_settings(args), metrics_address=args.metrics_address,
+                         evict_interval=args.evict_interval)
+    agent = Agent(config, kube)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                await nursery.start(agent.run)
+                async for signum in signals:
+                    log.info("signal %d: shutting down", signum)
+                    nursery.cancel_scope.cancel()
+                    break
+
+    trio.run(main)
+    return 0
+
+
+def cmd_warm(args: argparse.Namespace) -> int:
+    """Warm, evict, lock or report the page-cache residency of a path or a cached model."""
+    target = Path(args.target)
+    if not target.exists():
+        try:
+            parse_reference(args.target)
+        except ModelCacheError:
+            raise ModelCacheError(f"{args.target} is neither a path nor a model reference",
+                                  kind=Kind.INVALID_ARGUMENT) from None
+        settings = _settings(args)
+        target = settings.cache().pull(args.target).path
+    settings = _settings(args)
+    if args.evict:
+        report = pagecache.evict([target])
+    elif args.report:
+        report = pagecache.report([target])
+    else:
+        report = pagecache.warm([target], memory_share=settings.warm_memory_share if args.share is None
+                                else args.share)
+    data: dict[str, Any] = report.to_json()
+    if not args.json:
+        data.pop("per_file")
+    text = (f"{target}: {report.resident_bytes:,} of {report.total_bytes:,} bytes resident "
+            f"({100.0 * report.resident_bytes / max(report.total_bytes, 1):.1f}%) in {len(report.files)} files")
+    if report.message:
+        text += f"\n{report.message}"
+    print(json.dumps(data, indent=2) if args.json else text)
+    if args.lock:
+        locked = pagecache.LockedFiles([target])
+        print(f"locked {locked.bytes:,} bytes in memory; holding until interrupted", flush=True)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        stop.wait()
+        locked.release()
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add the agent subcommands to the ``ocimodel`` parser."""
+    agent = sub.add_parser("agent", help="run the node agent (prefetch, warm, evict, report)")
+    agent.add_argument("--node-name", default="")
+    agent.add_argument("--kubeconfig", default="", help="kubeconfig ('' = in-cluster, 'none' = no Kubernetes)")
+    agent.add_argument("--metrics-address", default="0.0.0.0:9810")
+    agent.add_argument("--evict-interval", type=float, default=30.0)
+    _common(agent)
+    agent.set_defaults(handler=cmd_agent)
+
+    warm = sub.add_parser("warm", help="page cache: warm (default), --evict, --lock or --report a path or model")
+    warm.add_argument("target", help="a file, a directory or a model reference")
+    group = warm.add_mutually_exclusive_group()
+    group.add_argument("--evict", action="store_true", help="drop from page cache")
+    group.add_argument("--report", action="store_true", help="only report residency")
+    warm.add_argument("--lock", action="store_true", help="also mlock and hold until interrupted")
+    warm.add_argument("--share", type=float, help="share of available memory a warm may use (default 0.5)")
+    warm.add_argument("--json", action="store_true")
+    _common(warm)
+    warm.set_defaults(handler=cmd_warm)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", help="cache root (default /var/lib/ocimodel)")
+    parser.add_argument("--config", help="node settings file (YAML or JSON)")
+    parser.add_argument("--plain-http", action="store_true")
+    parser.add_argument("--docker-config")
