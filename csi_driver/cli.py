@@ -43,7 +43,8 @@ def cmd_csi(args: argparse.Namespace) -> int:
         pvc_lookup = KubeClient.connect(args.kubeconfig or None).pvc_annotation
     driver = build_driver(settings, endpoint=args.endpoint, node_id=args.node_id or socket.gethostname(),
                           mode=args.mode, state_dir=Path(args.state_dir) if args.state_dir else None,
-                          publish_wait=args.publish_wait, pvc_annotation=pvc_lookup)
+                          publish_wait=args.publish_wait, pvc_annotation=pvc_lookup,
+                          metrics_address=args.metrics_address)
     serve_forever(driver)
     return 0
 
@@ -115,6 +116,7 @@ def register(sub: Any) -> None:
     csi.add_argument("--state-dir", help="where the controller keeps its volume records (default: --root)")
     csi.add_argument("--publish-wait", type=float, default=100.0,
                      help="seconds NodePublishVolume waits for a pull before answering ABORTED (kubelet retries)")
+    csi.add_argument("--metrics-address", default="", help="host:port for Prometheus metrics ('' = off)")
     csi.add_argument("--kubeconfig", default="", help="kubeconfig for PVC lookups ('' = in-cluster, 'none' = off)")
     _common(csi)
     csi.set_defaults(handler=cmd_csi)

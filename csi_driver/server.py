@@ -17,14 +17,17 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
+from csi_driver.attributes import VolumeSpec
 from csi_driver.controller import AnnotationLookup, ControllerService
 from csi_driver.errors import CsiError, from_core
 from csi_driver.identity import IdentityService
+from csi_driver.metrics import CsiMetrics
 from csi_driver.node import NodeService
 from csi_driver.proto import csi_pb2, csi_pb2_grpc
 from csi_driver.pulls import PullManager
-from csi_driver.volumes import VolumeState
+from csi_driver.volumes import Publication, VolumeState
 from modelcache.errors import ModelCacheError
+from modelcache.pins import WarmRequests
 from modelcache.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -114,6 +117,7 @@ class Driver:
 
     server: grpc.Server
     identity: IdentityService
+    metrics: CsiMetrics
     node: NodeService | None
     controller: ControllerService | None
     pulls: PullManager | None
@@ -142,7 +146,7 @@ def _bind_unix(server: grpc.Server, endpoint: str) -> None:
 
 def build_driver(settings: Settings, *, endpoint: str, node_id: str, mode: str, state_dir: Path | None = None,
                  publish_wait: float = 100.0, pvc_annotation: AnnotationLookup | None = None,
-                 on_operation: OperationHook | None = None, workers: int = 16) -> Driver:
+                 metrics_address: str = "", workers: int = 16) -> Driver:
     """Assemble the services of ``mode`` and start serving on ``endpoint``."""
     if mode not in MODES:
         raise SystemExit(f"--mode must be one of {', '.join(MODES)}")
@@ -151,13 +155,23 @@ def build_driver(settings: Settings, *, endpoint: str, node_id: str, mode: str, 
     if serves_node:
         settings.cache().store.ensure()
     identity = IdentityService(settings.root, needs_mounts=serves_node)
+    metrics = CsiMetrics()
+    if metrics_address:
+        metrics.serve(metrics_address)
     server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
-                         interceptors=[ErrorAndLogInterceptor(on_operation)])
+                         interceptors=[ErrorAndLogInterceptor(metrics.observe)])
     csi_pb2_grpc.add_IdentityServicer_to_server(identity, server)
     node = pulls = controller = None
     if serves_node:
         pulls = PullManager(settings)
-        node = NodeService(node_id, pulls, VolumeState(settings.root), publish_wait=publish_wait)
+        warm_requests = WarmRequests(settings.root)
+
+        def request_warm(publication: Publication, spec: VolumeSpec) -> None:
+            if spec.warm:
+                warm_requests.request(publication.key, publication.source)
+
+        node = NodeService(node_id, pulls, VolumeState(settings.root), publish_wait=publish_wait,
+                           on_published=request_warm)
         csi_pb2_grpc.add_NodeServicer_to_server(node, server)
     if serves_controller:
         controller = ControllerService(settings, state_dir or settings.root, pvc_annotation=pvc_annotation)
@@ -172,7 +186,7 @@ def build_driver(settings: Settings, *, endpoint: str, node_id: str, mode: str, 
             log.warning("record for %s has no mount any more; kubelet will publish or unpublish it", target)
     identity.ready.set()
     log.info("serving %s mode on %s as node %s", mode, endpoint, node_id)
-    return Driver(server, identity, node, controller, pulls)
+    return Driver(server, identity, metrics, node, controller, pulls)
 
 
 def serve_forever(driver: Driver) -> None:

@@ -1,0 +1,29 @@
+"""Prometheus metrics of the CSI driver: operation counts and latency per RPC."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+
+
+class CsiMetrics:
+    """Counts and times every RPC; served on its own port when an address is given."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.operations = Counter("ocimodel_csi_operations", "CSI RPCs by method and gRPC code",
+                                  ["method", "code"], registry=self.registry)
+        self.latency = Histogram("ocimodel_csi_operation_duration_seconds", "CSI RPC latency", ["method"],
+                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5, 30, 120),
+                                 registry=self.registry)
+        self.port = 0
+
+    def observe(self, method: str, code: str, seconds: float) -> None:
+        """Record one RPC."""
+        self.operations.labels(method=method, code=code).inc()
+        self.latency.labels(method=method).observe(seconds)
+
+    def serve(self, address: str) -> None:
+        """Serve ``/metrics`` on ``host:port`` in a background thread."""
+        host, _, port = address.rpartition(":")
+        server, _ = start_http_server(int(port), addr=host or "127.0.0.1", registry=self.registry)
+        self.port = int(server.server_address[1])
