@@ -311,11 +311,19 @@ class Agent:
         progress = Progress()
         self.metrics.pulls_started.inc()
         started = trio.current_time()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._report_progress, spec, progress)
+        reporter = trio.CancelScope()
+
+        async def report_progress() -> None:
+            with reporter:
+                await self._report_progress(spec, progress)
+
+        assert self._nursery is not None
+        self._nursery.start_soon(report_progress)
+        try:
             result: PullResult = await self._thread(cache.pull, spec.reference, PullOptions(), progress,
                                                     limiter=self.pull_limiter)
-            nursery.cancel_scope.cancel()
+        finally:
+            reporter.cancel()
         self.metrics.pull_seconds.observe(trio.current_time() - started)
         self.metrics.pulls_succeeded.inc()
         self.metrics.bytes_pulled.inc(result.downloaded_bytes)
@@ -325,7 +333,7 @@ class Agent:
         message = f"{result.record.total_bytes} bytes in {result.record.files} files"
         resident = 0
         if spec.warm or spec.lock:
-            report = await self._thread(pagecache.warm, [result.path], self.config.settings.warm_memory_share)
+            report = await self._thread(self._warm, result.path)
             resident = report.resident_bytes
             self.warmed[spec.owner] = result.path
             if report.message:
@@ -345,6 +353,9 @@ class Agent:
             "phase": "Ready", "digest": result.record.digest, "bytes": result.record.total_bytes,
             "progress": "100%", "residentBytes": resident, "message": message})
         await self._event(spec, "Pulled", f"{spec.reference} is ready on node {self.config.node_name} ({message})")
+
+    def _warm(self, path: Path) -> pagecache.Report:
+        return pagecache.warm([path], memory_share=self.config.settings.warm_memory_share)
 
     async def _report_progress(self, spec: ModelCacheSpec, progress: Progress) -> None:
         while True:
@@ -384,7 +395,7 @@ class Agent:
         for request in self.warm_requests.take():
             path = Path(request["path"])
             if path.is_dir():
-                report = await self._thread(pagecache.warm, [path], self.config.settings.warm_memory_share)
+                report = await self._thread(self._warm, path)
                 self.warmed[request["key"] or str(path)] = path
                 log.info("warmed %s: %d of %d bytes resident", path, report.resident_bytes, report.total_bytes)
 

@@ -1,0 +1,179 @@
+"""The real ``ocimodel agent`` process against an HTTP-level fake Kubernetes API server and a real
+registry: exact requests (list, watch, server-side apply of status, node label patches, events),
+bad objects failing alone, deletion, and a real metrics scrape."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import queue
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from modelcache.pins import Pins
+from tests.conftest import PASSWORD, USER
+from tests.helpers.fakekube import FakeKubeAPI, Recorded
+from tests.helpers.oci import Fixtures
+
+BASE = "/apis/ocimodel.csi.dev/v1alpha1"
+
+
+def modelcache(name: str, reference: str, **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": "ocimodel.csi.dev/v1alpha1", "kind": "ModelCache",
+            "metadata": {"name": name, "namespace": "inference", "uid": f"uid-{name}", "resourceVersion": "10"},
+            "spec": {"reference": reference, **spec}}
+
+
+class Cluster:
+    def __init__(self, objects: list[dict[str, Any]], secrets: dict[str, dict[str, str]]) -> None:
+        self.api = FakeKubeAPI()
+        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        api = self.api
+        api.route("GET", "/api/v1/nodes/node-a", (200, {"kind": "Node", "apiVersion": "v1", "metadata": {
+            "name": "node-a", "labels": {"nodegroup": "gpu-a100", "kubernetes.io/hostname": "node-a"}}}))
+        api.route("PATCH", "/api/v1/nodes/node-a", (200, {"kind": "Node", "apiVersion": "v1",
+                                                          "metadata": {"name": "node-a"}}))
+        api.route("GET", f"{BASE}/modelcaches", self._list_or_watch(objects))
+        for obj in objects:
+            api.route("PATCH", f"{BASE}/namespaces/inference/modelcaches/{obj['metadata']['name']}/status",
+                      lambda r: (200, r.body))
+        api.route("POST", "/api/v1/namespaces/inference/events", lambda r: (201, r.body))
+        for name, data in secrets.items():
+            encoded = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
+            api.route("GET", f"/api/v1/namespaces/inference/secrets/{name}",
+                      (200, {"kind": "Secret", "apiVersion": "v1", "metadata": {"name": name}, "data": encoded}))
+
+    def _list_or_watch(self, objects: list[dict[str, Any]]):  # type: ignore[no-untyped-def]
+        def respond(request: Recorded) -> tuple[int, Any]:
+            if request.query.get("watch") == ["true"]:
+                lines = []
+                try:
+                    lines.append(json.dumps(self.events.get(timeout=1.0)))
+                    while True:
+                        lines.append(json.dumps(self.events.get_nowait()))
+                except queue.Empty:
+                    pass
+                return 200, ("\n".join(lines) + "\n").encode() if lines else b""
+            return 200, {"kind": "ModelCacheList", "apiVersion": "ocimodel.csi.dev/v1alpha1",
+                         "metadata": {"resourceVersion": "10"}, "items": objects}
+        return respond
+
+    def requests(self, method: str, path_part: str) -> list[Recorded]:
+        with self.api.lock:
+            return [r for r in self.api.requests if r.method == method and path_part in r.path]
+
+    def wait_for(self, predicate, timeout: float = 60):  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = predicate()
+            if found:
+                return found
+            time.sleep(0.1)
+        raise AssertionError("condition not met; requests: " + "\n".join(
+            f"{r.method} {r.path} {r.body}" for r in self.api.requests[-30:]))
+
+
+def status_patches(cluster: Cluster, name: str) -> list[dict[str, Any]]:
+    return [r.body["status"]["nodes"][0] if r.body["status"]["nodes"] else {}
+            for r in cluster.requests("PATCH", f"/modelcaches/{name}/status")]
+
+
+@pytest.fixture
+def cluster_agent(tmp_path: Path, fixtures: Fixtures, auth_fixtures: Fixtures) -> Iterator[tuple[Cluster, Path, Any]]:
+    fixtures.raw_model("agent/model:v1", {"model.safetensors": os.urandom(300_000), "config.json": b"{}"})
+    auth_fixtures.raw_model("agent/private:v1", {"w": b"private"})
+    dockerconfig = json.dumps({"auths": {auth_fixtures.host: {
+        "auth": base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()}}})
+    objects = [
+        modelcache("qwen", fixtures.ref("agent/model:v1"), nodeSelector={"nodegroup": "gpu-a100"},
+                   pageCache={"warm": True, "lock": False}, pin=True),
+        modelcache("elsewhere", fixtures.ref("agent/model:v1"), nodeSelector={"nodegroup": "cpu"}),
+        modelcache("broken", "Not A Reference"),
+        modelcache("unreachable", "127.0.0.1:9/none/here:v1"),
+        modelcache("private", auth_fixtures.ref("agent/private:v1"), pullSecrets=[{"name": "regcred"}]),
+    ]
+    cluster = Cluster(objects, {"regcred": {".dockerconfigjson": dockerconfig}})
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": cluster.api.url}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "agent"}}],
+        "users": [{"name": "agent", "user": {"token": "agent-token"}}]}))
+    root = tmp_path / "root"
+    log = tmp_path / "agent.log"
+    process = subprocess.Popen([sys.executable, "-m", "ocimodel.cli", "-v", "agent", "--node-name", "node-a",
+                                "--kubeconfig", str(kubeconfig), "--root", str(root), "--plain-http",
+                                "--metrics-address", "127.0.0.1:0"], stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    try:
+        yield cluster, root, (process, log)
+    finally:
+        process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        cluster.api.close()
+
+
+def test_agent_prefetches_reports_and_forgets(cluster_agent) -> None:
+    cluster, root, (process, log) = cluster_agent
+    ready = cluster.wait_for(lambda: [s for s in status_patches(cluster, "qwen") if s.get("phase") == "Ready"])
+    entry = ready[0]
+    assert entry["node"] == "node-a" and entry["digest"].startswith("sha256:") and entry["bytes"] == 300_002
+    assert entry["residentBytes"] == 300_002  # pageCache.warm
+    apply = cluster.requests("PATCH", "/modelcaches/qwen/status")[0]
+    assert apply.content_type == "application/apply-patch+yaml"
+    assert apply.query == {"fieldManager": ["ocimodel-agent-node-a"], "force": ["true"]}
+    assert apply.body["apiVersion"] == "ocimodel.csi.dev/v1alpha1" and apply.body["kind"] == "ModelCache"
+    assert apply.headers["authorization"] == "Bearer agent-token"
+    wanted = {"metadata": {"labels": {"ocimodel.csi.dev/inference.qwen": "ready"}}}
+    labels = cluster.wait_for(lambda: [r for r in cluster.requests("PATCH", "/api/v1/nodes/node-a")
+                                       if r.body == wanted])
+    assert labels[0].content_type == "application/merge-patch+json"
+    events = cluster.wait_for(lambda: [r.body for r in cluster.requests("POST", "/events")
+                                       if r.body["involvedObject"]["name"] == "qwen" and r.body["reason"] == "Pulled"])
+    assert events[0]["involvedObject"]["uid"] == "uid-qwen" and events[0]["type"] == "Normal"
+    assert events[0]["source"] == {"component": "ocimodel-agent", "host": "node-a"}
+    pinned = Pins(root).pinned()
+    assert pinned and (root / "trees" / next(iter(pinned))).is_dir()
+
+    # bad objects fail on their own, with a message; the others keep being served
+    broken = cluster.wait_for(lambda: [s for s in status_patches(cluster, "broken") if s.get("phase") == "Failed"])
+    assert "invalid spec" in broken[0]["message"]
+    unreachable = cluster.wait_for(lambda: [s for s in status_patches(cluster, "unreachable")
+                                            if s.get("phase") == "Failed"])
+    assert "unreachable" in unreachable[0]["message"]
+    warning = cluster.wait_for(lambda: [r.body for r in cluster.requests("POST", "/events")
+                                        if r.body["involvedObject"]["name"] == "unreachable"
+                                        and r.body["type"] == "Warning"])
+    assert warning[0]["reason"] == "PullFailed"
+    private = cluster.wait_for(lambda: [s for s in status_patches(cluster, "private") if s.get("phase") == "Ready"])
+    assert private[0]["bytes"] == len(b"private")
+    assert cluster.requests("GET", "/secrets/regcred")
+    assert status_patches(cluster, "elsewhere") == []  # not selected: never touched
+
+    # metrics, scraped over HTTP
+    port = int(cluster.wait_for(lambda: re.findall(r"metrics on port (\d+)", log.read_text()))[0])
+    metrics = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    assert re.search(r"^ocimodel_pulls_succeeded_total [1-9]", metrics, re.M)
+    assert re.search(r'^ocimodel_pulls_failed_total\{reason="UNAVAILABLE"\} [1-9]', metrics, re.M)
+    assert "ocimodel_pull_duration_seconds_bucket" in metrics
+
+    # deletion: unpin and remove the node label
+    cluster.events.put({"type": "DELETED", "object": modelcache("qwen", "x/y:z") | {
+        "metadata": {"name": "qwen", "namespace": "inference", "resourceVersion": "11"}}})
+    cluster.wait_for(lambda: [r for r in cluster.requests("PATCH", "/api/v1/nodes/node-a")
+                              if r.body == {"metadata": {"labels": {"ocimodel.csi.dev/inference.qwen": None}}}])
+    cluster.wait_for(lambda: not Pins(root).pinned())
+    watches = [r for r in cluster.requests("GET", f"{BASE}/modelcaches") if r.query.get("watch") == ["true"]]
+    assert watches and watches[0].query["resourceVersion"] == ["10"]
+    assert process.poll() is None
