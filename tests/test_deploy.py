@@ -189,7 +189,7 @@ def test_node_containers_start_with_the_daemonset_arguments(tmp_path: Path) -> N
                 env[item["name"]] = "node-x" if "fieldRef" in item.get("valueFrom", {}) else item.get("value", "")
             args = []
             for arg in container["args"]:
-                arg = re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], arg)
+                arg = re.sub(r"\$\((\w+)\)", lambda m, e=env: e[m.group(1)], arg)  # type: ignore[misc]
                 for old, new in remap.items():
                     arg = arg.replace(f"={old}", f"={new}").replace(f"unix://{old}", f"unix://{new}")
                 if arg.startswith("--metrics-address="):
