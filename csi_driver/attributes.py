@@ -33,10 +33,11 @@ class VolumeSpec:
     mount: str = "bind"
     warm: bool = False
     ephemeral: bool = False
+    strict: bool = False
 
     def fingerprint(self) -> str:
         """A stable digest of everything that changes what is mounted (for idempotency checks)."""
-        text = f"{self.reference}|{self.options.variant()}|{self.mount}"
+        text = f"{self.reference}|{self.options.variant()}|{self.mount}|{self.strict}"
         return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -65,9 +66,13 @@ def parse_volume_context(context: Mapping[str, str], *, lazy_supported: bool = F
     warm = context.get("warm", "false").strip().lower()
     if warm not in ("true", "false", ""):
         raise invalid(f"volume attribute 'warm' must be \"true\" or \"false\", not {warm!r}")
+    verify = context.get("lazyVerify", "").strip() or "background"
+    if verify not in ("background", "strict"):
+        raise invalid(f"volume attribute 'lazyVerify' must be \"background\" or \"strict\", not {verify!r}")
     path = context.get("path", "").strip() or None
     options = PullOptions(_globs(context.get("include", "")), _globs(context.get("exclude", "")), path)
-    return VolumeSpec(reference, options, mount, warm == "true", context.get(EPHEMERAL_KEY, "") == "true")
+    return VolumeSpec(reference, options, mount, warm == "true", context.get(EPHEMERAL_KEY, "") == "true",
+                      verify == "strict")
 
 
 def check_capability(capability: csi_pb2.VolumeCapability, *, what: str = "volume_capability") -> None:

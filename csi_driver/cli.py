@@ -13,6 +13,7 @@ from typing import Any
 
 from csi_driver.attributes import parse_volume_context
 from csi_driver.errors import CsiError
+from csi_driver.lazymount import LazyLauncher
 from csi_driver.node import NodeService
 from csi_driver.proto import csi_pb2
 from csi_driver.pulls import PullManager
@@ -51,7 +52,14 @@ def cmd_csi(args: argparse.Namespace) -> int:
 
 def _local_node(args: argparse.Namespace) -> NodeService:
     settings = _settings(args)
-    return NodeService(socket.gethostname(), PullManager(settings), VolumeState(settings.root))
+    return NodeService(socket.gethostname(), PullManager(settings), VolumeState(settings.root),
+                       lazy=LazyLauncher(settings))
+
+
+def cmd_fuse_serve(args: argparse.Namespace) -> int:
+    """The detached helper that serves one lazy mount (started by the Node service)."""
+    from csi_driver.lazyfs import helper_main
+    return helper_main()
 
 
 def _volume_id(target: str) -> str:
@@ -68,7 +76,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         context["exclude"] = ",".join(args.exclude)
     if args.path:
         context["path"] = args.path
-    parse_volume_context(context)
+    parse_volume_context(context, lazy_supported=True)
     secrets: dict[str, str] = {}
     if args.username:
         secrets = {"username": args.username, "password": os.environ.get("OCIMODEL_PASSWORD", "")}
@@ -131,6 +139,9 @@ def register(sub: Any) -> None:
     mount.add_argument("--username", help="registry user (password from $OCIMODEL_PASSWORD)")
     _common(mount)
     mount.set_defaults(handler=cmd_mount)
+
+    helper = sub.add_parser("fuse-serve", help="(internal) serve one lazy mount; reads its job on stdin")
+    helper.set_defaults(handler=cmd_fuse_serve)
 
     umount = sub.add_parser("umount", help="unmount a model mounted with 'ocimodel mount'")
     umount.add_argument("target")

@@ -22,11 +22,14 @@ from csi_driver.attributes import (
     secrets_fingerprint,
 )
 from csi_driver.errors import CsiError, from_core, invalid
+from csi_driver.lazymount import LazyLauncher, alive, detach, fuse_available, healthy, stale_fuse_mounts
 from csi_driver.proto import csi_pb2, csi_pb2_grpc
 from csi_driver.pulls import PullManager, PullPending
 from csi_driver.volumes import Publication, VolumeState
+from modelcache.credentials import CredentialStore
 from modelcache.errors import ModelCacheError
 from modelcache.mounts import bind_mount_readonly, is_mountpoint, mount_table, mounts_at, unmount
+from modelcache.pull import PullResult, tree_key
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +43,14 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     def __init__(self, node_id: str, pulls: PullManager, state: VolumeState, *,
                  publish_wait: float = DEFAULT_PUBLISH_WAIT,
-                 on_published: Callable[[Publication, VolumeSpec], None] | None = None) -> None:
+                 on_published: Callable[[Publication, VolumeSpec], None] | None = None,
+                 lazy: LazyLauncher | None = None) -> None:
         self.node_id = node_id
         self.pulls = pulls
         self.state = state
         self.publish_wait = publish_wait
         self.on_published = on_published
+        self.lazy = lazy if lazy is not None and fuse_available() else None
 
     # -- publish ---------------------------------------------------------------------------------------
     def publish(self, request: csi_pb2.NodePublishVolumeRequest, time_remaining: float | None = None) -> None:
@@ -60,7 +65,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         if not request.HasField("volume_capability"):
             raise invalid("volume_capability is required")
         check_capability(request.volume_capability)
-        spec = parse_volume_context(request.volume_context)
+        spec = parse_volume_context(request.volume_context, lazy_supported=self.lazy is not None)
         credentials = credentials_from_secrets(request.secrets, spec.reference.endpoint_host)
         target = os.path.normpath(target)
         with self.state.locked(target):
@@ -70,14 +75,12 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             wait = self.publish_wait
             if time_remaining is not None:
                 wait = min(wait, max(time_remaining - DEADLINE_MARGIN, 0.5))
-            try:
-                result = self.pulls.ensure(spec.reference, spec.options, credentials,
-                                           secrets_fingerprint(request.secrets), wait)
-                self.pulls.check_access(result, credentials)
-            except PullPending as pending:
-                raise CsiError(grpc.StatusCode.ABORTED, str(pending)) from None
-            except ModelCacheError as exc:
-                raise from_core(exc, f"volume {volume_id}: {spec.reference}") from None
+            if spec.mount == "lazy":
+                result = self._lazy_or_cached(request, spec, credentials, target)
+                if result is None:
+                    return
+            else:
+                result = self._pull(request, spec, credentials, wait)
             created = not os.path.exists(target)
             try:
                 os.makedirs(target, exist_ok=True)
@@ -99,6 +102,68 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             log.info("published %s (%s) at %s", volume_id, result.record.reference, target)
             if self.on_published:
                 self.on_published(publication, spec)
+
+    def _pull(self, request: csi_pb2.NodePublishVolumeRequest, spec: VolumeSpec,
+              credentials: CredentialStore | None, wait: float) -> PullResult:
+        try:
+            result = self.pulls.ensure(spec.reference, spec.options, credentials,
+                                       secrets_fingerprint(request.secrets), wait)
+            self.pulls.check_access(result, credentials)
+        except PullPending as pending:
+            raise CsiError(grpc.StatusCode.ABORTED, str(pending)) from None
+        except ModelCacheError as exc:
+            raise from_core(exc, f"volume {request.volume_id}: {spec.reference}") from None
+        return result
+
+    def _lazy_or_cached(self, request: csi_pb2.NodePublishVolumeRequest, spec: VolumeSpec,
+                        credentials: CredentialStore | None, target: str) -> PullResult | None:
+        """For mount=lazy: a model already in the cache is bind-mounted like any other; otherwise a
+        helper mounts the lazy view at once and the publication is recorded here (returns None)."""
+        assert self.lazy is not None
+        try:
+            pinned = spec.reference if spec.reference.digest else self.pulls.pin(spec.reference, spec.options,
+                                                                                   credentials)
+            hit = self.pulls.cached(pinned, spec.options)
+            if hit is not None:
+                self.pulls.check_access(hit, credentials)
+                return hit
+            created = not os.path.exists(target)
+            try:
+                started = self.lazy.start(target, str(pinned), spec.options, credentials, spec.strict)
+            except BaseException:
+                if created:
+                    _remove_dir(target)
+                raise
+        except ModelCacheError as exc:
+            raise from_core(exc, f"volume {request.volume_id}: {spec.reference}") from None
+        assert pinned.digest is not None
+        publication = Publication(
+            volume_id=request.volume_id, target_path=target, key=tree_key(pinned.digest, spec.options), source="",
+            reference=str(pinned), digest=str(pinned.digest), fingerprint=spec.fingerprint(),
+            access_mode=request.volume_capability.access_mode.mode, readonly=request.readonly, mount="lazy",
+            ephemeral=spec.ephemeral, files=started.files, total_bytes=started.total_bytes,
+            helper_pid=started.pid)
+        self.state.put(publication)
+        log.info("published %s (%s) lazily at %s (helper pid %d)", request.volume_id, pinned, target, started.pid)
+        return None
+
+    def reattach_lazy(self) -> None:
+        """At start-up: keep lazy mounts whose helper still serves; clean up those whose helper died."""
+        known = set()
+        for publication in self.state.all():
+            if publication.mount != "lazy" or not publication.helper_pid:
+                continue
+            target = publication.target_path
+            if alive(publication.helper_pid) and healthy(target) and is_mountpoint(target):
+                log.info("re-attached lazy mount at %s (helper pid %d)", target, publication.helper_pid)
+                known.add(target)
+            else:
+                log.warning("lazy mount at %s lost its helper; unmounting it (kubelet will publish again)", target)
+                detach(target)
+                self.state.delete(target)
+        for target in stale_fuse_mounts(known):
+            log.warning("stale FUSE mount at %s (transport endpoint not connected); unmounting it", target)
+            detach(target)
 
     def _already_published(self, target: str, request: csi_pb2.NodePublishVolumeRequest, spec: VolumeSpec) -> bool:
         """True when ``target`` already shows this volume with compatible arguments; ALREADY_EXISTS when it
@@ -145,6 +210,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                     unmount(target)
             except OSError as exc:
                 raise CsiError(grpc.StatusCode.INTERNAL, f"unmounting {target}: {exc}") from None
+            if record is not None and record.helper_pid and self.lazy is not None:
+                self.lazy.wait_gone(record.helper_pid)
             if record is not None or os.path.isdir(target):
                 _remove_dir(target)
             self.state.delete(target)

@@ -64,7 +64,7 @@ class PullManager:
         """Return the pulled model, starting or joining a background pull; raise :class:`PullPending`
         when it is not done within ``wait`` seconds, or the pull's own error."""
         if reference.digest is None:
-            reference = self._resolve(reference, options, credentials)
+            reference = self.pin(reference, options, credentials)
         hit = self.cached(reference, options)
         if hit:
             return hit
@@ -85,7 +85,7 @@ class PullManager:
         except TimeoutError:
             raise PullPending(reference, job.progress) from None
 
-    def _resolve(self, reference: Reference, options: PullOptions, credentials: CredentialStore | None) -> Reference:
+    def pin(self, reference: Reference, options: PullOptions, credentials: CredentialStore | None) -> Reference:
         """Pin a tag to its digest; if the registry is unreachable, fall back to the newest cached copy
         of that tag, unless that model needed credentials (access could not be re-checked)."""
         try:

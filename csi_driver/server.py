@@ -21,6 +21,7 @@ from csi_driver.attributes import VolumeSpec
 from csi_driver.controller import AnnotationLookup, ControllerService
 from csi_driver.errors import CsiError, from_core
 from csi_driver.identity import IdentityService
+from csi_driver.lazymount import LazyLauncher
 from csi_driver.metrics import CsiMetrics
 from csi_driver.node import NodeService
 from csi_driver.proto import csi_pb2, csi_pb2_grpc
@@ -171,7 +172,8 @@ def build_driver(settings: Settings, *, endpoint: str, node_id: str, mode: str, 
                 warm_requests.request(publication.key, publication.source)
 
         node = NodeService(node_id, pulls, VolumeState(settings.root), publish_wait=publish_wait,
-                           on_published=request_warm)
+                           on_published=request_warm, lazy=LazyLauncher(settings))
+        node.reattach_lazy()
         csi_pb2_grpc.add_NodeServicer_to_server(node, server)
     if serves_controller:
         controller = ControllerService(settings, state_dir or settings.root, pvc_annotation=pvc_annotation)

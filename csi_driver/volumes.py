@@ -39,6 +39,7 @@ class Publication:
     total_bytes: int
     pod: str = ""
     published_at: float = 0.0
+    helper_pid: int = 0
 
 
 class VolumeState:

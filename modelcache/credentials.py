@@ -86,6 +86,16 @@ class CredentialStore:
             combined.update(other.by_host)
         return CredentialStore(combined)
 
+    def to_docker_config(self) -> dict[str, Any]:
+        """A Docker config document holding these credentials (to hand to a helper through a pipe)."""
+        auths: dict[str, Any] = {}
+        for host, creds in self.by_host.items():
+            entry: dict[str, str] = {"auth": base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()}
+            if creds.identity_token:
+                entry["identitytoken"] = creds.identity_token
+            auths[host] = entry
+        return {"auths": auths}
+
     def add_docker_config(self, data: Mapping[str, Any] | str | bytes, source: str = "docker config") -> None:
         """Add the ``auths`` of a Docker config (``config.json`` or ``.dockerconfigjson``)."""
         if isinstance(data, (str, bytes)):

@@ -74,6 +74,20 @@ class Settings:
                                   kind=Kind.INVALID_ARGUMENT)
         return settings
 
+    def to_mapping(self) -> dict[str, Any]:
+        """The inverse of :meth:`from_mapping` (handed to helper processes)."""
+        return {
+            "root": str(self.root),
+            "plainHTTP": self.hosts.plain_http,
+            "registries": {name: {"mirrors": list(h.mirrors), "plainHTTP": h.plain_http,
+                                  "insecureSkipVerify": h.insecure_skip_verify}
+                           for name, h in self.hosts.hosts.items()},
+            **({"dockerConfig": str(self.docker_config)} if self.docker_config else {}),
+            "pullWorkers": self.pull_workers, "maxExpandRatio": self.max_expand_ratio,
+            "highWatermark": self.high_watermark, "lowWatermark": self.low_watermark,
+            "warmMemoryShare": self.warm_memory_share, "readTimeoutSeconds": self.read_timeout,
+        }
+
     def credentials(self) -> CredentialStore:
         """Node-wide credentials from the Docker config file."""
         return CredentialStore.from_docker_config_file(self.docker_config or default_docker_config_path())

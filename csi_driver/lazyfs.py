@@ -1,0 +1,259 @@
+"""The FUSE side of lazy mounts: a read-only pyfuse3 filesystem on trio over a :class:`LazyModel`, and
+the helper process that serves one mount (``ocimodel fuse-serve``), detached from the CSI driver so
+the mount outlives a restart of the driver process."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import signal
+import stat
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import trio
+
+from modelcache.credentials import CredentialStore
+from modelcache.errors import Kind, ModelCacheError
+from modelcache.lazy import LazyModel, Node
+from modelcache.mounts import bind_mount_readonly, is_mountpoint, unmount
+from modelcache.pull import ModelCache, PullOptions
+from modelcache.reference import parse_reference
+from modelcache.registry import RegistryClient
+from modelcache.settings import Settings
+from modelcache.store import ContentStore
+from modelcache.transport import RetryPolicy, Transport
+
+log = logging.getLogger(__name__)
+
+ATTR_TIMEOUT = 300.0
+PENDING_WAIT = 3600.0
+LAZY_RETRY = RetryPolicy(attempts=3, base_delay=0.2, max_delay=2.0, connect_timeout=3.0, read_timeout=10.0)
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+
+
+class LazyOperations(pyfuse3.Operations):
+    """Inode bookkeeping over the model's tree; reads run in worker threads behind a limiter."""
+
+    enable_writeback_cache = False
+
+    def __init__(self, model: LazyModel, *, threads: int = 8) -> None:
+        super().__init__()
+        self.model = model
+        self.limiter = trio.CapacityLimiter(threads)
+        self.nodes: dict[int, Node] = {}
+        self.inodes: dict[int, int] = {}
+        self.next_inode = pyfuse3.ROOT_INODE + 1
+        self._register_root()
+
+    def _register_root(self) -> None:
+        self.nodes = {pyfuse3.ROOT_INODE: self.model.root}
+        self.inodes = {id(self.model.root): pyfuse3.ROOT_INODE}
+
+    def inode_of(self, node: Node) -> int:
+        """The inode number of ``node`` (assigned on first sight, never reused)."""
+        inode = self.inodes.get(id(node))
+        if inode is None:
+            inode = self.next_inode
+            self.next_inode += 1
+            self.inodes[id(node)] = inode
+            self.nodes[inode] = node
+        return inode
+
+    def _node(self, inode: int) -> Node:
+        node = self.nodes.get(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    def attributes(self, inode: int) -> pyfuse3.EntryAttributes:
+        """Attributes of ``inode``: read-only, owned by root, immutable content."""
+        node = self._node(inode)
+        entry = pyfuse3.EntryAttributes()
+        kind = {"dir": stat.S_IFDIR, "file": stat.S_IFREG, "symlink": stat.S_IFLNK}[node.kind]
+        entry.st_mode = kind | node.mode
+        entry.st_nlink = 2 if node.kind == "dir" else 1
+        entry.st_size = node.size
+        entry.st_blksize = 1 << 20
+        entry.st_blocks = (node.size + 511) // 512
+        entry.st_ino = inode
+        entry.generation = 0
+        entry.entry_timeout = ATTR_TIMEOUT
+        entry.attr_timeout = ATTR_TIMEOUT
+        entry.st_uid = entry.st_gid = 0
+        return entry
+
+    async def _await_pending(self) -> None:
+        """Wait for the background pull when the tree still lacks compressed layers' files."""
+        if self.model.pending and not self.model.complete.is_set():
+            done = await trio.to_thread.run_sync(self.model.complete.wait, PENDING_WAIT, abandon_on_cancel=True)
+            if not done:
+                raise pyfuse3.FUSEError(errno.EIO)
+        if self.model.pending and self.model.final is not None:
+            self.model.adopt_final_tree()
+            self.nodes[pyfuse3.ROOT_INODE] = self.model.root
+            self.inodes[id(self.model.root)] = pyfuse3.ROOT_INODE
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        text = os.fsdecode(name)
+        child = parent.children.get(text) if text not in (".", "..") else parent
+        if child is None and self.model.pending:
+            await self._await_pending()
+            parent = self._node(parent_inode)
+            child = parent.children.get(text)
+        if child is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self.attributes(self.inode_of(child))
+
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        return self.attributes(inode)
+
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        node = self._node(inode)
+        if node.kind != "symlink":
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return os.fsencode(node.target)
+
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        if self._node(inode).kind != "dir":
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if inode == pyfuse3.ROOT_INODE and self.model.pending:
+            await self._await_pending()
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        node = self._node(fh)
+        names = sorted(node.children)
+        for index in range(start_id, len(names)):
+            child = node.children[names[index]]
+            if not pyfuse3.readdir_reply(token, os.fsencode(names[index]), self.attributes(self.inode_of(child)),
+                                         index + 1):
+                break
+
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        if flags & WRITE_FLAGS:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if node.kind != "file":
+            raise pyfuse3.FUSEError(errno.EISDIR if node.kind == "dir" else errno.EINVAL)
+        try:
+            self.model.check_usable()
+        except ModelCacheError:
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        node = self._node(fh)
+        try:
+            return await trio.to_thread.run_sync(self.model.read_node, node, off, size, limiter=self.limiter)
+        except (ModelCacheError, OSError) as exc:
+            log.warning("read of inode %d at %d failed: %s", fh, off, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    async def release(self, fh: int) -> None:
+        return None
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = 4096
+        data.f_namemax = 255
+        return data
+
+
+def serve(model: LazyModel, target: Path, *, ready: Any = None) -> None:
+    """Mount ``model`` at ``target`` and serve until unmounted; when the pull completes, stack a
+    read-only bind mount of the finished tree over the FUSE mount so new opens read local files directly."""
+    operations = LazyOperations(model)
+    options = set(pyfuse3.default_options)
+    options.discard("default_permissions")
+    options |= {"fsname=ocimodel", "subtype=ocimodel", "ro", "allow_other", "default_permissions"}
+    pyfuse3.init(operations, str(target), options)
+
+    async def upgrade_when_complete() -> None:
+        while True:
+            await trio.to_thread.run_sync(model.complete.wait, abandon_on_cancel=True)
+            if model.final is not None:
+                try:
+                    bind_mount_readonly(model.final.path, target)
+                    log.info("pull complete: %s now reads the cached files directly", target)
+                except OSError as exc:
+                    log.warning("could not stack the finished tree over %s: %s", target, exc)
+                return
+            if model.failure is not None and model.failure.kind not in (Kind.INTEGRITY, Kind.UNSAFE_CONTENT):
+                await trio.sleep(10)
+                log.info("retrying the background pull of %s", model.resolved.reference)
+                model.retry_background()
+                continue
+            return
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(upgrade_when_complete)
+            if ready is not None:
+                ready()
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        pyfuse3.close(unmount=False)
+
+
+def helper_main(argv: Sequence[str] | None = None) -> int:
+    """``ocimodel fuse-serve``: read the job (settings, credentials, reference) as JSON on stdin, mount,
+    print ``READY <files> <bytes>`` on stdout, then serve until unmounted."""
+    job = json.loads(sys.stdin.read())
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    target = Path(job["target"])
+    try:
+        settings = Settings.from_mapping(job["settings"], "lazy job")
+        credentials = CredentialStore()
+        credentials.add_docker_config(job.get("docker_config") or {"auths": {}}, source="lazy job credentials")
+        transport = Transport(settings.hosts, settings.credentials().merged(credentials), LAZY_RETRY)
+        cache = ModelCache(ContentStore(settings.root), RegistryClient(transport), workers=settings.pull_workers,
+                           expand_ratio=settings.max_expand_ratio)
+        options = PullOptions(tuple(job.get("include", ())), tuple(job.get("exclude", ())), job.get("path"))
+        resolved = cache.client.resolve(parse_reference(job["reference"]))
+        model = LazyModel(cache, resolved, options, strict=bool(job.get("strict")))
+        model.build()
+    except ModelCacheError as exc:
+        print(f"ERROR {exc.kind.name} {exc}", flush=True)
+        return 1
+    model.start_background()
+    target.mkdir(parents=True, exist_ok=True)
+    files = sum(1 for _ in _walk_files(model.root))
+    total = sum(n.size for n in _walk_files(model.root))
+
+    def announce() -> None:
+        print(f"READY {files} {total}", flush=True)
+        sys.stdout.close()
+
+    signal.signal(signal.SIGTERM, lambda *_: _unmount_all(target))
+    serve(model, target, ready=announce)
+    return 0
+
+
+def _walk_files(node: Node) -> list[Node]:
+    result = []
+    for child in node.children.values():
+        if child.kind == "file":
+            result.append(child)
+        elif child.kind == "dir":
+            result.extend(_walk_files(child))
+    return result
+
+
+def _unmount_all(target: Path) -> None:
+    while is_mountpoint(target):
+        if not unmount(target, lazy=True):
+            break

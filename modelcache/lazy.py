@@ -1,0 +1,433 @@
+"""A model readable before its download has finished: the tree of a resolved manifest, built at once,
+whose file reads are served from committed blobs, or else by fetching aligned chunks with HTTP Range
+requests into a sparse partial blob, while the ordinary pull fills the cache in the background.
+
+Raw layers (ModelPack's recommended form, ORAS files) are lazy byte for byte. Uncompressed tar layers
+are indexed by reading their headers with range requests and served lazily too. Compressed tar layers
+(and container-image layouts, whose whiteouts need every layer) cannot be read at an offset: their
+paths appear once the background pull has finished.
+
+Integrity: a lazily fetched chunk cannot be checked on its own (OCI digests cover whole blobs). The
+background pull verifies every blob; a mismatch marks the model broken and every later read fails.
+Strict mode serves a file only once its blob is verified and committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import tarfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from modelcache.digest import Digest
+from modelcache.errors import IntegrityError, Kind, ModelCacheError, UnsafeContent
+from modelcache.layout import Plan, plan_for
+from modelcache.mediatypes import Compression
+from modelcache.paths import PathFilter, safe_relpath
+from modelcache.pull import ModelCache, Progress, PullOptions, PullResult
+from modelcache.registry import Resolved
+
+log = logging.getLogger(__name__)
+
+CHUNK = 4 << 20
+READAHEAD_CHUNKS = 4
+MAX_TAR_ENTRIES = 100_000
+STRICT_WAIT = 3600.0
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a file's bytes live: ``size`` bytes at ``offset`` inside blob ``digest``."""
+
+    digest: Digest
+    blob_size: int
+    offset: int
+    size: int
+
+
+@dataclass
+class Node:
+    """A directory, file or symlink of the lazy tree."""
+
+    kind: str
+    mode: int
+    size: int = 0
+    children: dict[str, Node] = field(default_factory=dict)
+    source: Source | None = None
+    target: str = ""
+    local: str = ""
+
+
+class LazyBroken(ModelCacheError):
+    """The model failed verification or its pull failed for good; reads must fail."""
+
+
+def _ensure_dir(root: Node, parts: list[str]) -> Node:
+    node = root
+    for part in parts:
+        child = node.children.get(part)
+        if child is None:
+            child = node.children[part] = Node("dir", 0o555)
+        if child.kind != "dir":
+            raise UnsafeContent(f"path component {part!r} is both a file and a directory")
+        node = child
+    return node
+
+
+class ChunkCache:
+    """Chunks of one blob fetched on demand into a sparse file; which chunks are present is kept in memory."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.path = path
+        self.size = size
+        self.present: set[int] = set()
+        self.inflight: dict[int, threading.Event] = {}
+        self.lock = threading.Lock()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.ftruncate(self.fd, size)
+
+    def close(self) -> None:
+        """Close and delete the sparse file."""
+        os.close(self.fd)
+        self.path.unlink(missing_ok=True)
+
+
+class LazyModel:
+    """The tree of ``resolved`` and the logic to read it before, during and after the pull."""
+
+    def __init__(self, cache: ModelCache, resolved: Resolved, options: PullOptions, *,
+                 strict: bool = False) -> None:
+        self.cache = cache
+        self.resolved = resolved
+        self.options = options
+        self.strict = strict
+        self.plan: Plan = plan_for(resolved.manifest, options.subpath)
+        self.root = Node("dir", 0o555)
+        self.pending = False
+        self.progress = Progress()
+        self.complete = threading.Event()
+        self.final: PullResult | None = None
+        self.failure: ModelCacheError | None = None
+        self._chunks: dict[Digest, ChunkCache] = {}
+        self._chunks_lock = threading.Lock()
+        self._last_end: dict[Digest, int] = {}
+        self._readahead = threading.Semaphore(4)
+        self.lazy_dir = cache.store.root / "lazy"
+
+    # -- the tree -------------------------------------------------------------------------------------
+    def build(self) -> None:
+        """Build the tree from the manifest (range-reading the headers of uncompressed tar layers)."""
+        path_filter: PathFilter = self.options.path_filter
+        if self.plan.layout == "image":
+            self.pending = True
+            return
+        for step in self.plan.needed(path_filter):
+            descriptor = step.descriptor
+            if step.compression is Compression.RAW:
+                self._add_file(step.dest, Source(descriptor.digest, descriptor.size, 0, descriptor.size), 0o444)
+            elif step.compression is Compression.TAR:
+                for name, node in self._index_tar(descriptor.digest, descriptor.size):
+                    full = f"{step.dest}/{name}" if step.dest else name
+                    if node.kind != "dir" and not path_filter.accepts(full):
+                        continue
+                    self._place(full, node)
+            else:
+                self.pending = True
+        if self.plan.subpath:
+            sub = self.lookup_path(self.plan.subpath)
+            if sub is not None and sub.kind == "dir":
+                self.root = sub
+            elif not self.pending:
+                raise ModelCacheError(f"path {self.plan.subpath!r} is not a directory in the model",
+                                      kind=Kind.NOT_FOUND)
+
+    def _add_file(self, relpath: str, source: Source, mode: int) -> None:
+        self._place(relpath, Node("file", mode, source.size, source=source))
+
+    def _place(self, relpath: str, node: Node) -> None:
+        parts = safe_relpath(relpath, "lazy tree").split("/")
+        parent = _ensure_dir(self.root, parts[:-1])
+        if node.kind == "dir":
+            parent.children.setdefault(parts[-1], node)
+            return
+        parent.children[parts[-1]] = node
+
+    def lookup_path(self, relpath: str) -> Node | None:
+        """The node at ``relpath`` (no symlinks followed)."""
+        node = self.root
+        for part in relpath.split("/"):
+            if not part:
+                continue
+            child = node.children.get(part)
+            if child is None:
+                return None
+            node = child
+        return node
+
+    def _index_tar(self, digest: Digest, size: int) -> Iterator[tuple[str, Node]]:
+        """Entries of an uncompressed tar blob, from its headers (read with range requests)."""
+        offset = 0
+        long_name: str | None = None
+        pax: dict[str, str] = {}
+        links: dict[str, Source] = {}
+        count = 0
+        while offset + 512 <= size:
+            count += 1
+            if count > MAX_TAR_ENTRIES:
+                raise UnsafeContent(f"layer {digest}: more than {MAX_TAR_ENTRIES} entries")
+            header = self.read_blob(digest, size, offset, 512)
+            if header == b"\0" * 512:
+                break
+            try:
+                info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+            except tarfile.HeaderError as exc:
+                raise IntegrityError(f"layer {digest}: bad tar header at {offset}: {exc}") from None
+            data_offset = offset + 512
+            padded = (info.size + 511) // 512 * 512
+            if info.type in (tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.XGLTYPE):
+                if info.size > 1 << 20:
+                    raise UnsafeContent(f"layer {digest}: tar header of {info.size} bytes exceeds the limit")
+                data = self.read_blob(digest, size, data_offset, info.size)
+                if info.type == tarfile.GNUTYPE_LONGNAME:
+                    long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+                elif info.type == tarfile.XHDTYPE:
+                    pax = _parse_pax(data)
+                offset = data_offset + padded
+                continue
+            name = pax.get("path") or long_name or info.name
+            if "size" in pax:
+                info.size = int(pax["size"])
+                padded = (info.size + 511) // 512 * 512
+            linkname = pax.get("linkpath") or info.linkname
+            long_name, pax = None, {}
+            offset = data_offset + padded
+            if name.startswith("/") or ".." in name.split("/"):
+                raise UnsafeContent(f"layer {digest}: member {name!r} escapes the tree")
+            clean = "/".join(p for p in name.split("/") if p not in ("", "."))
+            if not clean:
+                continue
+            if info.mode & (stat.S_ISUID | stat.S_ISGID):
+                raise UnsafeContent(f"layer {digest}: {name!r} has the setuid/setgid bit")
+            if info.isdir():
+                yield clean, Node("dir", 0o555)
+            elif info.isreg():
+                source = Source(digest, size, data_offset, info.size)
+                links[clean] = source
+                yield clean, Node("file", (info.mode & 0o555) | 0o444, info.size, source=source)
+            elif info.issym():
+                _check_symlink(clean, linkname, digest)
+                yield clean, Node("symlink", 0o777, len(linkname), target=linkname)
+            elif info.islnk():
+                target = "/".join(p for p in linkname.split("/") if p not in ("", "."))
+                if target not in links:
+                    raise UnsafeContent(f"layer {digest}: hard link {name!r} points outside the tree ({linkname!r})")
+                yield clean, Node("file", 0o444, links[target].size, source=links[target])
+            else:
+                raise UnsafeContent(f"layer {digest}: {name!r} is a device, FIFO or unsupported type")
+
+    # -- the background pull ----------------------------------------------------------------------------
+    def start_background(self) -> threading.Thread:
+        """Run the ordinary pull in a thread; when it is done every read is local."""
+        def run() -> None:
+            try:
+                self.final = self.cache.materialise(self.resolved, self.options, self.progress)
+            except ModelCacheError as exc:
+                self.failure = exc
+                level = logging.ERROR if exc.kind in (Kind.INTEGRITY, Kind.UNSAFE_CONTENT) else logging.WARNING
+                log.log(level, "background pull of %s failed: %s%s", self.resolved.reference, exc,
+                        " -- THE LAZY MOUNT NOW ANSWERS EIO" if exc.kind is Kind.INTEGRITY else "")
+            except Exception as exc:  # noqa: BLE001 - reported to readers as a failure
+                self.failure = ModelCacheError(f"background pull failed: {exc}")
+                log.exception("background pull of %s failed", self.resolved.reference)
+            finally:
+                self.complete.set()
+                self._drop_chunks()
+
+        thread = threading.Thread(target=run, name="lazy-pull", daemon=True)
+        thread.start()
+        return thread
+
+    def retry_background(self) -> threading.Thread | None:
+        """Start the pull again after a failure that was not an integrity error (the registry came back)."""
+        if self.failure is None or self.failure.kind in (Kind.INTEGRITY, Kind.UNSAFE_CONTENT):
+            return None
+        self.failure = None
+        self.complete.clear()
+        return self.start_background()
+
+    def _drop_chunks(self) -> None:
+        with self._chunks_lock:
+            for chunks in self._chunks.values():
+                chunks.close()
+            self._chunks.clear()
+
+    # -- reading --------------------------------------------------------------------------------------
+    def check_usable(self) -> None:
+        """Raise :class:`LazyBroken` when reads must fail (a verification failure is permanent)."""
+        if self.failure is not None and self.failure.kind in (Kind.INTEGRITY, Kind.UNSAFE_CONTENT):
+            raise LazyBroken(f"model failed verification: {self.failure}", kind=Kind.INTEGRITY)
+
+    def adopt_final_tree(self) -> None:
+        """After the pull, describe paths that were pending (compressed layers) from the finished tree."""
+        if self.final is None:
+            return
+        base = self.final.path
+        root = Node("dir", 0o555)
+        for dirpath, dirnames, filenames in os.walk(base):
+            rel = os.path.relpath(dirpath, base)
+            parent = root if rel == "." else _ensure_dir(root, rel.split("/"))
+            for name in dirnames + filenames:
+                path = os.path.join(dirpath, name)
+                st = os.lstat(path)
+                if stat.S_ISLNK(st.st_mode):
+                    parent.children[name] = Node("symlink", 0o777, st.st_size, target=os.readlink(path))
+                elif stat.S_ISDIR(st.st_mode):
+                    parent.children.setdefault(name, Node("dir", 0o555))
+                else:
+                    parent.children[name] = Node("file", stat.S_IMODE(st.st_mode), st.st_size, local=path)
+        self.root = root
+        self.pending = False
+
+    def read_node(self, node: Node, offset: int, size: int) -> bytes:
+        """Read a file node: a local file of the finished tree, or its blob source."""
+        if node.local:
+            fd = os.open(node.local, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                return os.pread(fd, size, offset)
+            finally:
+                os.close(fd)
+        assert node.source is not None
+        return self.read(node.source, offset, size)
+
+    def read(self, source: Source, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes of a file at ``offset`` (blocking: call from a worker thread)."""
+        self.check_usable()
+        if offset >= source.size or size <= 0:
+            return b""
+        size = min(size, source.size - offset)
+        return self.read_blob(source.digest, source.blob_size, source.offset + offset, size)
+
+    def read_blob(self, digest: Digest, blob_size: int, offset: int, size: int) -> bytes:
+        """``size`` bytes of blob ``digest`` at ``offset``: committed blob, else chunks from the registry."""
+        committed = self.cache.store.blob_path(digest)
+        if self.strict and not committed.exists():
+            deadline = time.monotonic() + STRICT_WAIT
+            while not committed.exists():
+                self.check_usable()
+                if self.complete.is_set() and self.failure is not None:
+                    raise LazyBroken(f"blob {digest} is not available: {self.failure}", kind=self.failure.kind)
+                if time.monotonic() > deadline:
+                    raise ModelCacheError(f"blob {digest} was not verified in time", kind=Kind.UNAVAILABLE)
+                self.complete.wait(0.05)
+        try:
+            fd = os.open(committed, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return self._read_chunked(digest, blob_size, offset, size)
+        try:
+            return os.pread(fd, size, offset)
+        finally:
+            os.close(fd)
+
+    def _chunk_cache(self, digest: Digest, blob_size: int) -> ChunkCache:
+        with self._chunks_lock:
+            cache = self._chunks.get(digest)
+            if cache is None:
+                cache = ChunkCache(self.lazy_dir / f"{digest.algorithm}-{digest.hex}.part", blob_size)
+                self._chunks[digest] = cache
+            return cache
+
+    def _read_chunked(self, digest: Digest, blob_size: int, offset: int, size: int) -> bytes:
+        chunks = self._chunk_cache(digest, blob_size)
+        first, last = offset // CHUNK, (offset + size - 1) // CHUNK
+        for index in range(first, last + 1):
+            self._ensure_chunk(chunks, digest, index)
+        sequential = self._last_end.get(digest) == offset
+        self._last_end[digest] = offset + size
+        if sequential or offset == 0:
+            self._read_ahead(chunks, digest, last + 1)
+        return os.pread(chunks.fd, size, offset)
+
+    def _ensure_chunk(self, chunks: ChunkCache, digest: Digest, index: int) -> None:
+        while True:
+            with chunks.lock:
+                if index in chunks.present:
+                    return
+                event = chunks.inflight.get(index)
+                if event is None:
+                    event = chunks.inflight[index] = threading.Event()
+                    mine = True
+                else:
+                    mine = False
+            if not mine:
+                event.wait()
+                continue
+            try:
+                start = index * CHUNK
+                length = min(CHUNK, chunks.size - start)
+                data = self.cache.client.read_range(self.resolved.reference, digest, start, length)
+                if len(data) != length:
+                    raise ModelCacheError(f"blob {digest}: range {start}+{length} returned {len(data)} bytes",
+                                          kind=Kind.UNAVAILABLE)
+                os.pwrite(chunks.fd, data, start)
+                with chunks.lock:
+                    chunks.present.add(index)
+            finally:
+                with chunks.lock:
+                    chunks.inflight.pop(index, None)
+                event.set()
+
+    def _read_ahead(self, chunks: ChunkCache, digest: Digest, start: int) -> None:
+        total = (chunks.size + CHUNK - 1) // CHUNK
+        for index in range(start, min(start + READAHEAD_CHUNKS, total)):
+            with chunks.lock:
+                if index in chunks.present or index in chunks.inflight:
+                    continue
+            if not self._readahead.acquire(blocking=False):
+                return
+
+            def fetch(i: int = index) -> None:
+                try:
+                    self._ensure_chunk(chunks, digest, i)
+                except (ModelCacheError, OSError) as exc:
+                    log.debug("read-ahead of chunk %d of %s failed: %s", i, digest, exc)
+                finally:
+                    self._readahead.release()
+
+            threading.Thread(target=fetch, daemon=True, name="readahead").start()
+
+
+def _parse_pax(data: bytes) -> dict[str, str]:
+    result: dict[str, str] = {}
+    position = 0
+    while position < len(data):
+        space = data.find(b" ", position)
+        if space < 0:
+            break
+        try:
+            length = int(data[position:space])
+        except ValueError:
+            break
+        record = data[space + 1: position + length - 1]
+        key, _, value = record.partition(b"=")
+        result[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
+        position += max(length, 1)
+    return result
+
+
+def _check_symlink(name: str, target: str, digest: Digest) -> None:
+    if target.startswith("/"):
+        raise UnsafeContent(f"layer {digest}: symlink {name!r} has an absolute link target")
+    depth = len(name.split("/")) - 1
+    for part in target.split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                raise UnsafeContent(f"layer {digest}: symlink {name!r} points outside the tree")
+        elif part not in ("", "."):
+            depth += 1
