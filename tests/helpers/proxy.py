@@ -40,7 +40,7 @@ class ProxyStats:
 
 
 class RegistryProxy:
-    def __init__(self, upstream: str, behaviour: ProxyBehaviour | None = None) -> None:
+    def __init__(self, upstream: str, behaviour: ProxyBehaviour | None = None, port: int = 0) -> None:
         self.upstream = upstream
         self.behaviour = behaviour or ProxyBehaviour()
         self.stats = ProxyStats()
@@ -58,7 +58,8 @@ class RegistryProxy:
 
             do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = do_GET
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        ThreadingHTTPServer.allow_reuse_address = True
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         self.host = f"127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -176,3 +177,61 @@ class RegistryProxy:
         token = secrets.token_hex(16)
         self.tokens.add(token)
         self._reply(h, 200, f'{{"token": "{token}", "expires_in": 300}}'.encode())
+
+
+class ProxyProcess:
+    """The proxy in its own process: needed when the test process itself faults in pages of a FUSE
+    mount (an mmap read holds the GIL while the kernel waits for the FUSE daemon, which would wait for
+    an in-process proxy)."""
+
+    def __init__(self, upstream: str, *, bytes_per_second: float = 0, corrupt: bool = False, port: int = 0,
+                 log: str = "") -> None:
+        import subprocess
+        import sys
+        args = [sys.executable, "-m", "tests.helpers.proxy", upstream, "--bytes-per-second", str(bytes_per_second),
+                "--port", str(port)]
+        if corrupt:
+            args.append("--corrupt")
+        if log:
+            args += ["--log", log]
+        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+        assert self.process.stdout is not None
+        self.host = self.process.stdout.readline().strip()
+        self.log = log
+
+    def requests(self) -> list[dict[str, str]]:
+        import json
+        with open(self.log) as handle:
+            return [json.loads(line) for line in handle if line.strip()]
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+def _main() -> None:
+    import argparse
+    import json
+    parser = argparse.ArgumentParser()
+    parser.add_argument("upstream")
+    parser.add_argument("--bytes-per-second", type=float, default=0)
+    parser.add_argument("--corrupt", action="store_true")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--log", default="")
+    args = parser.parse_args()
+    proxy = RegistryProxy(args.upstream, ProxyBehaviour(bytes_per_second=args.bytes_per_second,
+                                                        corrupt_blobs=args.corrupt), port=args.port)
+    if args.log:
+        original = proxy._handle
+
+        def logged(h: BaseHTTPRequestHandler) -> None:
+            with open(args.log, "a") as out:
+                out.write(json.dumps({"method": h.command, "path": h.path, "range": h.headers.get("Range", "")}) + "\n")
+            original(h)
+        proxy._handle = logged  # type: ignore[method-assign]
+    print(proxy.host, flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    _main()

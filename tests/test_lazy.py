@@ -1,0 +1,243 @@
+"""Lazy (FUSE) mounts through the real CSI server: real /dev/fuse, a real registry behind a throttling
+proxy, real reads, mmap, concurrent readers, registry loss and recovery, integrity failure, strict
+mode, driver restarts and stale mounts."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+
+from csi_driver.proto import csi_pb2
+from modelcache import mediatypes as mt
+from modelcache.digest import Digest
+from tests.conftest import needs_root
+from tests.helpers.csi import CsiProcess, is_mounted, publish_request
+from tests.helpers.oci import Entry, Fixtures
+from tests.helpers.proxy import ProxyProcess
+
+pytestmark = [needs_root, pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse is missing")]
+SIZE = 24 << 20
+
+
+@pytest.fixture
+def big(fixtures: Fixtures) -> tuple[str, bytes]:
+    data = os.urandom(SIZE)
+    fixtures.raw_model("lazy/model:v1", {"weights.safetensors": data, "config.json": b'{"lazy": true}'})
+    return "lazy/model:v1", data
+
+
+@pytest.fixture
+def proxy_factory(registry, tmp_path: Path) -> Iterator[object]:
+    proxies: list[ProxyProcess] = []
+
+    def make(bytes_per_second: float = 0, corrupt: bool = False) -> ProxyProcess:
+        proxy = ProxyProcess(registry.host, bytes_per_second=bytes_per_second, corrupt=corrupt,
+                             log=str(tmp_path / f"proxy-{len(proxies)}.log"))
+        proxies.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in proxies:
+        proxy.close()
+
+
+@pytest.fixture
+def csi(tmp_path: Path) -> Iterator[CsiProcess]:
+    process = CsiProcess(tmp_path)
+    yield process
+    for mountpoint in [m for m in Path("/proc/self/mountinfo").read_text().split("\n") if str(tmp_path) in m]:
+        target = mountpoint.split()[4]
+        subprocess.run(["umount", "-l", target], check=False, capture_output=True)
+    if process.process and process.process.poll() is None:
+        process.stop()
+
+
+def lazy_request(volume: str, target: Path, ref: str, **attributes: str) -> csi_pb2.NodePublishVolumeRequest:
+    return publish_request(volume, target, ref, mount="lazy", **attributes)
+
+
+def wait_until(predicate, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.1)
+
+
+def test_reads_before_the_download_finishes(csi: CsiProcess, tmp_path: Path, big, proxy_factory) -> None:
+    name, data = big
+    proxy = proxy_factory(2_000_000)
+    target = tmp_path / "pod" / "mnt"
+    target.parent.mkdir()
+    started = time.monotonic()
+    csi.node.NodePublishVolume(lazy_request("lazy-1", target, f"{proxy.host}/{name}"))
+    assert time.monotonic() - started < 10  # the whole model takes ~12 s through this proxy
+    assert sorted(os.listdir(target)) == ["config.json", "weights.safetensors"]
+    assert (target / "weights.safetensors").stat().st_size == SIZE
+    with open(target / "weights.safetensors", "rb") as handle:
+        handle.seek(SIZE - (1 << 20))
+        tail = handle.read(1 << 20)
+    assert tail == data[-(1 << 20):]
+    assert not csi.root.joinpath("blobs", "sha256", Digest.of_bytes(data).hex).exists(), "download already done"
+    assert (target / "config.json").read_bytes() == b'{"lazy": true}'
+    with pytest.raises(OSError) as info:
+        os.open(target / "weights.safetensors", os.O_RDWR)
+    assert info.value.errno in (errno.EROFS, errno.EACCES)
+    with pytest.raises(OSError) as info:
+        (target / "new").write_bytes(b"x")
+    assert info.value.errno in (errno.EROFS, errno.EACCES)
+
+    # mmap, as safetensors loaders do, and concurrent readers at different offsets
+    with open(target / "weights.safetensors", "rb") as handle:
+        mapped = mmap.mmap(handle.fileno(), 0, prot=mmap.PROT_READ)
+        assert mapped[5_000_000:5_100_000] == data[5_000_000:5_100_000]
+        mapped.close()
+
+    def read_at(offset: int) -> bool:
+        with open(target / "weights.safetensors", "rb") as h:
+            h.seek(offset)
+            return h.read(300_000) == data[offset:offset + 300_000]
+    with ThreadPoolExecutor(6) as pool:
+        assert all(pool.map(read_at, [0, 3_000_000, 9_000_000, 14_000_000, 18_000_000, SIZE - 300_000]))
+
+    # once complete, the finished tree is stacked over the FUSE mount and reads are local
+    wait_until(lambda: csi.root.joinpath("blobs", "sha256", Digest.of_bytes(data).hex).exists(), 90)
+    wait_until(lambda: sum(1 for line in Path("/proc/self/mountinfo").read_text().splitlines()
+                           if line.split()[4] == str(target)) == 2, 30)
+    assert (target / "weights.safetensors").read_bytes() == data
+    csi.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id="lazy-1", target_path=str(target)))
+    assert not is_mounted(target) and not target.exists()
+    assert not list((csi.root / "lazy").glob("*.part"))
+
+
+def test_cached_model_is_bind_mounted_even_when_lazy(csi: CsiProcess, tmp_path: Path, big, fixtures) -> None:
+    name, data = big
+    first = tmp_path / "a"
+    csi.node.NodePublishVolume(publish_request("bind", first, fixtures.ref(name)))
+    second = tmp_path / "b"
+    csi.node.NodePublishVolume(lazy_request("lazy", second, fixtures.ref(name)))
+    fstypes = [line.split(" - ")[1].split()[0] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+               if line.split()[4] == str(second)]
+    assert fstypes and "fuse" not in fstypes[0]
+    assert (second / "weights.safetensors").stat().st_ino == (first / "weights.safetensors").stat().st_ino
+
+
+def test_registry_loss_gives_eio_in_bounded_time_and_recovers(csi: CsiProcess, tmp_path: Path, big,
+                                                               registry) -> None:
+    name, data = big
+    proxy = ProxyProcess(registry.host, bytes_per_second=1_000_000)
+    port = int(proxy.host.rsplit(":", 1)[1])
+    target = tmp_path / "mnt"
+    try:
+        csi.node.NodePublishVolume(lazy_request("lazy-2", target, f"{proxy.host}/{name}"))
+    finally:
+        proxy.close()  # the registry goes away
+    started = time.monotonic()
+    with pytest.raises(OSError) as info, open(target / "weights.safetensors", "rb") as handle:
+        handle.seek(SIZE // 2)
+        handle.read(1 << 20)
+    assert info.value.errno == errno.EIO
+    assert time.monotonic() - started < 30
+    back = ProxyProcess(registry.host, port=port)
+    try:
+        with open(target / "weights.safetensors", "rb") as handle:
+            handle.seek(SIZE // 2)
+            assert handle.read(1 << 20) == data[SIZE // 2: SIZE // 2 + (1 << 20)]
+        wait_until(lambda: csi.root.joinpath("blobs", "sha256", Digest.of_bytes(data).hex).exists(), 90)
+    finally:
+        back.close()
+
+
+def test_corrupt_blob_turns_reads_into_eio(csi: CsiProcess, tmp_path: Path, big, proxy_factory) -> None:
+    name, _ = big
+    proxy = proxy_factory(corrupt=True)
+    target = tmp_path / "mnt"
+    csi.node.NodePublishVolume(lazy_request("lazy-3", target, f"{proxy.host}/{name}"))
+    log = next((csi.root / "csi" / "lazy").glob("*.log"))
+    wait_until(lambda: "THE LAZY MOUNT NOW ANSWERS EIO" in log.read_text(), 60)
+    with pytest.raises(OSError) as info:
+        (target / "weights.safetensors").read_bytes()
+    assert info.value.errno == errno.EIO
+
+
+def test_strict_mode_serves_only_verified_blobs(csi: CsiProcess, tmp_path: Path, big, proxy_factory) -> None:
+    name, data = big
+    proxy = proxy_factory(8_000_000)
+    target = tmp_path / "mnt"
+    csi.node.NodePublishVolume(lazy_request("lazy-4", target, f"{proxy.host}/{name}", lazyVerify="strict"))
+    with open(target / "weights.safetensors", "rb") as handle:
+        handle.seek(SIZE - 100)
+        assert handle.read() == data[-100:]
+    assert csi.root.joinpath("blobs", "sha256", Digest.of_bytes(data).hex).exists()
+    chunk_reads = [r for r in proxy.requests() if r["range"] and not r["range"].endswith("-")]
+    assert chunk_reads == []  # strict mode never served unverified chunks
+
+
+def test_mount_survives_a_driver_restart(csi: CsiProcess, tmp_path: Path, big, proxy_factory) -> None:
+    name, data = big
+    proxy = proxy_factory(1_000_000)
+    target = tmp_path / "mnt"
+    request = lazy_request("lazy-5", target, f"{proxy.host}/{name}")
+    csi.node.NodePublishVolume(request)
+    csi.restart(signal.SIGKILL)
+    assert f"re-attached lazy mount at {target}" in csi.log_text()
+    with open(target / "weights.safetensors", "rb") as handle:
+        assert handle.read(1000) == data[:1000]
+    csi.node.NodePublishVolume(request)  # idempotent after the restart
+    csi.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id="lazy-5", target_path=str(target)))
+    assert not is_mounted(target)
+
+
+def test_stale_fuse_mount_is_cleaned_at_start(csi: CsiProcess, tmp_path: Path, big, proxy_factory) -> None:
+    name, _ = big
+    proxy = proxy_factory(1_000_000)
+    target = tmp_path / "mnt"
+    csi.node.NodePublishVolume(lazy_request("lazy-6", target, f"{proxy.host}/{name}"))
+    record = next((csi.root / "csi" / "publications").glob("*.json")).read_text()
+    helper = int(record.split('"helper_pid": ')[1].split(",")[0].split("\n")[0])
+    csi.stop()
+    os.kill(helper, signal.SIGKILL)
+    wait_until(lambda: not Path(f"/proc/{helper}").exists() or "Z" in Path(f"/proc/{helper}/stat").read_text()
+               .split(") ")[1][:1], 10)
+    with pytest.raises(OSError) as info:
+        os.listdir(target)
+    assert info.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)  # "transport endpoint is not connected"
+    csi.start()
+    assert "lost its helper" in csi.log_text()
+    assert not is_mounted(target)
+    code = grpc.StatusCode.OK
+    try:
+        csi.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id="lazy-6", target_path=str(target)))
+    except grpc.RpcError as exc:
+        code = exc.code()
+    assert code == grpc.StatusCode.OK
+
+
+def test_uncompressed_tar_is_lazy_and_compressed_tar_appears_when_pulled(csi: CsiProcess, tmp_path: Path,
+                                                                         fixtures: Fixtures, proxy_factory) -> None:
+    payload = os.urandom(3 << 20)
+    fixtures.tar_model("lazy/tar:v1", [Entry("dir/a.bin", payload), Entry("b.txt", b"bee")], mt.Compression.TAR)
+    fixtures.tar_model("lazy/tgz:v1", [Entry("c.txt", b"sea")], mt.Compression.TAR_GZIP)
+    proxy = proxy_factory(500_000)
+    tar_target = tmp_path / "tar"
+    csi.node.NodePublishVolume(lazy_request("tar", tar_target, f"{proxy.host}/lazy/tar:v1"))
+    assert sorted(os.listdir(tar_target)) == ["b.txt", "dir"]
+    assert (tar_target / "b.txt").read_bytes() == b"bee"
+    with open(tar_target / "dir" / "a.bin", "rb") as handle:
+        handle.seek(len(payload) - 4096)
+        assert handle.read() == payload[-4096:]
+    tgz_target = tmp_path / "tgz"
+    csi.node.NodePublishVolume(lazy_request("tgz", tgz_target, fixtures.ref("lazy/tgz:v1").replace(
+        fixtures.host, proxy.host)))
+    assert os.listdir(tgz_target) == ["c.txt"]  # waits for the layer
+    assert (tgz_target / "c.txt").read_bytes() == b"sea"
