@@ -38,6 +38,7 @@ CHUNK = 4 << 20
 READAHEAD_CHUNKS = 4
 MAX_TAR_ENTRIES = 100_000
 STRICT_WAIT = 3600.0
+LOCAL_READAHEAD = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ class LazyModel:
         self._chunks: dict[Digest, ChunkCache] = {}
         self._chunks_lock = threading.Lock()
         self._last_end: dict[Digest, int] = {}
+        self._fds: dict[Digest, int] = {}
         self._readahead = threading.Semaphore(4)
         self.lazy_dir = cache.store.root / "lazy"
 
@@ -325,14 +327,27 @@ class LazyModel:
                 if time.monotonic() > deadline:
                     raise ModelCacheError(f"blob {digest} was not verified in time", kind=Kind.UNAVAILABLE)
                 self.complete.wait(0.05)
-        try:
-            fd = os.open(committed, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+        fd = self._committed_fd(digest, committed)
+        if fd is None:
             return self._read_chunked(digest, blob_size, offset, size)
-        try:
-            return os.pread(fd, size, offset)
-        finally:
-            os.close(fd)
+        if self._last_end.get(digest) == offset:
+            # FUSE asks for 128 KiB at a time; keep the kernel's readahead of the backing file well ahead
+            os.posix_fadvise(fd, offset + size, LOCAL_READAHEAD, os.POSIX_FADV_WILLNEED)
+        self._last_end[digest] = offset + size
+        return os.pread(fd, size, offset)
+
+    def _committed_fd(self, digest: Digest, path: Path) -> int | None:
+        """An open descriptor of a committed blob, kept for the life of the model."""
+        with self._chunks_lock:
+            fd = self._fds.get(digest)
+            if fd is None:
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    return None
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                self._fds[digest] = fd
+            return fd
 
     def _chunk_cache(self, digest: Digest, blob_size: int) -> ChunkCache:
         with self._chunks_lock:
