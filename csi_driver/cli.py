@@ -19,25 +19,14 @@ from csi_driver.proto import csi_pb2
 from csi_driver.pulls import PullManager
 from csi_driver.server import MODES, build_driver, serve_forever
 from csi_driver.volumes import VolumeState
-from modelcache.settings import Settings
+from modelcache.cliopts import add_node_options, settings_from_args
 
 Mode = csi_pb2.VolumeCapability.AccessMode.Mode
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    settings = Settings.load(Path(args.config) if args.config else None)
-    if args.root:
-        settings.root = Path(args.root)
-    if getattr(args, "plain_http", False):
-        settings.hosts.plain_http = True
-    if getattr(args, "docker_config", None):
-        settings.docker_config = Path(args.docker_config)
-    return settings
-
-
 def cmd_csi(args: argparse.Namespace) -> int:
     """Run the CSI plugin until SIGTERM."""
-    settings = _settings(args)
+    settings = settings_from_args(args)
     pvc_lookup = None
     if args.mode in ("controller", "all") and args.kubeconfig != "none":
         from kubeadapter.client import KubeClient
@@ -51,7 +40,7 @@ def cmd_csi(args: argparse.Namespace) -> int:
 
 
 def _local_node(args: argparse.Namespace) -> NodeService:
-    settings = _settings(args)
+    settings = settings_from_args(args)
     return NodeService(socket.gethostname(), PullManager(settings), VolumeState(settings.root),
                        lazy=LazyLauncher(settings))
 
@@ -126,7 +115,7 @@ def register(sub: Any) -> None:
                      help="seconds NodePublishVolume waits for a pull before answering ABORTED (kubelet retries)")
     csi.add_argument("--metrics-address", default="", help="host:port for Prometheus metrics ('' = off)")
     csi.add_argument("--kubeconfig", default="", help="kubeconfig for PVC lookups ('' = in-cluster, 'none' = off)")
-    _common(csi)
+    add_node_options(csi)
     csi.set_defaults(handler=cmd_csi)
 
     mount = sub.add_parser("mount", help="mount a model read-only at a directory (no Kubernetes needed)")
@@ -137,7 +126,7 @@ def register(sub: Any) -> None:
     mount.add_argument("--exclude", action="append")
     mount.add_argument("--path")
     mount.add_argument("--username", help="registry user (password from $OCIMODEL_PASSWORD)")
-    _common(mount)
+    add_node_options(mount)
     mount.set_defaults(handler=cmd_mount)
 
     helper = sub.add_parser("fuse-serve", help="(internal) serve one lazy mount; reads its job on stdin")
@@ -145,12 +134,5 @@ def register(sub: Any) -> None:
 
     umount = sub.add_parser("umount", help="unmount a model mounted with 'ocimodel mount'")
     umount.add_argument("target")
-    _common(umount)
+    add_node_options(umount)
     umount.set_defaults(handler=cmd_umount)
-
-
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--root", help="cache root (default /var/lib/ocimodel)")
-    parser.add_argument("--config", help="node settings file (YAML or JSON)")
-    parser.add_argument("--plain-http", action="store_true")
-    parser.add_argument("--docker-config")

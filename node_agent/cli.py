@@ -15,23 +15,12 @@ from typing import Any
 import trio
 
 from modelcache import pagecache
+from modelcache.cliopts import add_node_options, settings_from_args
 from modelcache.errors import Kind, ModelCacheError
 from modelcache.reference import parse_reference
-from modelcache.settings import Settings
 from node_agent.agent import Agent, AgentConfig
 
 log = logging.getLogger(__name__)
-
-
-def _settings(args: argparse.Namespace) -> Settings:
-    settings = Settings.load(Path(args.config) if args.config else None)
-    if args.root:
-        settings.root = Path(args.root)
-    if getattr(args, "plain_http", False):
-        settings.hosts.plain_http = True
-    if getattr(args, "docker_config", None):
-        settings.docker_config = Path(args.docker_config)
-    return settings
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
@@ -41,7 +30,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         from kubeadapter.client import KubeClient
         kube = KubeClient.connect(args.kubeconfig or None)
     config = AgentConfig(node_name=args.node_name or os.environ.get("NODE_NAME") or socket.gethostname(),
-                         settings=_settings(args), metrics_address=args.metrics_address,
+                         settings=settings_from_args(args), metrics_address=args.metrics_address,
                          evict_interval=args.evict_interval)
     agent = Agent(config, kube)
 
@@ -67,9 +56,9 @@ def cmd_warm(args: argparse.Namespace) -> int:
         except ModelCacheError:
             raise ModelCacheError(f"{args.target} is neither a path nor a model reference",
                                   kind=Kind.INVALID_ARGUMENT) from None
-        settings = _settings(args)
+        settings = settings_from_args(args)
         target = settings.cache().pull(args.target).path
-    settings = _settings(args)
+    settings = settings_from_args(args)
     if args.evict:
         report = pagecache.evict([target])
     elif args.report:
@@ -103,7 +92,7 @@ def register(sub: Any) -> None:
     agent.add_argument("--kubeconfig", default="", help="kubeconfig ('' = in-cluster, 'none' = no Kubernetes)")
     agent.add_argument("--metrics-address", default="0.0.0.0:9810")
     agent.add_argument("--evict-interval", type=float, default=30.0)
-    _common(agent)
+    add_node_options(agent)
     agent.set_defaults(handler=cmd_agent)
 
     warm = sub.add_parser("warm", help="page cache: warm (default), --evict, --lock or --report a path or model")
@@ -114,12 +103,5 @@ def register(sub: Any) -> None:
     warm.add_argument("--lock", action="store_true", help="also mlock and hold until interrupted")
     warm.add_argument("--share", type=float, help="share of available memory a warm may use (default 0.5)")
     warm.add_argument("--json", action="store_true")
-    _common(warm)
+    add_node_options(warm)
     warm.set_defaults(handler=cmd_warm)
-
-
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--root", help="cache root (default /var/lib/ocimodel)")
-    parser.add_argument("--config", help="node settings file (YAML or JSON)")
-    parser.add_argument("--plain-http", action="store_true")
-    parser.add_argument("--docker-config")

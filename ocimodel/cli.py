@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from modelcache import __version__
+from modelcache.cliopts import add_node_options, settings_from_args
 from modelcache.credentials import Credentials, CredentialStore
 from modelcache.errors import Kind, ModelCacheError
 from modelcache.gc import collect_garbage, find, remove_model, usage
@@ -20,24 +21,12 @@ from modelcache.pull import Progress, PullOptions
 from modelcache.push import push_directory
 from modelcache.reference import parse_reference
 from modelcache.registry import RegistryClient
-from modelcache.settings import Settings
 from ocimodel.progress import ProgressLine
 
 EXIT_CODES = {Kind.INVALID_ARGUMENT: 2, Kind.NOT_FOUND: 3, Kind.UNAUTHENTICATED: 4, Kind.PERMISSION_DENIED: 4,
               Kind.UNAVAILABLE: 5, Kind.INTEGRITY: 6, Kind.UNSAFE_CONTENT: 6, Kind.RESOURCE_EXHAUSTED: 7,
               Kind.UNSUPPORTED: 8, Kind.INTERNAL: 1}
 Handler = Callable[[argparse.Namespace], int]
-
-
-def _settings(args: argparse.Namespace) -> Settings:
-    settings = Settings.load(Path(args.config) if args.config else None)
-    if getattr(args, "root", None):
-        settings.root = Path(args.root)
-    if getattr(args, "plain_http", False):
-        settings.hosts.plain_http = True
-    if getattr(args, "docker_config", None):
-        settings.docker_config = Path(args.docker_config)
-    return settings
 
 
 def _explicit_credentials(args: argparse.Namespace, reference: str) -> CredentialStore | None:
@@ -62,7 +51,7 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
 
 def cmd_pull(args: argparse.Namespace) -> int:
     """Pull a reference into the cache and print where it is."""
-    settings = _settings(args)
+    settings = settings_from_args(args)
     cache = settings.cache(_explicit_credentials(args, args.reference))
     options = PullOptions(tuple(args.include or ()), tuple(args.exclude or ()), args.path)
     progress = Progress()
@@ -78,7 +67,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 def cmd_push(args: argparse.Namespace) -> int:
     """Pack a directory as a ModelPack artifact and push it."""
-    settings = _settings(args)
+    settings = settings_from_args(args)
     ref = parse_reference(args.reference)
     client = RegistryClient(settings.transport(_explicit_credentials(args, args.reference)))
     digest = push_directory(client, Path(args.directory), ref, compression=Compression(args.layer_format),
@@ -89,7 +78,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 def cmd_cache_ls(args: argparse.Namespace) -> int:
     """List models in the cache."""
-    cache = _settings(args).cache()
+    cache = settings_from_args(args).cache()
     rows: list[dict[str, Any]] = [
         {"key": r.key, "reference": r.reference, "digest": r.digest, "layout": r.layout, "files": r.files,
          "bytes": r.total_bytes, "path": str(cache.exposed_path(r)), "last_used": cache.last_used(r.key)}
@@ -101,7 +90,7 @@ def cmd_cache_ls(args: argparse.Namespace) -> int:
 
 def cmd_cache_rm(args: argparse.Namespace) -> int:
     """Remove models (by key, digest or reference) and collect their unreferenced blobs."""
-    cache = _settings(args).cache()
+    cache = settings_from_args(args).cache()
     removed = []
     for target in args.models:
         matches = find(cache, target)
@@ -118,7 +107,7 @@ def cmd_cache_rm(args: argparse.Namespace) -> int:
 
 def cmd_cache_du(args: argparse.Namespace) -> int:
     """Show disk use, counting shared files once."""
-    result = usage(_settings(args).cache())
+    result = usage(settings_from_args(args).cache())
     data = {"models": result.models, "blobs": result.blobs, "logical_bytes": result.logical_bytes,
             "disk_bytes": result.disk_bytes, "shared_bytes": result.shared_bytes, "per_model": result.per_model}
     _emit(args, data, f"{result.models} models, {result.blobs} blobs; {result.logical_bytes:,} bytes in models, "
@@ -128,7 +117,7 @@ def cmd_cache_du(args: argparse.Namespace) -> int:
 
 def cmd_cache_gc(args: argparse.Namespace) -> int:
     """Remove what no model refers to."""
-    report = collect_garbage(_settings(args).cache(), dry_run=args.dry_run)
+    report = collect_garbage(settings_from_args(args).cache(), dry_run=args.dry_run)
     data = {"dry_run": args.dry_run, "blobs": report.blobs, "layers": report.layers,
             "temporary": report.temporary, "freed_bytes": report.freed_bytes}
     verb = "would free" if args.dry_run else "freed"
@@ -137,12 +126,9 @@ def cmd_cache_gc(args: argparse.Namespace) -> int:
 
 
 def _common(parser: argparse.ArgumentParser, *, registry: bool = True) -> None:
-    parser.add_argument("--root", help="cache root (default /var/lib/ocimodel, or the config's root)")
-    parser.add_argument("--config", help="node settings file (YAML or JSON)")
+    add_node_options(parser, registry=registry)
     parser.add_argument("--json", action="store_true", help="print JSON")
     if registry:
-        parser.add_argument("--plain-http", action="store_true", help="talk HTTP, not HTTPS, to registries")
-        parser.add_argument("--docker-config", help="Docker config.json with registry credentials")
         parser.add_argument("--username", help="registry user (password from --password-stdin or $OCIMODEL_PASSWORD)")
         parser.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
 
