@@ -75,6 +75,12 @@ def main() -> None:
             print(f"  second pull: cached={again['cached']} in {again['seconds'] * 1000:.1f} ms")
             print(run("cache", "du", "--root", root).strip())
             demo_mount(refs[0], root, work)
+            lazy_model = work / "src" / "tiny-lazy"
+            lazy_model.mkdir()
+            safetensors(lazy_model / "model.safetensors", {"w": 4_000_000})
+            lazy_ref = f"{registry.host}/demo/tiny-lazy:v1"
+            print(run("push", str(lazy_model), lazy_ref, "--plain-http").strip())
+            demo_lazy(lazy_ref, root, work, lazy_model / "model.safetensors")
         finally:
             registry.stop()
 
@@ -96,6 +102,24 @@ def demo_mount(ref: str, root: str, work: Path) -> None:
             print("  ERROR: the mount was writable")
         except OSError as exc:
             print(f"  writing to the mount fails as it should: {exc.strerror}")
+    finally:
+        run("umount", str(target), "--root", root)
+
+
+def demo_lazy(ref: str, root: str, work: Path, source: Path) -> None:
+    """Mount a model that is not cached yet through FUSE and read its tail at once (root and /dev/fuse only)."""
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        print("(no root or /dev/fuse: skipping the lazy mount step)")
+        return
+    target = work / "lazy"
+    run("mount", "--lazy", ref, str(target), "--plain-http", "--root", root)
+    try:
+        with open(target / "model.safetensors", "rb") as mounted, open(source, "rb") as original:
+            mounted.seek(-(1 << 20), os.SEEK_END)
+            original.seek(-(1 << 20), os.SEEK_END)
+            same = mounted.read() == original.read()
+        print(f"  lazy mount at {target}: mounted before the pull, last MiB of model.safetensors read through it; "
+              f"identical to the source: {same}")
     finally:
         run("umount", str(target), "--root", root)
 
