@@ -18,6 +18,7 @@ import grpc
 from google.protobuf.message import Message
 
 from csi_driver.attributes import VolumeSpec
+from csi_driver.cli import MODES
 from csi_driver.controller import AnnotationLookup, ControllerService
 from csi_driver.errors import CsiError, from_core
 from csi_driver.identity import IdentityService
@@ -32,7 +33,6 @@ from modelcache.pins import WarmRequests
 from modelcache.settings import Settings
 
 log = logging.getLogger(__name__)
-MODES = ("node", "controller", "all")
 OperationHook = Callable[[str, str, float], None]
 
 

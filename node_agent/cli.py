@@ -12,19 +12,18 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import trio
-
-from modelcache import pagecache
 from modelcache.cliopts import add_node_options, settings_from_args
 from modelcache.errors import Kind, ModelCacheError
 from modelcache.reference import parse_reference
-from node_agent.agent import Agent, AgentConfig
 
 log = logging.getLogger(__name__)
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
     """Run the node agent until SIGTERM."""
+    import trio
+
+    from node_agent.agent import Agent, AgentConfig
     kube = None
     if args.kubeconfig != "none":
         from kubeadapter.client import KubeClient
@@ -49,6 +48,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 def cmd_warm(args: argparse.Namespace) -> int:
     """Warm, evict, lock or report the page-cache residency of a path or a cached model."""
+    from modelcache import pagecache
     target = Path(args.target)
     if not target.exists():
         try:

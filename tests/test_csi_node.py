@@ -102,7 +102,8 @@ def test_publish_invalid_arguments(csi: CsiProcess, tmp_path: Path, model) -> No
                                                          volume_capability=mount_capability()),
         "block": publish_request("v1", t, ref, capability=block_capability()),
         "multi writer": publish_request("v1", t, ref, capability=mount_capability(Mode.MULTI_NODE_MULTI_WRITER)),
-        "lazy before FUSE": publish_request("v1", t, ref, mount="lazy"),
+        "unknown mount type": publish_request("v1", t, ref, mount="overlay"),
+        "bad lazyVerify": publish_request("v1", t, ref, mount="lazy", lazyVerify="sometimes"),
         "unknown attribute": publish_request("v1", t, ref, colour="blue"),
         "bad reference": publish_request("v1", t, "Not A Reference"),
         "relative target": publish_request("v1", "relative/path", ref),
@@ -114,10 +115,13 @@ def test_publish_invalid_arguments(csi: CsiProcess, tmp_path: Path, model) -> No
     assert code_of(csi.node.NodePublishVolume, good) == OK
 
 
-def test_publish_lazy_message_is_clear(csi: CsiProcess, tmp_path: Path, model) -> None:
-    with pytest.raises(grpc.RpcError) as info:
-        csi.node.NodePublishVolume(publish_request("v1", target(tmp_path), model[0], mount="lazy"))
-    assert "lazy" in info.value.details() and "bind" in info.value.details()
+def test_lazy_is_refused_clearly_where_fuse_is_unavailable() -> None:
+    from csi_driver.attributes import parse_volume_context
+    from csi_driver.errors import CsiError
+    with pytest.raises(CsiError) as info:
+        parse_volume_context({"reference": "r.io/m:v1", "mount": "lazy"}, lazy_supported=False)
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "lazy" in info.value.message and "bind" in info.value.message
 
 
 # -- publish / unpublish behaviour -------------------------------------------------------------------------
