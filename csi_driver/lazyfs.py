@@ -239,7 +239,10 @@ def helper_main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.close()
 
     signal.signal(signal.SIGTERM, lambda *_: _unmount_all(target))
-    serve(model, target, ready=announce)
+    try:
+        serve(model, target, ready=announce)
+    finally:
+        model.close()
     return 0
 
 

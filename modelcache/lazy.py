@@ -249,7 +249,7 @@ class LazyModel:
                 log.exception("background pull of %s failed", self.resolved.reference)
             finally:
                 self.complete.set()
-                self._drop_chunks()
+                self.close()
 
         thread = threading.Thread(target=run, name="lazy-pull", daemon=True)
         thread.start()
@@ -263,7 +263,8 @@ class LazyModel:
         self.complete.clear()
         return self.start_background()
 
-    def _drop_chunks(self) -> None:
+    def close(self) -> None:
+        """Delete the partial chunk files (the background pull keeps its own resumable ingest)."""
         with self._chunks_lock:
             for chunks in self._chunks.values():
                 chunks.close()
