@@ -34,7 +34,6 @@ class _Job:
     future: Future[PullResult]
     progress: Progress
     started: float = field(default_factory=time.monotonic)
-    waiters: int = 0
 
 
 class PullManager:
@@ -46,7 +45,6 @@ class PullManager:
         self._pool = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="pull")
         self._jobs: dict[tuple[str, str, str], _Job] = {}
         self._lock = threading.Lock()
-        self.node_credentials = settings.credentials()
 
     def _cache_for(self, credentials: CredentialStore | None) -> ModelCache:
         if credentials is None:
@@ -79,7 +77,6 @@ class PullManager:
                 self._jobs[key] = job
                 future.add_done_callback(functools.partial(self._finished, key, job))
                 log.info("started pull of %s", reference)
-            job.waiters += 1
         try:
             return job.future.result(timeout=max(wait, 0.0))
         except TimeoutError:
@@ -112,11 +109,6 @@ class PullManager:
             log.warning("pull of %s failed after %.1f s: %s", key[0], time.monotonic() - job.started, error)
         else:
             log.info("pull of %s finished in %.1f s", key[0], time.monotonic() - job.started)
-
-    def in_flight(self) -> list[tuple[str, str]]:
-        """(reference, progress) of every running pull."""
-        with self._lock:
-            return [(k[0], j.progress.describe()) for k, j in self._jobs.items()]
 
     def check_access(self, result: PullResult, credentials: CredentialStore | None) -> None:
         """Make sure the caller's own credentials may read a model that needed auth to pull.

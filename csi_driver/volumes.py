@@ -85,10 +85,6 @@ class VolumeState:
                     result.append(Publication(**data))
         return result
 
-    def sources_in_use(self) -> set[str]:
-        """Model keys that some publication shows."""
-        return {p.key for p in self.all()}
-
     @contextlib.contextmanager
     def locked(self, target: str) -> Iterator[None]:
         """Hold the lock of ``target``; ABORTED if another operation holds it."""

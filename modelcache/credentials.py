@@ -16,8 +16,6 @@ from typing import Any
 
 from modelcache.errors import Kind, ModelCacheError
 
-DOCKER_HUB_KEYS = ("https://index.docker.io/v1/", "index.docker.io", "docker.io", "registry-1.docker.io")
-
 
 @dataclass(frozen=True)
 class Credentials:

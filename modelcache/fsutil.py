@@ -73,18 +73,3 @@ def raise_if_full(exc: OSError, what: str) -> None:
     """Turn ENOSPC/EDQUOT into :class:`StoreFull`."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         raise StoreFull(f"{what}: no space left in the cache ({os.strerror(exc.errno)})") from None
-
-
-def tree_size(path: Path) -> tuple[int, int]:
-    """``(bytes, inodes)`` under ``path``, counting each inode once."""
-    seen: set[tuple[int, int]] = set()
-    total = 0
-    for dirpath, dirnames, filenames in os.walk(path):
-        for name in dirnames + filenames:
-            st = os.lstat(os.path.join(dirpath, name))
-            key = (st.st_dev, st.st_ino)
-            if key in seen:
-                continue
-            seen.add(key)
-            total += st.st_size if not os.path.isdir(os.path.join(dirpath, name)) else 0
-    return total, len(seen) + 1

@@ -18,7 +18,6 @@ class Usage:
 
     models: int = 0
     blobs: int = 0
-    blob_bytes: int = 0
     layer_bytes: int = 0
     logical_bytes: int = 0
     disk_bytes: int = 0
@@ -46,9 +45,7 @@ def usage(cache: ModelCache) -> Usage:
     """Measure the cache."""
     result = Usage()
     seen: set[tuple[int, int]] = set()
-    for _, path in cache.store.iter_blobs():
-        result.blobs += 1
-        result.blob_bytes += path.stat().st_size
+    result.blobs = sum(1 for _ in cache.store.iter_blobs())
     records = cache.records()
     result.models = len(records)
     for record in records:

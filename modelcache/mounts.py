@@ -32,11 +32,6 @@ class MountInfo:
     fstype: str
     source: str
 
-    @property
-    def read_only(self) -> bool:
-        """True when the mount is read-only."""
-        return "ro" in self.options.split(",")
-
 
 def _unescape(text: str) -> str:
     return text.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")

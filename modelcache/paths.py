@@ -51,11 +51,6 @@ class PathFilter:
             return False
         return not any(self._match(path, p) for p in self.exclude)
 
-    @property
-    def active(self) -> bool:
-        """True when any pattern is set."""
-        return bool(self.include or self.exclude)
-
     def key(self) -> str:
         """A stable text form, part of a tree's identity."""
         return f"include={','.join(sorted(self.include))};exclude={','.join(sorted(self.exclude))}"

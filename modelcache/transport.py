@@ -180,12 +180,6 @@ class Transport:
         with self._lock:
             return host in self._basic_hosts or any(h == host for h, _ in self._tokens)
 
-    def forget_auth(self) -> None:
-        """Drop cached tokens (used when credentials change)."""
-        with self._lock:
-            self._tokens.clear()
-            self._basic_hosts.clear()
-
     # -- sending ----------------------------------------------------------------------------------------
     def _timeouts(self) -> tuple[float, float]:
         return (self.retry.connect_timeout, self.retry.read_timeout)
