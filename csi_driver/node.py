@@ -230,14 +230,15 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         record = self.state.get(path)
         if record is None or record.volume_id != request.volume_id:
             raise CsiError(grpc.StatusCode.NOT_FOUND, f"volume {request.volume_id} is not published at {path}")
-        healthy = is_mountpoint(path) and Path(record.source).is_dir()
+        serving = healthy(path) if record.source == "" else Path(record.source).is_dir()
+        ok = is_mountpoint(path) and serving
         usage = [
             csi_pb2.VolumeUsage(unit=csi_pb2.VolumeUsage.BYTES, total=record.total_bytes, used=record.total_bytes,
                                 available=0),
             csi_pb2.VolumeUsage(unit=csi_pb2.VolumeUsage.INODES, total=record.files, used=record.files, available=0),
         ]
-        condition = csi_pb2.VolumeCondition(abnormal=not healthy,
-                                            message="ok" if healthy else "the model mount is gone; republish")
+        condition = csi_pb2.VolumeCondition(abnormal=not ok,
+                                            message="ok" if ok else "the model mount is gone; republish")
         return csi_pb2.NodeGetVolumeStatsResponse(usage=usage, volume_condition=condition)
 
     def orphans(self) -> list[str]:

@@ -90,6 +90,9 @@ def test_reads_before_the_download_finishes(csi: CsiProcess, tmp_path: Path, big
     assert tail == data[-(1 << 20):]
     assert not csi.root.joinpath("blobs", "sha256", Digest.of_bytes(data).hex).exists(), "download already done"
     assert (target / "config.json").read_bytes() == b'{"lazy": true}'
+    stats = csi.node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(volume_id="lazy-1", volume_path=str(target)))
+    assert not stats.volume_condition.abnormal
+    assert {u.unit: u.used for u in stats.usage}[csi_pb2.VolumeUsage.BYTES] == SIZE + len(b'{"lazy": true}')
     with pytest.raises(OSError) as info:
         os.open(target / "weights.safetensors", os.O_RDWR)
     assert info.value.errno in (errno.EROFS, errno.EACCES)
