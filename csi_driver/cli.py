@@ -29,6 +29,8 @@ def register(sub: Any) -> None:
     csi.add_argument("--state-dir", help="where the controller keeps its volume records (default: --root)")
     csi.add_argument("--publish-wait", type=float, default=100.0,
                      help="seconds NodePublishVolume waits for a pull before answering ABORTED (kubelet retries)")
+    csi.add_argument("--fuse-launcher", default="",
+                     help="unix socket of an 'ocimodel fuse-launcher' hosting lazy-mount helpers ('' = here)")
     csi.add_argument("--metrics-address", default="", help="host:port for Prometheus metrics ('' = off)")
     csi.add_argument("--kubeconfig", default="", help="kubeconfig for PVC lookups ('' = in-cluster, 'none' = off)")
     add_node_options(csi)
@@ -47,6 +49,10 @@ def register(sub: Any) -> None:
 
     helper = sub.add_parser("fuse-serve", help="(internal) serve one lazy mount; reads its job on stdin")
     helper.set_defaults(handler=_lazy("cmd_fuse_serve"))
+
+    launcher = sub.add_parser("fuse-launcher", help="host lazy-mount helpers for the CSI driver (own container)")
+    launcher.add_argument("--socket", required=True, help="unix socket path (created mode 0600)")
+    launcher.set_defaults(handler=_lazy("cmd_fuse_launcher"))
 
     umount = sub.add_parser("umount", help="unmount a model mounted with 'ocimodel mount'")
     umount.add_argument("target")

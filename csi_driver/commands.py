@@ -33,7 +33,7 @@ def cmd_csi(args: argparse.Namespace) -> int:
     driver = build_driver(settings, endpoint=args.endpoint, node_id=args.node_id or socket.gethostname(),
                           mode=args.mode, state_dir=Path(args.state_dir) if args.state_dir else None,
                           publish_wait=args.publish_wait, pvc_annotation=pvc_lookup,
-                          metrics_address=args.metrics_address)
+                          metrics_address=args.metrics_address, fuse_launcher=args.fuse_launcher)
     serve_forever(driver)
     return 0
 
@@ -42,6 +42,16 @@ def _local_node(args: argparse.Namespace) -> NodeService:
     settings = settings_from_args(args)
     return NodeService(socket.gethostname(), PullManager(settings), VolumeState(settings.root),
                        lazy=LazyLauncher(settings))
+
+
+def cmd_fuse_launcher(args: argparse.Namespace) -> int:
+    """Host lazy-mount helpers until SIGTERM."""
+    import logging
+
+    from csi_driver.lazymount import serve_launcher
+    logging.getLogger().setLevel(logging.INFO)
+    serve_launcher(Path(args.socket))
+    return 0
 
 
 def cmd_fuse_serve(args: argparse.Namespace) -> int:

@@ -151,6 +151,8 @@ class LazyOperations(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         node = self._node(fh)
         try:
+            if self.model.is_local(node):
+                return self.model.read_node(node, off, size)  # a local pread: no thread hop
             return await trio.to_thread.run_sync(self.model.read_node, node, off, size, limiter=self.limiter)
         except (ModelCacheError, OSError) as exc:
             log.warning("read of inode %d at %d failed: %s", fh, off, exc)
@@ -183,7 +185,8 @@ def serve(model: LazyModel, target: Path, *, ready: Any = None) -> None:
             await trio.to_thread.run_sync(model.complete.wait, abandon_on_cancel=True)
             if model.final is not None:
                 try:
-                    bind_mount_readonly(model.final.path, target)
+                    # in a thread: mount(2) looks up the FUSE mountpoint, which this event loop must answer
+                    await trio.to_thread.run_sync(bind_mount_readonly, model.final.path, target)
                     log.info("pull complete: %s now reads the cached files directly", target)
                 except OSError as exc:
                     log.warning("could not stack the finished tree over %s: %s", target, exc)

@@ -9,11 +9,17 @@ import json
 import logging
 import os
 import selectors
+import signal
+import socket
+import socketserver
+import struct
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from modelcache.credentials import CredentialStore
 from modelcache.errors import Kind, ModelCacheError
@@ -58,60 +64,96 @@ def alive(pid: int) -> bool:
         return False
 
 
-class LazyLauncher:
-    """Runs ``ocimodel fuse-serve`` helpers in their own sessions, so they outlive this process."""
+def _first_line(process: subprocess.Popen[bytes], timeout: float) -> str:
+    assert process.stdout is not None
+    selector = selectors.DefaultSelector()
+    selector.register(process.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    buffer = b""
+    while b"\n" not in buffer and time.monotonic() < deadline:
+        if not selector.select(max(0.0, deadline - time.monotonic())):
+            break
+        chunk = os.read(process.stdout.fileno(), 4096)
+        if not chunk:
+            break
+        buffer += chunk
+    selector.close()
+    process.stdout.close()
+    return buffer.decode(errors="replace").strip().splitlines()[0] if buffer.strip() else ""
 
-    def __init__(self, settings: Settings) -> None:
+
+def helper_log(job: dict[str, Any]) -> Path:
+    """Where the helper of ``job`` writes its log (under the cache root)."""
+    directory = Path(job["settings"]["root"]) / "csi" / "lazy"
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory / f"{hashlib.sha256(job['target'].encode()).hexdigest()[:16]}.log"
+
+
+def spawn_helper(job: dict[str, Any], timeout: float) -> tuple[subprocess.Popen[bytes], str]:
+    """Start ``ocimodel fuse-serve`` in its own session with ``job`` on stdin; return it and the reply
+    line (``READY files bytes`` once mounted, ``ERROR KIND message``, or '' on silence). A helper that did
+    not get ready is killed."""
+    with open(helper_log(job), "ab") as log_file:
+        process = subprocess.Popen([sys.executable, "-m", "ocimodel.cli", "fuse-serve"], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=log_file, start_new_session=True)
+    assert process.stdin is not None
+    process.stdin.write(json.dumps(job).encode())
+    process.stdin.close()
+    line = _first_line(process, timeout)
+    if not line.startswith("READY"):
+        process.kill()
+        process.wait()
+    return process, line
+
+
+class LazyLauncher:
+    """Starts ``ocimodel fuse-serve`` helpers: through a launcher process in another container when one
+    is configured (so the helpers outlive this container), else as detached children of this process."""
+
+    def __init__(self, settings: Settings, launcher_socket: str = "") -> None:
         self.settings = settings
-        self.log_dir = settings.root / "csi" / "lazy"
+        self.launcher_socket = launcher_socket
         self.children: dict[int, subprocess.Popen[bytes]] = {}
 
     def start(self, target: str, reference: str, options: PullOptions, credentials: CredentialStore | None,
               strict: bool, timeout: float = READY_TIMEOUT) -> Started:
         """Start a helper for ``target`` and wait until it has mounted."""
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self.log_dir / f"{hashlib.sha256(target.encode()).hexdigest()[:16]}.log"
         job = {"target": target, "reference": reference, "settings": self.settings.to_mapping(),
                "docker_config": credentials.to_docker_config() if credentials else {"auths": {}},
                "include": list(options.include), "exclude": list(options.exclude), "path": options.subpath,
                "strict": strict}
-        with open(log_path, "ab") as log_file:
-            process = subprocess.Popen([sys.executable, "-m", "ocimodel.cli", "fuse-serve"], stdin=subprocess.PIPE,
-                                       stdout=subprocess.PIPE, stderr=log_file, start_new_session=True)
-        assert process.stdin is not None and process.stdout is not None
-        process.stdin.write(json.dumps(job).encode())
-        process.stdin.close()
-        line = self._first_line(process, timeout)
+        line = self._ask_launcher(job, timeout) if self.launcher_socket else None
+        if line is None:
+            process, line = spawn_helper(job, timeout)
+            if line.startswith("READY"):
+                self.children[process.pid] = process
+                line = f"{line} {process.pid}"
         if line.startswith("READY"):
-            _, files, total = line.split()
-            self.children[process.pid] = process
-            return Started(process.pid, int(files), int(total))
-        process.kill()
-        process.wait()
+            _, files, total, pid = line.split()
+            return Started(int(pid), int(files), int(total))
         if line.startswith("ERROR"):
             _, kind, message = line.split(" ", 2)
             raise ModelCacheError(message, kind=Kind[kind] if kind in Kind.__members__ else Kind.INTERNAL)
+        log_path = helper_log(job)
         tail = log_path.read_text(errors="replace")[-800:] if log_path.exists() else ""
         raise ModelCacheError(f"the lazy mount helper did not start: {line or 'no answer'}; log: {tail}",
                               kind=Kind.INTERNAL)
 
-    @staticmethod
-    def _first_line(process: subprocess.Popen[bytes], timeout: float) -> str:
-        assert process.stdout is not None
-        selector = selectors.DefaultSelector()
-        selector.register(process.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + timeout
-        buffer = b""
-        while b"\n" not in buffer and time.monotonic() < deadline:
-            if not selector.select(max(0.0, deadline - time.monotonic())):
-                break
-            chunk = os.read(process.stdout.fileno(), 4096)
-            if not chunk:
-                break
-            buffer += chunk
-        selector.close()
-        process.stdout.close()
-        return buffer.decode(errors="replace").strip().splitlines()[0] if buffer.strip() else ""
+    def _ask_launcher(self, job: dict[str, Any], timeout: float) -> str | None:
+        """Hand ``job`` to the launcher; None when no launcher answers (the caller starts the helper itself)."""
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+                conn.settimeout(timeout + 5)
+                conn.connect(self.launcher_socket)
+                conn.sendall(json.dumps(job).encode())
+                conn.shutdown(socket.SHUT_WR)
+                reply = b""
+                while chunk := conn.recv(4096):
+                    reply += chunk
+        except OSError as exc:
+            log.warning("fuse launcher at %s unavailable (%s); starting the helper here", self.launcher_socket, exc)
+            return None
+        return reply.decode(errors="replace").strip()
 
     def wait_gone(self, pid: int, timeout: float = 10.0) -> None:
         """After unmounting, wait for the helper to exit (reaping it when it is our child)."""
@@ -141,3 +183,33 @@ def detach(target: str) -> None:
             break
     with contextlib.suppress(OSError):
         Path(target).rmdir()
+
+
+def serve_launcher(path: Path) -> None:
+    """``ocimodel fuse-launcher``: start helpers for the CSI driver over a root-only unix socket, and reap
+    them. It runs in its own container, so the helpers (and their mounts) outlive driver restarts."""
+
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            creds = self.request.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            _, uid, _ = struct.unpack("3i", creds)
+            if uid != 0:
+                self.wfile.write(b"ERROR PERMISSION_DENIED only root may start lazy mounts\n")
+                return
+            job = json.loads(self.rfile.read())
+            process, line = spawn_helper(job, READY_TIMEOUT)
+            if line.startswith("READY"):
+                threading.Thread(target=process.wait, daemon=True, name=f"reap-{process.pid}").start()
+                line = f"{line} {process.pid}"
+                log.info("started helper %d for %s", process.pid, job.get("target"))
+            self.wfile.write(line.encode() + b"\n")
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    server = socketserver.ThreadingUnixStreamServer(str(path), Handler)
+    os.chmod(path, 0o600)
+    server.daemon_threads = True
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    log.info("fuse launcher listening on %s", path)
+    server.serve_forever()
+    server.server_close()

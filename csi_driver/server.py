@@ -147,7 +147,7 @@ def _bind_unix(server: grpc.Server, endpoint: str) -> None:
 
 def build_driver(settings: Settings, *, endpoint: str, node_id: str, mode: str, state_dir: Path | None = None,
                  publish_wait: float = 100.0, pvc_annotation: AnnotationLookup | None = None,
-                 metrics_address: str = "", workers: int = 16) -> Driver:
+                 metrics_address: str = "", fuse_launcher: str = "", workers: int = 16) -> Driver:
     """Assemble the services of ``mode`` and start serving on ``endpoint``."""
     if mode not in MODES:
         raise SystemExit(f"--mode must be one of {', '.join(MODES)}")
@@ -172,7 +172,7 @@ def build_driver(settings: Settings, *, endpoint: str, node_id: str, mode: str, 
                 warm_requests.request(publication.key, publication.source)
 
         node = NodeService(node_id, pulls, VolumeState(settings.root), publish_wait=publish_wait,
-                           on_published=request_warm, lazy=LazyLauncher(settings))
+                           on_published=request_warm, lazy=LazyLauncher(settings, fuse_launcher))
         node.reattach_lazy()
         csi_pb2_grpc.add_NodeServicer_to_server(node, server)
     if serves_controller:

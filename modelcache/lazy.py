@@ -297,6 +297,12 @@ class LazyModel:
         self.root = root
         self.pending = False
 
+    def is_local(self, node: Node) -> bool:
+        """True when reading ``node`` needs no network and no waiting (its blob is committed)."""
+        if node.local:
+            return True
+        return node.source is not None and self.failure is None and node.source.digest in self._fds
+
     def read_node(self, node: Node, offset: int, size: int) -> bytes:
         """Read a file node: a local file of the finished tree, or its blob source."""
         if node.local:

@@ -98,7 +98,9 @@ def test_base_driver_objects() -> None:
     assert nodes["x-kubernetes-list-type"] == "map" and nodes["x-kubernetes-list-map-keys"] == ["node"]
     node = by_kind(objects, "DaemonSet")[0]
     containers = {c["name"]: c for c in pod_spec(node)["containers"]}
-    assert set(containers) == {"ocimodel-csi", "ocimodel-agent", "node-driver-registrar", "liveness-probe"}
+    assert set(containers) == {"ocimodel-csi", "ocimodel-fuse", "ocimodel-agent", "node-driver-registrar",
+                               "liveness-probe"}
+    assert pod_spec(node)["shareProcessNamespace"] is True
     kubelet_mount = [m for m in containers["ocimodel-csi"]["volumeMounts"] if m["mountPath"] == "/var/lib/kubelet"]
     assert kubelet_mount[0]["mountPropagation"] == "Bidirectional"
     assert containers["ocimodel-csi"]["securityContext"]["privileged"] is True
@@ -121,7 +123,7 @@ def test_base_driver_objects() -> None:
 def test_images_and_flags_match_the_code(path: str) -> None:
     parser = build_parser(_extensions())
     containers = ocimodel_containers(render(path))
-    assert len(containers) == 3
+    assert len(containers) == 4
     for _, container in containers:
         assert container["image"] == IMAGE
         args = [re.sub(r"\$\((\w+)\)", "value", a) for a in container["args"]]

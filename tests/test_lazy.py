@@ -9,6 +9,7 @@ import mmap
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -244,3 +245,36 @@ def test_uncompressed_tar_is_lazy_and_compressed_tar_appears_when_pulled(csi: Cs
         fixtures.host, proxy.host)))
     assert os.listdir(tgz_target) == ["c.txt"]  # waits for the layer
     assert (tgz_target / "c.txt").read_bytes() == b"sea"
+
+
+def test_helpers_hosted_by_a_launcher_outlive_the_driver(tmp_path: Path, big, proxy_factory) -> None:
+    name, data = big
+    socket_path = tmp_path / "launcher" / "fuse.sock"
+    launcher = subprocess.Popen([sys.executable, "-m", "ocimodel.cli", "fuse-launcher", "--socket", str(socket_path)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until(socket_path.exists, 20)
+    assert socket_path.stat().st_mode & 0o077 == 0
+    csi = CsiProcess(tmp_path / "driver", "--fuse-launcher", str(socket_path))
+    proxy = proxy_factory(1_000_000)
+    target = tmp_path / "mnt"
+    request = lazy_request("lazy-7", target, f"{proxy.host}/{name}")
+    try:
+        csi.node.NodePublishVolume(request)
+        record = next((csi.root / "csi" / "publications").glob("*.json")).read_text()
+        helper = int(record.split('"helper_pid": ')[1].split(",")[0].split("\n")[0])
+        parent = int(Path(f"/proc/{helper}/stat").read_text().split(") ")[1].split()[1])
+        assert parent == launcher.pid  # the driver does not own the helper
+        csi.stop(signal.SIGKILL)
+        with open(target / "weights.safetensors", "rb") as handle:
+            handle.seek(SIZE - 4096)
+            assert handle.read() == data[-4096:]
+        csi.start()
+        assert f"re-attached lazy mount at {target}" in csi.log_text()
+        csi.node.NodePublishVolume(request)
+        csi.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id="lazy-7", target_path=str(target)))
+        assert not is_mounted(target)
+        wait_until(lambda: not Path(f"/proc/{helper}").exists(), 20)  # exited and reaped by the launcher
+    finally:
+        csi.stop()
+        launcher.terminate()
+        launcher.wait(10)
