@@ -8,13 +8,18 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import os
+import shutil
+import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from modelcache.errors import Kind, ModelCacheError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -65,13 +70,24 @@ class CredentialStore:
     """Credentials by registry host; later sources override earlier ones."""
 
     by_host: dict[str, Credentials] = field(default_factory=dict, repr=False)
+    helpers: dict[str, str] = field(default_factory=dict)
+    default_helper: str = ""
 
     def __repr__(self) -> str:
-        return f"CredentialStore(hosts={sorted(self.by_host)})"
+        return f"CredentialStore(hosts={sorted(self.by_host)}, helpers={sorted(self.helpers)})"
 
     def lookup(self, host: str) -> Credentials | None:
-        """Credentials for ``host`` (``docker.io`` aliases folded), or None."""
-        return self.by_host.get(_host_key(host))
+        """Credentials for ``host`` (``docker.io`` aliases folded): a static entry, else what the host's
+        Docker credential helper (``credHelpers`` / ``credsStore``) answers, or None."""
+        key = _host_key(host)
+        found = self.by_host.get(key)
+        if found is None:
+            helper = self.helpers.get(key) or self.default_helper
+            if helper:
+                found = _ask_helper(helper, key)
+                if found is not None:
+                    self.by_host[key] = found
+        return found
 
     def add(self, host: str, credentials: Credentials) -> None:
         """Set the credentials for ``host``."""
@@ -80,9 +96,13 @@ class CredentialStore:
     def merged(self, other: CredentialStore | None) -> CredentialStore:
         """A new store with ``other``'s entries on top of this one's."""
         combined = dict(self.by_host)
+        helpers = dict(self.helpers)
+        default = self.default_helper
         if other is not None:
             combined.update(other.by_host)
-        return CredentialStore(combined)
+            helpers.update(other.helpers)
+            default = other.default_helper or default
+        return CredentialStore(combined, helpers, default)
 
     def to_docker_config(self) -> dict[str, Any]:
         """A Docker config document holding these credentials (to hand to a helper through a pipe)."""
@@ -107,7 +127,15 @@ class CredentialStore:
         if not isinstance(auths, Mapping):
             raise ModelCacheError(f"{source}: 'auths' is not an object", kind=Kind.INVALID_ARGUMENT)
         for host, entry in auths.items():
-            self.add(host, _decode_entry(host, entry))
+            if entry:
+                self.add(host, _decode_entry(host, entry))
+        helpers = data.get("credHelpers", {})
+        if not isinstance(helpers, Mapping):
+            raise ModelCacheError(f"{source}: 'credHelpers' is not an object", kind=Kind.INVALID_ARGUMENT)
+        for host, helper in helpers.items():
+            self.helpers[_host_key(host)] = str(helper)
+        if data.get("credsStore"):
+            self.default_helper = str(data["credsStore"])
 
     @classmethod
     def from_docker_config_file(cls, path: str | os.PathLike[str]) -> CredentialStore:
@@ -117,6 +145,32 @@ class CredentialStore:
         if file.is_file():
             store.add_docker_config(file.read_bytes(), source=str(file))
         return store
+
+
+def _ask_helper(helper: str, host: str) -> Credentials | None:
+    """Run ``docker-credential-<helper> get`` for ``host``; None when it has nothing (or is missing)."""
+    program = shutil.which(f"docker-credential-{helper}")
+    if program is None:
+        log.warning("docker credential helper docker-credential-%s is not installed", helper)
+        return None
+    for server in (host, f"https://{host}"):
+        try:
+            proc = subprocess.run([program, "get"], input=server, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.warning("docker credential helper %s failed: %s", helper, type(exc).__name__)
+            return None
+        if proc.returncode != 0:
+            continue
+        try:
+            answer = json.loads(proc.stdout)
+        except ValueError:
+            log.warning("docker credential helper %s answered something that is not JSON", helper)
+            return None
+        username, secret = str(answer.get("Username", "")), str(answer.get("Secret", ""))
+        if username == "<token>":
+            return Credentials(identity_token=secret)
+        return Credentials(username, secret)
+    return None
 
 
 def default_docker_config_path() -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -105,3 +106,27 @@ def test_library_logging_has_no_secret(auth_fixtures: Fixtures, cache_root: Path
     encoded = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
     assert caplog.records
     assert PASSWORD not in caplog.text and encoded not in caplog.text
+
+
+def test_docker_credential_helper(auth_fixtures: Fixtures, cache_root: Path, tmp_path: Path) -> None:
+    auth_fixtures.raw_model("private/helper:v1", {"w": b"via helper"})
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    asked = tmp_path / "asked"
+    helper = bin_dir / "docker-credential-ocitest"
+    helper.write_text("#!/bin/sh\n"
+                      f"read server; echo \"$1 $server\" >> {asked}\n"
+                      f"echo '{{\"ServerURL\": \"'$server'\", \"Username\": \"{USER}\", \"Secret\": \"{PASSWORD}\"}}'\n")
+    helper.chmod(0o755)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"auths": {}, "credHelpers": {auth_fixtures.host: "ocitest"}}))
+    env_path = os.environ["PATH"]
+    os.environ["PATH"] = f"{bin_dir}:{env_path}"
+    try:
+        store = CredentialStore.from_docker_config_file(config)
+        cache = ModelCache(ContentStore(cache_root), make_client(credentials=store))
+        assert (cache.pull(auth_fixtures.ref("private/helper:v1")).path / "w").read_bytes() == b"via helper"
+    finally:
+        os.environ["PATH"] = env_path
+    assert asked.read_text().strip() == f"get {auth_fixtures.host}"
+    assert PASSWORD not in repr(store)
