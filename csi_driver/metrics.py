@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
+from modelcache.metrics import PullMetrics
+
 
 class CsiMetrics:
     """Counts and times every RPC; served on its own port when an address is given."""
@@ -15,6 +17,7 @@ class CsiMetrics:
         self.latency = Histogram("ocimodel_csi_operation_duration_seconds", "CSI RPC latency", ["method"],
                                  buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5, 30, 120),
                                  registry=self.registry)
+        self.pulls = PullMetrics(self.registry)
         self.port = 0
 
     def observe(self, method: str, code: str, seconds: float) -> None:

@@ -10,6 +10,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from csi_driver.metrics import CsiMetrics
 from modelcache.credentials import CredentialStore
 from modelcache.errors import Kind, ModelCacheError
 from modelcache.pull import ModelCache, Progress, PullOptions, PullResult
@@ -39,8 +40,9 @@ class _Job:
 class PullManager:
     """Runs pulls on a bounded pool, one per (reference, options, credentials) at a time."""
 
-    def __init__(self, settings: Settings, *, max_parallel: int = 4) -> None:
+    def __init__(self, settings: Settings, *, max_parallel: int = 4, metrics: CsiMetrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.cache = settings.cache()
         self._pool = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="pull")
         self._jobs: dict[tuple[str, str, str], _Job] = {}
@@ -77,6 +79,8 @@ class PullManager:
                 self._jobs[key] = job
                 future.add_done_callback(functools.partial(self._finished, key, job))
                 log.info("started pull of %s", reference)
+                if self.metrics:
+                    self.metrics.pulls.started.inc()
         try:
             return job.future.result(timeout=max(wait, 0.0))
         except TimeoutError:
@@ -105,10 +109,14 @@ class PullManager:
             if self._jobs.get(key) is job:
                 del self._jobs[key]
         error = job.future.exception()
+        elapsed = time.monotonic() - job.started
         if error:
-            log.warning("pull of %s failed after %.1f s: %s", key[0], time.monotonic() - job.started, error)
+            log.warning("pull of %s failed after %.1f s: %s", key[0], elapsed, error)
         else:
-            log.info("pull of %s finished in %.1f s", key[0], time.monotonic() - job.started)
+            log.info("pull of %s finished in %.1f s", key[0], elapsed)
+        if self.metrics:
+            kind = error.kind.name if isinstance(error, ModelCacheError) else ("INTERNAL" if error else None)
+            self.metrics.pulls.finished(elapsed, job.progress.downloaded_bytes, kind)
 
     def check_access(self, result: PullResult, credentials: CredentialStore | None) -> None:
         """Make sure the caller's own credentials may read a model that needed auth to pull.

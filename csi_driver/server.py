@@ -164,7 +164,7 @@ def build_driver(settings: Settings, *, endpoint: str, node_id: str, mode: str, 
     csi_pb2_grpc.add_IdentityServicer_to_server(identity, server)
     node = pulls = controller = None
     if serves_node:
-        pulls = PullManager(settings)
+        pulls = PullManager(settings, metrics=metrics)
         warm_requests = WarmRequests(settings.root)
 
         def request_warm(publication: Publication, spec: VolumeSpec) -> None:

@@ -284,7 +284,7 @@ class Agent:
                     return
                 except ModelCacheError as exc:
                     tracked.phase = "Failed"
-                    self.metrics.pulls_failed.labels(reason=exc.kind.name).inc()
+                    self.metrics.pulls.finished(0.0, 0, exc.kind.name)
                     await self._apply_status(spec.namespace, spec.name, {"phase": "Failed", "message": str(exc)})
                     await self._event(spec, "PullFailed", f"node {self.config.node_name}: {exc}", warning=True)
                     if exc.kind not in RETRY_KINDS:
@@ -309,7 +309,7 @@ class Agent:
             cache = ModelCache(self.cache.store, RegistryClient(self.config.settings.transport(credentials)),
                                workers=self.config.settings.pull_workers)
         progress = Progress()
-        self.metrics.pulls_started.inc()
+        self.metrics.pulls.started.inc()
         started = trio.current_time()
         reporter = trio.CancelScope()
 
@@ -324,9 +324,7 @@ class Agent:
                                                     limiter=self.pull_limiter)
         finally:
             reporter.cancel()
-        self.metrics.pull_seconds.observe(trio.current_time() - started)
-        self.metrics.pulls_succeeded.inc()
-        self.metrics.bytes_pulled.inc(result.downloaded_bytes)
+        self.metrics.pulls.finished(trio.current_time() - started, result.downloaded_bytes, None)
         tracked.result = result
         if spec.pin:
             self.pins.pin(spec.owner, result.record.key)

@@ -114,9 +114,8 @@ def test_docker_credential_helper(auth_fixtures: Fixtures, cache_root: Path, tmp
     bin_dir.mkdir()
     asked = tmp_path / "asked"
     helper = bin_dir / "docker-credential-ocitest"
-    helper.write_text("#!/bin/sh\n"
-                      f"read server; echo \"$1 $server\" >> {asked}\n"
-                      f"echo '{{\"ServerURL\": \"'$server'\", \"Username\": \"{USER}\", \"Secret\": \"{PASSWORD}\"}}'\n")
+    answer = json.dumps({"Username": USER, "Secret": PASSWORD})
+    helper.write_text(f"#!/bin/sh\nread server; echo \"$1 $server\" >> {asked}\necho '{answer}'\n")
     helper.chmod(0o755)
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"auths": {}, "credHelpers": {auth_fixtures.host: "ocitest"}}))

@@ -347,3 +347,28 @@ def test_orphaned_mounts_are_reported_at_start(csi: CsiProcess, tmp_path: Path, 
     csi.start()
     assert f"orphaned mount at {t}" in csi.log_text()
     subprocess.run(["umount", str(t)], check=True)
+
+
+def test_metrics_count_operations_and_pulls(tmp_path: Path, model) -> None:
+    import re
+    import socket
+
+    import requests
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    csi = CsiProcess(tmp_path, "--metrics-address", f"127.0.0.1:{port}")
+    try:
+        t = target(tmp_path)
+        csi.node.NodePublishVolume(publish_request("vol-m", t, model[0]))
+        code_of(csi.node.NodePublishVolume, publish_request("vol-m", t, "Bad Ref"))
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        assert re.search(r'^ocimodel_csi_operations_total\{code="OK",method="NodePublishVolume"\} 1\.0$', text, re.M)
+        assert re.search(r'^ocimodel_csi_operations_total\{code="INVALID_ARGUMENT",method="NodePublishVolume"\} 1',
+                         text, re.M)
+        assert re.search(r"^ocimodel_pulls_succeeded_total 1\.0$", text, re.M)
+        assert re.search(r"^ocimodel_pulled_bytes_total [1-9]", text, re.M)
+        assert 'ocimodel_csi_operation_duration_seconds_bucket{le="0.005",method="NodePublishVolume"}' in text
+        csi.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id="vol-m", target_path=str(t)))
+    finally:
+        csi.stop()
