@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,4 +120,23 @@ def collect_garbage(cache: ModelCache, *, dry_run: bool = False) -> GcReport:
                 record_file.unlink(missing_ok=True)
         if not dry_run:
             store.clear_partials()
+        report.temporary += _orphan_chunk_files(store.root / "lazy", dry_run)
     return report
+
+
+def _orphan_chunk_files(directory: Path, dry_run: bool) -> list[str]:
+    """Chunk files of lazy mounts whose helper is gone (no one holds their lock)."""
+    removed = []
+    for part in sorted(directory.glob("*.part")) if directory.is_dir() else []:
+        fd = os.open(part, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            removed.append(part.name)
+            if not dry_run:
+                part.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+    return removed

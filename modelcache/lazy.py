@@ -14,6 +14,7 @@ Strict mode serves a file only once its blob is verified and committed.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import stat
@@ -91,6 +92,7 @@ class ChunkCache:
         self.lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)  # held while in use: gc removes only unlocked leftovers
         os.ftruncate(self.fd, size)
 
     def close(self) -> None:

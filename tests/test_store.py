@@ -112,3 +112,20 @@ def test_cache_root_is_private(store: ContentStore) -> None:
     for sub in (store.ingest_dir, store.locks, store.models):
         assert sub.stat().st_mode & 0o077 == 0
     assert store.root.stat().st_mode & 0o044 == 0  # others cannot list the cache
+
+
+def test_gc_removes_only_abandoned_lazy_chunk_files(tmp_path: Path) -> None:
+    from modelcache.gc import collect_garbage
+    from modelcache.lazy import ChunkCache
+    from modelcache.pull import ModelCache
+    cache = ModelCache(ContentStore(tmp_path / "root"))
+    lazy_dir = cache.store.root / "lazy"
+    in_use = ChunkCache(lazy_dir / "sha256-aaaa.part", 1 << 20)
+    abandoned = lazy_dir / "sha256-bbbb.part"
+    abandoned.write_bytes(b"left by a killed helper")
+    try:
+        report = collect_garbage(cache)
+        assert report.temporary == ["sha256-bbbb.part"]
+        assert not abandoned.exists() and in_use.path.exists()
+    finally:
+        in_use.close()
