@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -50,12 +51,10 @@ def make_shards(directory: Path, shards: int, shard_bytes: int) -> Path:
 
 
 def _hwm(pid: int) -> int:
-    try:
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError, ValueError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
-    except (FileNotFoundError, ProcessLookupError, ValueError):
-        pass
     return 0
 
 

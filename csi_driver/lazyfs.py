@@ -21,13 +21,11 @@ import trio
 from modelcache.credentials import CredentialStore
 from modelcache.errors import Kind, ModelCacheError
 from modelcache.lazy import LazyModel, Node
-from modelcache.mounts import bind_mount_readonly, is_mountpoint, unmount
-from modelcache.pull import ModelCache, PullOptions
+from modelcache.mounts import bind_mount_readonly, unmount_all
+from modelcache.pull import PullOptions
 from modelcache.reference import parse_reference
-from modelcache.registry import RegistryClient
 from modelcache.settings import Settings
-from modelcache.store import ContentStore
-from modelcache.transport import RetryPolicy, Transport
+from modelcache.transport import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -222,9 +220,7 @@ def helper_main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.from_mapping(job["settings"], "lazy job")
         credentials = CredentialStore()
         credentials.add_docker_config(job.get("docker_config") or {"auths": {}}, source="lazy job credentials")
-        transport = Transport(settings.hosts, settings.credentials().merged(credentials), LAZY_RETRY)
-        cache = ModelCache(ContentStore(settings.root), RegistryClient(transport), workers=settings.pull_workers,
-                           expand_ratio=settings.max_expand_ratio)
+        cache = settings.cache(credentials, LAZY_RETRY)
         options = PullOptions(tuple(job.get("include", ())), tuple(job.get("exclude", ())), job.get("path"))
         resolved = cache.client.resolve(parse_reference(job["reference"]))
         model = LazyModel(cache, resolved, options, strict=bool(job.get("strict")))
@@ -241,7 +237,7 @@ def helper_main(argv: Sequence[str] | None = None) -> int:
         print(f"READY {files} {total}", flush=True)
         sys.stdout.close()
 
-    signal.signal(signal.SIGTERM, lambda *_: _unmount_all(target))
+    signal.signal(signal.SIGTERM, lambda *_: unmount_all(target, lazy=True))
     try:
         serve(model, target, ready=announce)
     finally:
@@ -257,9 +253,3 @@ def _walk_files(node: Node) -> list[Node]:
         elif child.kind == "dir":
             result.extend(_walk_files(child))
     return result
-
-
-def _unmount_all(target: Path) -> None:
-    while is_mountpoint(target):
-        if not unmount(target, lazy=True):
-            break

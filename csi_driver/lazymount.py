@@ -23,7 +23,7 @@ from typing import Any
 
 from modelcache.credentials import CredentialStore
 from modelcache.errors import Kind, ModelCacheError
-from modelcache.mounts import mount_table, unmount
+from modelcache.mounts import mount_table, unmount_all
 from modelcache.pull import PullOptions
 from modelcache.settings import Settings
 
@@ -178,9 +178,7 @@ def stale_fuse_mounts(known: set[str]) -> list[str]:
 
 def detach(target: str) -> None:
     """Lazily unmount everything stacked at ``target``."""
-    for _ in range(8):
-        if not unmount(target, lazy=True):
-            break
+    unmount_all(target, lazy=True)
     with contextlib.suppress(OSError):
         Path(target).rmdir()
 

@@ -28,7 +28,7 @@ from csi_driver.pulls import PullManager, PullPending
 from csi_driver.volumes import Publication, VolumeState
 from modelcache.credentials import CredentialStore
 from modelcache.errors import ModelCacheError
-from modelcache.mounts import bind_mount_readonly, is_mountpoint, mount_table, mounts_at, unmount
+from modelcache.mounts import bind_mount_readonly, is_mountpoint, mounts_at, mounts_of, unmount_all
 from modelcache.pull import PullResult, tree_key
 
 log = logging.getLogger(__name__)
@@ -206,8 +206,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 raise CsiError(grpc.StatusCode.NOT_FOUND,
                                f"volume {request.volume_id} is not published at {target} ({record.volume_id} is)")
             try:
-                while is_mountpoint(target):
-                    unmount(target)
+                unmount_all(target)
             except OSError as exc:
                 raise CsiError(grpc.StatusCode.INTERNAL, f"unmounting {target}: {exc}") from None
             if record is not None and record.helper_pid and self.lazy is not None:
@@ -243,15 +242,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     def orphans(self) -> list[str]:
         """Mount points that show a tree of our cache but have no record (reported at start-up)."""
-        trees = str(self.pulls.cache.store.trees)
         known = {p.target_path for p in self.state.all()}
-        suffix = "/" + Path(trees).name + "/"
-        found = []
-        for mount in mount_table():
-            if suffix in mount.root + "/" and mount.mountpoint not in known and mount.mountpoint != trees \
-                    and not mount.mountpoint.startswith(trees):
-                found.append(mount.mountpoint)
-        return found
+        return [m.mountpoint for m in mounts_of(self.pulls.cache.store.trees, inside=True)
+                if m.mountpoint not in known]
 
     def stale_records(self) -> list[str]:
         """Records whose target is no longer mounted (reported at start-up)."""
@@ -292,6 +285,6 @@ def _remove_dir(path: str) -> None:
     try:
         os.rmdir(path)
     except FileNotFoundError:
-        pass
+        return
     except OSError as exc:
         log.warning("could not remove %s: %s", path, exc)

@@ -49,11 +49,7 @@ class PullManager:
         self._lock = threading.Lock()
 
     def _cache_for(self, credentials: CredentialStore | None) -> ModelCache:
-        if credentials is None:
-            return self.cache
-        transport = self.settings.transport(credentials)
-        return ModelCache(self.cache.store, RegistryClient(transport), workers=self.settings.pull_workers,
-                          expand_ratio=self.settings.max_expand_ratio)
+        return self.cache if credentials is None else self.settings.cache(credentials)
 
     def cached(self, reference: Reference, options: PullOptions) -> PullResult | None:
         """A digest-pinned reference already in the cache (no network)."""

@@ -60,19 +60,37 @@ def is_mountpoint(path: Path | str) -> bool:
     return bool(mounts_at(path))
 
 
-def mounts_of(source_dir: Path | str) -> list[MountInfo]:
-    """Bind mounts whose source is ``source_dir`` (matched by device and path inside the filesystem)."""
-    source = os.path.realpath(source_dir)
-    try:
-        st = os.stat(source)
-    except FileNotFoundError:
+def _fs_location(path: Path | str) -> tuple[str, str] | None:
+    """``(device, path inside its filesystem)`` of ``path``, from the mount that contains it."""
+    real = os.path.realpath(path)
+    if not os.path.exists(real):
+        return None
+    best: MountInfo | None = None
+    for mount in mount_table():
+        point = mount.mountpoint.rstrip("/") or "/"
+        if (real == point or real.startswith(point.rstrip("/") + "/")) and \
+                (best is None or len(point) >= len(best.mountpoint)):
+            best = mount
+    if best is None:
+        return None
+    inner = real[len(best.mountpoint.rstrip("/")):] or "/"
+    return best.device, os.path.normpath(best.root.rstrip("/") + "/" + inner.lstrip("/"))
+
+
+def mounts_of(source_dir: Path | str, *, inside: bool = False) -> list[MountInfo]:
+    """Other mounts that show ``source_dir`` (or, with ``inside``, anything below it), matched by device
+    and path inside the filesystem."""
+    location = _fs_location(source_dir)
+    if location is None:
         return []
-    device = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    device, fs_path = location
+    own = os.path.realpath(source_dir)
     result = []
     for mount in mount_table():
-        if mount.device != device or mount.mountpoint == source:
+        if mount.device != device or mount.mountpoint == own or mount.mountpoint.startswith(own + "/"):
             continue
-        if mount.root != "/" and (source == mount.root or source.endswith(mount.root)):
+        root = os.path.normpath(mount.root)
+        if root == fs_path or (inside and root.startswith(fs_path + "/")):
             result.append(mount)
     return result
 
@@ -93,6 +111,13 @@ def bind_mount_readonly(source: Path | str, target: Path | str) -> None:
         err = ctypes.get_errno()
         _libc.umount2(dst, MNT_DETACH)
         raise OSError(err, f"remount {target} read-only: {os.strerror(err)}")
+
+
+def unmount_all(target: Path | str, *, lazy: bool = False) -> None:
+    """Unmount everything stacked at ``target`` (e.g. a bind mount over a FUSE mount)."""
+    while is_mountpoint(target):
+        if not unmount(target, lazy=lazy):
+            return
 
 
 def unmount(target: Path | str, *, lazy: bool = False) -> bool:

@@ -92,12 +92,12 @@ class Settings:
         """Node-wide credentials from the Docker config file."""
         return CredentialStore.from_docker_config_file(self.docker_config or default_docker_config_path())
 
-    def transport(self, extra: CredentialStore | None = None) -> Transport:
+    def transport(self, extra: CredentialStore | None = None, retry: RetryPolicy | None = None) -> Transport:
         """A transport with node credentials, overridden by ``extra``."""
         return Transport(self.hosts, self.credentials().merged(extra),
-                         RetryPolicy(read_timeout=self.read_timeout))
+                         retry or RetryPolicy(read_timeout=self.read_timeout))
 
-    def cache(self, extra: CredentialStore | None = None) -> ModelCache:
+    def cache(self, extra: CredentialStore | None = None, retry: RetryPolicy | None = None) -> ModelCache:
         """A :class:`ModelCache` on ``root`` talking through :meth:`transport`."""
-        return ModelCache(ContentStore(self.root), RegistryClient(self.transport(extra)),
+        return ModelCache(ContentStore(self.root), RegistryClient(self.transport(extra, retry)),
                           workers=self.pull_workers, expand_ratio=self.max_expand_ratio)

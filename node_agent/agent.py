@@ -20,10 +20,9 @@ from modelcache.credentials import CredentialStore
 from modelcache.errors import Kind, ModelCacheError
 from modelcache.eviction import evict
 from modelcache.gc import usage
-from modelcache.mounts import mount_table
+from modelcache.mounts import mounts_of
 from modelcache.pins import Pins, WarmRequests
 from modelcache.pull import ModelCache, Progress, PullOptions, PullResult
-from modelcache.registry import RegistryClient
 from modelcache.settings import Settings
 from node_agent import GROUP, KIND, PLURAL, VERSION
 from node_agent.metrics import AgentMetrics
@@ -304,10 +303,7 @@ class Agent:
                                  {"phase": "Pulling", "message": f"pulling {spec.reference}"})
         await self._event(spec, "Pulling", f"pulling {spec.reference} to node {self.config.node_name}")
         credentials = await self._kube(self._credentials, spec) if spec.pull_secrets else None
-        cache = self.cache
-        if credentials is not None:
-            cache = ModelCache(self.cache.store, RegistryClient(self.config.settings.transport(credentials)),
-                               workers=self.config.settings.pull_workers)
+        cache = self.cache if credentials is None else self.config.settings.cache(credentials)
         progress = Progress()
         self.metrics.pulls.started.inc()
         started = trio.current_time()
@@ -377,8 +373,7 @@ class Agent:
         """Refresh the cache, mount and page-cache gauges."""
         def measure() -> tuple[Any, int, int]:
             measured = usage(self.cache)
-            trees = str(self.cache.store.trees)
-            mounts = sum(1 for m in mount_table() if f"/{Path(trees).name}/" in m.root + "/")
+            mounts = len(mounts_of(self.cache.store.trees, inside=True))
             resident = sum(pagecache.report([p]).resident_bytes for p in self.warmed.values() if p.exists())
             return measured, mounts, resident
         measured, mounts, resident = await self._thread(measure)
