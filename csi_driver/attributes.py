@@ -18,10 +18,17 @@ SUPPORTED_MODES = frozenset({Mode.SINGLE_NODE_WRITER, Mode.SINGLE_NODE_READER_ON
                              Mode.SINGLE_NODE_SINGLE_WRITER})
 MOUNT_TYPES = ("bind", "lazy")
 EPHEMERAL_KEY = "csi.storage.k8s.io/ephemeral"
-POD_KEYS = ("csi.storage.k8s.io/pod.name", "csi.storage.k8s.io/pod.namespace", "csi.storage.k8s.io/pod.uid",
-            "csi.storage.k8s.io/serviceAccount.name")
-KNOWN_ATTRIBUTES = frozenset({"reference", "mount", "include", "exclude", "path", "warm", "lazyVerify", EPHEMERAL_KEY,
-                              *POD_KEYS})
+POD_NAMESPACE_KEY, POD_NAME_KEY, POD_UID_KEY = ("csi.storage.k8s.io/pod.namespace", "csi.storage.k8s.io/pod.name",
+                                               "csi.storage.k8s.io/pod.uid")
+KNOWN_ATTRIBUTES = ("reference", "mount", "include", "exclude", "path", "warm", "lazyVerify")
+# Kubernetes owns every key under these prefixes (kubelet's pod info, the external-provisioner's
+# csiProvisionerIdentity and --extra-create-metadata keys, and whatever they add later): never an error.
+RESERVED_PREFIXES = ("csi.storage.k8s.io/", "storage.kubernetes.io/")
+
+
+def unknown_keys(context: Mapping[str, str]) -> list[str]:
+    """Keys that are neither ours nor under a prefix Kubernetes reserves (typos such as ``refrence``)."""
+    return sorted(k for k in context if k not in KNOWN_ATTRIBUTES and not k.startswith(RESERVED_PREFIXES))
 
 
 @dataclass(frozen=True)
@@ -41,15 +48,21 @@ class VolumeSpec:
         return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
+def pod_of(context: Mapping[str, str]) -> tuple[str, str, str]:
+    """``(namespace, name, uid)`` of the pod a volume is for (kubelet sends them with podInfoOnMount)."""
+    return context.get(POD_NAMESPACE_KEY, ""), context.get(POD_NAME_KEY, ""), context.get(POD_UID_KEY, "")
+
+
 def _globs(value: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in value.split(",") if p.strip())
 
 
 def parse_volume_context(context: Mapping[str, str], *, lazy_supported: bool = False) -> VolumeSpec:
     """Validate ``volumeAttributes`` (or StorageClass parameters); raise INVALID_ARGUMENT with a reason."""
-    unknown = sorted(k for k in context if k not in KNOWN_ATTRIBUTES and not k.startswith("csi.storage.k8s.io/"))
+    unknown = unknown_keys(context)
     if unknown:
-        raise invalid(f"unknown volume attributes {unknown}; known: reference, mount, include, exclude, path, warm")
+        raise invalid(f"unknown volume attributes {unknown}; known: {', '.join(KNOWN_ATTRIBUTES)} "
+                      f"(and any key under {' or '.join(RESERVED_PREFIXES)})")
     text = context.get("reference", "").strip()
     if not text:
         raise invalid("volume attribute 'reference' is required (e.g. registry.example.com/models/name:tag)")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from typing import Any
 
@@ -34,7 +35,7 @@ def register(sub: Any) -> None:
     csi.add_argument("--metrics-address", default="", help="host:port for Prometheus metrics ('' = off)")
     csi.add_argument("--kubeconfig", default="", help="kubeconfig for PVC lookups ('' = in-cluster, 'none' = off)")
     add_node_options(csi)
-    csi.set_defaults(handler=_lazy("cmd_csi"))
+    csi.set_defaults(handler=_lazy("cmd_csi"), log_level=logging.INFO)
 
     mount = sub.add_parser("mount", help="mount a model read-only at a directory (no Kubernetes needed)")
     mount.add_argument("reference")
@@ -52,7 +53,7 @@ def register(sub: Any) -> None:
 
     launcher = sub.add_parser("fuse-launcher", help="host lazy-mount helpers for the CSI driver (own container)")
     launcher.add_argument("--socket", required=True, help="unix socket path (created mode 0600)")
-    launcher.set_defaults(handler=_lazy("cmd_fuse_launcher"))
+    launcher.set_defaults(handler=_lazy("cmd_fuse_launcher"), log_level=logging.INFO)
 
     umount = sub.add_parser("umount", help="unmount a model mounted with 'ocimodel mount'")
     umount.add_argument("target")

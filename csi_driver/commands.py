@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import os
 import socket
 import sys
@@ -19,6 +20,7 @@ from csi_driver.pulls import PullManager
 from csi_driver.server import build_driver, serve_forever
 from csi_driver.volumes import VolumeState
 from modelcache.cliopts import settings_from_args
+from modelcache.errors import ModelCacheError
 
 Mode = csi_pb2.VolumeCapability.AccessMode.Mode
 
@@ -26,13 +28,22 @@ Mode = csi_pb2.VolumeCapability.AccessMode.Mode
 def cmd_csi(args: argparse.Namespace) -> int:
     """Run the CSI plugin until SIGTERM."""
     settings = settings_from_args(args)
-    pvc_lookup = None
-    if args.mode in ("controller", "all") and args.kubeconfig != "none":
+    pvc_lookup = create_event = None
+    if args.kubeconfig != "none":
         from kubeadapter.client import KubeClient
-        pvc_lookup = KubeClient.connect(args.kubeconfig or None).pvc_annotation
+        try:
+            kube = KubeClient.connect(args.kubeconfig or None)
+        except ModelCacheError as exc:
+            if args.kubeconfig:  # asked for explicitly: a broken kubeconfig is an error
+                raise SystemExit(f"ocimodel csi: {exc}") from None
+            logging.getLogger(__name__).warning(
+                "no Kubernetes API access (%s): running without PVC annotation lookups and pod events; "
+                "pass --kubeconfig=none to silence this", exc)
+        else:
+            pvc_lookup, create_event = kube.pvc_annotation, kube.create_event
     driver = build_driver(settings, endpoint=args.endpoint, node_id=args.node_id or socket.gethostname(),
                           mode=args.mode, state_dir=Path(args.state_dir) if args.state_dir else None,
-                          publish_wait=args.publish_wait, pvc_annotation=pvc_lookup,
+                          publish_wait=args.publish_wait, pvc_annotation=pvc_lookup, create_event=create_event,
                           metrics_address=args.metrics_address, fuse_launcher=args.fuse_launcher)
     serve_forever(driver)
     return 0
@@ -46,10 +57,7 @@ def _local_node(args: argparse.Namespace) -> NodeService:
 
 def cmd_fuse_launcher(args: argparse.Namespace) -> int:
     """Host lazy-mount helpers until SIGTERM."""
-    import logging
-
     from csi_driver.lazymount import serve_launcher
-    logging.getLogger().setLevel(logging.INFO)
     serve_launcher(Path(args.socket))
     return 0
 

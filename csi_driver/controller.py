@@ -18,6 +18,7 @@ from csi_driver.attributes import (
     check_capability,
     credentials_from_secrets,
     parse_volume_context,
+    unknown_keys,
 )
 from csi_driver.errors import CsiError, from_core, invalid
 from csi_driver.proto import csi_pb2, csi_pb2_grpc
@@ -127,9 +128,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
 
     def _resolve(self, request: csi_pb2.CreateVolumeRequest, volume_id: str, fingerprint: str) -> VolumeRecord:
         parameters = dict(request.parameters)
-        unknown = sorted(k for k in parameters if k not in KNOWN_ATTRIBUTES and not k.startswith("csi.storage.k8s.io/"))
+        unknown = unknown_keys(parameters)
         if unknown:
-            raise invalid(f"unknown StorageClass parameters {unknown}")
+            raise invalid(f"unknown StorageClass parameters {unknown}; known: {', '.join(KNOWN_ATTRIBUTES)}")
         context = {k: v for k, v in parameters.items() if k in PASSED_THROUGH}
         context["reference"] = self._reference(parameters)
         spec = parse_volume_context(context, lazy_supported=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -16,10 +17,14 @@ from modelcache import __version__
 
 
 class IdentityService(csi_pb2_grpc.IdentityServicer):
-    """Identity RPCs. ``ready`` is set once start-up (store check, orphan scan) has finished."""
+    """Identity RPCs. ``ready`` is set once start-up (store check, orphan scan) has finished.
 
-    def __init__(self, root: Path, *, needs_mounts: bool) -> None:
-        self.root = root
+    Probe checks only what the running mode needs: ``state_dirs`` (the node's cache root, the
+    controller's state directory) must be writable directories, and a node plugin must be able to mount.
+    """
+
+    def __init__(self, state_dirs: Sequence[Path], *, needs_mounts: bool) -> None:
+        self.state_dirs = tuple(state_dirs)
         self.needs_mounts = needs_mounts
         self.ready = threading.Event()
 
@@ -42,8 +47,9 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
                 raise CsiError(grpc.StatusCode.FAILED_PRECONDITION, "/proc/self/mountinfo is not readable")
         if not self.ready.is_set():
             return False
-        if not (self.root.is_dir() and os.access(self.root, os.W_OK)):
-            raise CsiError(grpc.StatusCode.FAILED_PRECONDITION, f"cache root {self.root} is not a writable directory")
+        for directory in self.state_dirs:
+            if not (directory.is_dir() and os.access(directory, os.W_OK)):
+                raise CsiError(grpc.StatusCode.FAILED_PRECONDITION, f"{directory} is not a writable directory")
         return True
 
     def Probe(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802

@@ -64,6 +64,16 @@ def alive(pid: int) -> bool:
         return False
 
 
+def helper_alive(pid: int) -> bool:
+    """True when ``pid`` is a live lazy-mount helper (a new pod may have reused the number for another process)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            command = handle.read().split(b"\0")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return alive(pid) and b"fuse-serve" in command
+
+
 def _first_line(process: subprocess.Popen[bytes], timeout: float) -> str:
     assert process.stdout is not None
     selector = selectors.DefaultSelector()
@@ -176,11 +186,12 @@ def stale_fuse_mounts(known: set[str]) -> list[str]:
             if m.fstype == FUSE_TYPE and m.mountpoint not in known and not healthy(m.mountpoint)]
 
 
-def detach(target: str) -> None:
-    """Lazily unmount everything stacked at ``target``."""
+def detach(target: str, *, remove: bool = True) -> None:
+    """Lazily unmount everything stacked at ``target``; then remove the (empty) directory unless not ``remove``."""
     unmount_all(target, lazy=True)
-    with contextlib.suppress(OSError):
-        Path(target).rmdir()
+    if remove:
+        with contextlib.suppress(OSError):
+            Path(target).rmdir()
 
 
 def serve_launcher(path: Path) -> None:

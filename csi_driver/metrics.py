@@ -18,6 +18,9 @@ class CsiMetrics:
                                  buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5, 30, 120),
                                  registry=self.registry)
         self.pulls = PullMetrics(self.registry)
+        self.lazy_restores = Counter("ocimodel_csi_lazy_restores", "Lazy volumes whose FUSE helper was gone at "
+                                     "start-up, by outcome (bind, helper, failed)", ["outcome"],
+                                     registry=self.registry)
         self.port = 0
 
     def observe(self, method: str, code: str, seconds: float) -> None:

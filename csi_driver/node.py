@@ -6,6 +6,8 @@ persist the record.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import time
@@ -19,17 +21,29 @@ from csi_driver.attributes import (
     check_capability,
     credentials_from_secrets,
     parse_volume_context,
+    pod_of,
     secrets_fingerprint,
 )
 from csi_driver.errors import CsiError, from_core, invalid
-from csi_driver.lazymount import LazyLauncher, alive, detach, fuse_available, healthy, stale_fuse_mounts
+from csi_driver.events import PodEvents
+from csi_driver.lazymount import (
+    FUSE_TYPE,
+    LazyLauncher,
+    detach,
+    fuse_available,
+    healthy,
+    helper_alive,
+    stale_fuse_mounts,
+)
+from csi_driver.metrics import CsiMetrics
 from csi_driver.proto import csi_pb2, csi_pb2_grpc
 from csi_driver.pulls import PullManager, PullPending
 from csi_driver.volumes import Publication, VolumeState
 from modelcache.credentials import CredentialStore
 from modelcache.errors import ModelCacheError
-from modelcache.mounts import bind_mount_readonly, is_mountpoint, mounts_at, mounts_of, unmount_all
+from modelcache.mounts import bind_mount_readonly, is_mountpoint, mount_options, mounts_at, mounts_of, unmount_all
 from modelcache.pull import PullResult, tree_key
+from modelcache.reference import parse_reference
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +58,16 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     def __init__(self, node_id: str, pulls: PullManager, state: VolumeState, *,
                  publish_wait: float = DEFAULT_PUBLISH_WAIT,
                  on_published: Callable[[Publication, VolumeSpec], None] | None = None,
-                 lazy: LazyLauncher | None = None) -> None:
+                 lazy: LazyLauncher | None = None, events: PodEvents | None = None,
+                 metrics: CsiMetrics | None = None) -> None:
         self.node_id = node_id
         self.pulls = pulls
         self.state = state
         self.publish_wait = publish_wait
         self.on_published = on_published
         self.lazy = lazy if lazy is not None and fuse_available() else None
+        self.events = events or PodEvents(None, node_id)
+        self.metrics = metrics
 
     # -- publish ---------------------------------------------------------------------------------------
     def publish(self, request: csi_pb2.NodePublishVolumeRequest, time_remaining: float | None = None) -> None:
@@ -81,27 +98,28 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                     return
             else:
                 result = self._pull(request, spec, credentials, wait)
-            created = not os.path.exists(target)
-            try:
-                os.makedirs(target, exist_ok=True)
-                bind_mount_readonly(result.path, target)
-            except OSError as exc:
-                if created:
-                    _remove_dir(target)
-                raise CsiError(grpc.StatusCode.INTERNAL, f"mounting {spec.reference} at {target}: {exc}") from None
+            mount_tree(result.path, target, f"{spec.reference}")
             self.pulls.cache.touch(result.record.key)
-            publication = Publication(
-                volume_id=volume_id, target_path=target, key=result.record.key, source=str(result.path),
-                reference=result.record.reference, digest=result.record.digest, fingerprint=spec.fingerprint(),
-                access_mode=request.volume_capability.access_mode.mode, readonly=request.readonly,
-                mount=spec.mount, ephemeral=spec.ephemeral, files=result.record.files,
-                total_bytes=result.record.total_bytes,
-                pod="/".join(request.volume_context.get(k, "") for k in ("csi.storage.k8s.io/pod.namespace",
-                                                                        "csi.storage.k8s.io/pod.name")).strip("/"))
+            publication = self._publication(request, spec, target, result.record.key, str(result.path),
+                                            result.record.reference, result.record.digest, result.record.files,
+                                            result.record.total_bytes)
             self.state.put(publication)
-            log.info("published %s (%s) at %s", volume_id, result.record.reference, target)
+            log.info("published %s (%s, %d files, %d bytes) at %s for pod %s", volume_id, result.record.reference,
+                     result.record.files, result.record.total_bytes, target, publication.pod or "?")
             if self.on_published:
                 self.on_published(publication, spec)
+
+    @staticmethod
+    def _publication(request: csi_pb2.NodePublishVolumeRequest, spec: VolumeSpec, target: str, key: str,
+                     source: str, reference: str, digest: str, files: int, total_bytes: int) -> Publication:
+        namespace, name, uid = pod_of(request.volume_context)
+        return Publication(
+            volume_id=request.volume_id, target_path=target, key=key, source=source, reference=reference,
+            digest=digest, fingerprint=spec.fingerprint(), access_mode=request.volume_capability.access_mode.mode,
+            readonly=request.readonly, mount=spec.mount, ephemeral=spec.ephemeral, files=files,
+            total_bytes=total_bytes, pod=f"{namespace}/{name}" if name else "", pod_uid=uid,
+            include=list(spec.options.include), exclude=list(spec.options.exclude),
+            subpath=spec.options.subpath or "", strict=spec.strict)
 
     def _pull(self, request: csi_pb2.NodePublishVolumeRequest, spec: VolumeSpec,
               credentials: CredentialStore | None, wait: float) -> PullResult:
@@ -137,33 +155,86 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         except ModelCacheError as exc:
             raise from_core(exc, f"volume {request.volume_id}: {spec.reference}") from None
         assert pinned.digest is not None
-        publication = Publication(
-            volume_id=request.volume_id, target_path=target, key=tree_key(pinned.digest, spec.options), source="",
-            reference=str(pinned), digest=str(pinned.digest), fingerprint=spec.fingerprint(),
-            access_mode=request.volume_capability.access_mode.mode, readonly=request.readonly, mount="lazy",
-            ephemeral=spec.ephemeral, files=started.files, total_bytes=started.total_bytes,
-            helper_pid=started.pid)
+        publication = self._publication(request, spec, target, tree_key(pinned.digest, spec.options), "",
+                                        str(pinned), str(pinned.digest), started.files, started.total_bytes)
+        publication.helper_pid = started.pid
         self.state.put(publication)
-        log.info("published %s (%s) lazily at %s (helper pid %d)", request.volume_id, pinned, target, started.pid)
+        log.info("published %s (%s, %d files, %d bytes) lazily at %s for pod %s (helper pid %d)", request.volume_id,
+                 pinned, started.files, started.total_bytes, target, publication.pod or "?", started.pid)
         return None
 
-    def reattach_lazy(self) -> None:
-        """At start-up: keep lazy mounts whose helper still serves; clean up those whose helper died."""
-        known = set()
+    def lazy_mounts_to_restore(self) -> list[Publication]:
+        """At start-up: re-attach lazy mounts whose helper still serves; return those whose helper is gone
+        (a restart of the whole plugin pod ends them) for :meth:`restore_lazy`. Unrecorded FUSE mounts of
+        ours whose daemon died are unmounted."""
+        known, lost = set(), []
         for publication in self.state.all():
             if publication.mount != "lazy" or not publication.helper_pid:
                 continue
             target = publication.target_path
-            if alive(publication.helper_pid) and healthy(target) and is_mountpoint(target):
+            if helper_alive(publication.helper_pid) and healthy(target) and is_mountpoint(target):
                 log.info("re-attached lazy mount at %s (helper pid %d)", target, publication.helper_pid)
-                known.add(target)
             else:
-                log.warning("lazy mount at %s lost its helper; unmounting it (kubelet will publish again)", target)
-                detach(target)
-                self.state.delete(target)
+                lost.append(publication)
+            known.add(target)
         for target in stale_fuse_mounts(known):
-            log.warning("stale FUSE mount at %s (transport endpoint not connected); unmounting it", target)
+            log.warning("stale FUSE mount at %s (transport endpoint not connected) has no record; unmounting it",
+                        target)
             detach(target)
+        return lost
+
+    def restore_lazy(self, publication: Publication) -> None:
+        """Give a lazy volume whose helper is gone a working mount again, so that what kubelet hands to a
+        (re)started container is the model: the finished tree when the pull had completed (kept where it
+        is already stacked on the dead FUSE mount), else a new helper that resumes the download. When
+        neither works, the target is removed so that starting a container on it fails loudly, and the
+        volume reports an abnormal condition. Every case is logged, counted and told to the pod."""
+        target = publication.target_path
+        what = f"lazy volume {publication.volume_id} ({publication.reference}) at {target}"
+        try:
+            with self.state.locked(target):
+                outcome = self._restore_lazy(publication)
+        except (CsiError, ModelCacheError, OSError) as exc:
+            outcome = "failed"
+            publication.helper_pid = 0
+            publication.problem = f"the lazy mount's helper is gone and it could not be restored: {exc}"
+            with contextlib.suppress(OSError):
+                detach(target)
+            self.state.put(publication)
+            self.events.warn(publication.pod_ref(), "ModelVolumeLost",
+                             f"{what}: {publication.problem}; restart the pod to publish it again")
+        else:
+            notes = {
+                "bind": "the download had finished: the cached model is now bind-mounted there",
+                "helper": "a new helper serves it and resumes the download",
+            }
+            self.events.warn(publication.pod_ref(), "ModelVolumeRestored",
+                             f"{what}: its FUSE helper ended with a restart of the plugin; {notes[outcome]}. "
+                             f"A container that opened the volume before then may see 'transport endpoint is "
+                             f"not connected' until it restarts (mountPropagation: HostToContainer avoids this)")
+        if self.metrics is not None:
+            self.metrics.lazy_restores.labels(outcome=outcome).inc()
+
+    def _restore_lazy(self, publication: Publication) -> str:
+        target = publication.target_path
+        hit = self.pulls.cached(parse_reference(publication.reference), publication.options())
+        if hit is not None:
+            top = mounts_at(target)[-1:] if healthy(target) else []
+            shows_tree = bool(top) and top[0].fstype != FUSE_TYPE and \
+                top[0].mountpoint in {m.mountpoint for m in mounts_of(hit.path)}
+            if not shows_tree:
+                detach(target, remove=False)
+                mount_tree(hit.path, target, publication.reference)
+            publication.source, publication.helper_pid, publication.problem = str(hit.path), 0, ""
+            self.state.put(publication)
+            return "bind"
+        if self.lazy is None:
+            raise CsiError(grpc.StatusCode.FAILED_PRECONDITION, "FUSE lazy mounts are not available on this node")
+        detach(target, remove=False)
+        started = self.lazy.start(target, publication.reference, publication.options(), None, publication.strict)
+        publication.helper_pid, publication.problem = started.pid, ""
+        self.state.put(publication)
+        return "helper"
 
     def _already_published(self, target: str, request: csi_pb2.NodePublishVolumeRequest, spec: VolumeSpec) -> bool:
         """True when ``target`` already shows this volume with compatible arguments; ALREADY_EXISTS when it
@@ -175,8 +246,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 raise CsiError(grpc.StatusCode.ALREADY_EXISTS,
                                f"{target} is already a mount point of something this driver did not publish")
             return False
-        if not mounted:
-            log.info("record for %s exists but nothing is mounted there; publishing again", target)
+        if not mounted or not healthy(target):
+            log.info("record for %s exists but %s; publishing again", target,
+                     "its mount is dead" if mounted else "nothing is mounted there")
+            detach(target, remove=False)
             self.state.delete(target)
             return False
         if record.volume_id != request.volume_id:
@@ -214,7 +287,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             if record is not None or os.path.isdir(target):
                 _remove_dir(target)
             self.state.delete(target)
-            log.info("unpublished %s from %s", request.volume_id, target)
+            log.info("unpublished %s (%s) from %s", request.volume_id, record.reference if record else "no record",
+                     target)
 
     # -- stats, info, capabilities -----------------------------------------------------------------------
     def volume_stats(self, request: csi_pb2.NodeGetVolumeStatsRequest) -> csi_pb2.NodeGetVolumeStatsResponse:
@@ -236,8 +310,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                                 available=0),
             csi_pb2.VolumeUsage(unit=csi_pb2.VolumeUsage.INODES, total=record.files, used=record.files, available=0),
         ]
-        condition = csi_pb2.VolumeCondition(abnormal=not ok,
-                                            message="ok" if ok else "the model mount is gone; republish")
+        message = "ok" if ok else (record.problem or "the model mount is gone; restart the pod to publish it again")
+        condition = csi_pb2.VolumeCondition(abnormal=not ok, message=message)
         return csi_pb2.NodeGetVolumeStatsResponse(usage=usage, volume_condition=condition)
 
     def orphans(self) -> list[str]:
@@ -279,6 +353,23 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     def NodeGetInfo(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
         """This node's id; no volume limit."""
         return csi_pb2.NodeGetInfoResponse(node_id=self.node_id, max_volumes_per_node=0)
+
+
+def mount_tree(source: Path | str, target: str, what: str) -> None:
+    """Bind ``source`` read-only at ``target`` (created if missing, removed again on failure) and check
+    that the mount really is read-only, nosuid and nodev."""
+    created = not os.path.exists(target)
+    try:
+        os.makedirs(target, exist_ok=True)
+        bind_mount_readonly(source, target)
+        missing = {"ro", "nosuid", "nodev"} - mount_options(target)
+        if missing:
+            unmount_all(target)
+            raise OSError(errno.EPERM, f"the mount lacks {', '.join(sorted(missing))}")
+    except OSError as exc:
+        if created:
+            _remove_dir(target)
+        raise CsiError(grpc.StatusCode.INTERNAL, f"mounting {what} at {target}: {exc}") from None
 
 
 def _remove_dir(path: str) -> None:

@@ -74,7 +74,7 @@ class PullManager:
                 job = _Job(future, progress)
                 self._jobs[key] = job
                 future.add_done_callback(functools.partial(self._finished, key, job))
-                log.info("started pull of %s", reference)
+                log.info("pull of %s started", reference)
                 if self.metrics:
                     self.metrics.pulls.started.inc()
         try:
@@ -109,7 +109,9 @@ class PullManager:
         if error:
             log.warning("pull of %s failed after %.1f s: %s", key[0], elapsed, error)
         else:
-            log.info("pull of %s finished in %.1f s", key[0], elapsed)
+            done = job.progress.downloaded_bytes
+            log.info("pull of %s finished: %d bytes downloaded in %.1f s (%.1f MB/s)", key[0], done, elapsed,
+                     done / max(elapsed, 1e-6) / 1e6)
         if self.metrics:
             kind = error.kind.name if isinstance(error, ModelCacheError) else ("INTERNAL" if error else None)
             self.metrics.pulls.finished(elapsed, job.progress.downloaded_bytes, kind)

@@ -21,6 +21,7 @@ from csi_driver.attributes import VolumeSpec
 from csi_driver.cli import MODES
 from csi_driver.controller import AnnotationLookup, ControllerService
 from csi_driver.errors import CsiError, from_core
+from csi_driver.events import CreateEvent, PodEvents
 from csi_driver.identity import IdentityService
 from csi_driver.lazymount import LazyLauncher
 from csi_driver.metrics import CsiMetrics
@@ -122,12 +123,14 @@ class Driver:
     node: NodeService | None
     controller: ControllerService | None
     pulls: PullManager | None
+    events: PodEvents
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop serving; in-flight RPCs get ``grace`` seconds."""
         self.server.stop(grace).wait()
         if self.pulls:
             self.pulls.shutdown()
+        self.events.close()
 
 
 def _bind_unix(server: grpc.Server, endpoint: str) -> None:
@@ -147,22 +150,28 @@ def _bind_unix(server: grpc.Server, endpoint: str) -> None:
 
 def build_driver(settings: Settings, *, endpoint: str, node_id: str, mode: str, state_dir: Path | None = None,
                  publish_wait: float = 100.0, pvc_annotation: AnnotationLookup | None = None,
-                 metrics_address: str = "", fuse_launcher: str = "", workers: int = 16) -> Driver:
+                 create_event: CreateEvent | None = None, metrics_address: str = "", fuse_launcher: str = "",
+                 workers: int = 16) -> Driver:
     """Assemble the services of ``mode`` and start serving on ``endpoint``."""
     if mode not in MODES:
         raise SystemExit(f"--mode must be one of {', '.join(MODES)}")
     serves_node = mode in ("node", "all")
     serves_controller = mode in ("controller", "all")
+    controller_dir = state_dir or settings.root
+    state_dirs = ([settings.root] if serves_node else []) + ([controller_dir] if serves_controller else [])
     if serves_node:
         settings.cache().store.ensure()
-    identity = IdentityService(settings.root, needs_mounts=serves_node)
+    identity = IdentityService(list(dict.fromkeys(state_dirs)), needs_mounts=serves_node)
     metrics = CsiMetrics()
     if metrics_address:
         metrics.serve(metrics_address)
+        log.info("metrics on port %d", metrics.port)
     server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
                          interceptors=[ErrorAndLogInterceptor(metrics.observe)])
     csi_pb2_grpc.add_IdentityServicer_to_server(identity, server)
     node = pulls = controller = None
+    events = PodEvents(create_event, node_id)
+    lost: list[Publication] = []
     if serves_node:
         pulls = PullManager(settings, metrics=metrics)
         warm_requests = WarmRequests(settings.root)
@@ -172,11 +181,12 @@ def build_driver(settings: Settings, *, endpoint: str, node_id: str, mode: str, 
                 warm_requests.request(publication.key, publication.source)
 
         node = NodeService(node_id, pulls, VolumeState(settings.root), publish_wait=publish_wait,
-                           on_published=request_warm, lazy=LazyLauncher(settings, fuse_launcher))
-        node.reattach_lazy()
+                           on_published=request_warm, lazy=LazyLauncher(settings, fuse_launcher), events=events,
+                           metrics=metrics)
+        lost = node.lazy_mounts_to_restore()
         csi_pb2_grpc.add_NodeServicer_to_server(node, server)
     if serves_controller:
-        controller = ControllerService(settings, state_dir or settings.root, pvc_annotation=pvc_annotation)
+        controller = ControllerService(settings, controller_dir, pvc_annotation=pvc_annotation)
         csi_pb2_grpc.add_ControllerServicer_to_server(controller, server)
     _bind_unix(server, endpoint)
     server.start()
@@ -186,9 +196,11 @@ def build_driver(settings: Settings, *, endpoint: str, node_id: str, mode: str, 
                         "let kubelet unpublish it", target)
         for target in node.stale_records():
             log.warning("record for %s has no mount any more; kubelet will publish or unpublish it", target)
+        for publication in lost:  # each may start a helper (seconds): off the start-up path, one thread each
+            threading.Thread(target=node.restore_lazy, args=(publication,), name="restore-lazy", daemon=True).start()
     identity.ready.set()
     log.info("serving %s mode on %s as node %s", mode, endpoint, node_id)
-    return Driver(server, identity, metrics, node, controller, pulls)
+    return Driver(server, identity, metrics, node, controller, pulls, events)
 
 
 def serve_forever(driver: Driver) -> None:

@@ -9,13 +9,14 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import grpc
 
 from csi_driver.errors import CsiError
 from modelcache.fsutil import atomic_write_json, read_json
+from modelcache.pull import PullOptions
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,21 @@ class Publication:
     pod: str = ""
     published_at: float = 0.0
     helper_pid: int = 0
+    pod_uid: str = ""
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    subpath: str = ""
+    strict: bool = False
+    problem: str = ""
+
+    def options(self) -> PullOptions:
+        """The pull options the volume was published with."""
+        return PullOptions(tuple(self.include), tuple(self.exclude), self.subpath or None)
+
+    def pod_ref(self) -> tuple[str, str, str]:
+        """``(namespace, name, uid)`` of the pod, as far as kubelet told us."""
+        namespace, _, name = self.pod.partition("/")
+        return (namespace, name, self.pod_uid) if name else ("", "", self.pod_uid)
 
 
 class VolumeState:

@@ -33,17 +33,21 @@ class KubeClient:
 
     @classmethod
     def connect(cls, kubeconfig: str | None = None) -> KubeClient:
-        """In-cluster config when running in a pod and no kubeconfig is given, else the kubeconfig."""
-        if kubeconfig:
-            configuration = client.Configuration()
-            config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
-        else:
-            try:
-                configuration = client.Configuration()
-                config.load_incluster_config(client_configuration=configuration)
-            except config.ConfigException:
-                configuration = client.Configuration()
-                config.load_kube_config(client_configuration=configuration)
+        """In-cluster config when running in a pod and no kubeconfig is given, else the kubeconfig
+        (``$KUBECONFIG`` or ``~/.kube/config``). Neither: a ModelCacheError that says so, in one line."""
+        configuration = client.Configuration()
+        try:
+            if kubeconfig:
+                config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+            else:
+                try:
+                    config.load_incluster_config(client_configuration=configuration)
+                except config.ConfigException:
+                    config.load_kube_config(client_configuration=configuration)
+        except (config.ConfigException, OSError, ValueError) as exc:
+            where = kubeconfig or "in-cluster service account, $KUBECONFIG or ~/.kube/config"
+            raise ModelCacheError(f"no usable Kubernetes configuration ({where}): {exc}",
+                                  kind=Kind.INVALID_ARGUMENT) from None
         return cls(client.ApiClient(configuration))
 
     @classmethod

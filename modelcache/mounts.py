@@ -6,6 +6,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,16 +102,81 @@ def _check(rc: int, what: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
+# open_tree(2), move_mount(2) and mount_setattr(2) share one number on every Linux architecture.
+_SYS_OPEN_TREE, _SYS_MOVE_MOUNT, _SYS_MOUNT_SETATTR = 428, 429, 442
+_OPEN_TREE_CLONE, _O_CLOEXEC, _AT_RECURSIVE, _AT_EMPTY_PATH = 0x1, 0o2000000, 0x8000, 0x1000
+_MOVE_MOUNT_F_EMPTY_PATH = 0x4
+_MOUNT_ATTR_RDONLY, _MOUNT_ATTR_NOSUID, _MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
+_MS_PRIVATE = 1 << 18
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
 def bind_mount_readonly(source: Path | str, target: Path | str) -> None:
-    """Bind ``source`` at ``target`` and make that mount read-only, nosuid, nodev."""
-    src, dst = os.fsencode(str(source)), os.fsencode(str(target))
-    _check(_libc.mount(src, dst, None, MS_BIND | MS_REC, None), f"bind mount {source} on {target}")
-    flags = MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV
-    rc = _libc.mount(None, dst, None, flags, None)
-    if rc != 0:
+    """Bind ``source`` at ``target`` read-only, nosuid and nodev in every mount namespace that sees it.
+
+    The flags are set before the mount is attached, so the copies that mount propagation hands to peer
+    namespaces (the host's, a pod's) carry them too; a bind followed by a read-only remount would change
+    only the copy in this namespace. Kernels without mount_setattr(2) (before 5.12) get the same result
+    through a read-only bind in a private staging mount, which is then bound at ``target``."""
+    try:
+        bind_detached_readonly(source, target)
+    except OSError as exc:
+        if exc.errno != errno.ENOSYS:
+            raise
+        bind_via_private_staging(source, target)
+
+
+def bind_detached_readonly(source: Path | str, target: Path | str) -> None:
+    """open_tree(CLONE) ``source``, set read-only/nosuid/nodev on the detached copy, move it to ``target``."""
+    syscall = _libc.syscall
+    syscall.restype = ctypes.c_long
+    fd = syscall(_SYS_OPEN_TREE, -100, os.fsencode(str(source)), _OPEN_TREE_CLONE | _O_CLOEXEC | _AT_RECURSIVE)
+    if fd < 0:
         err = ctypes.get_errno()
-        _libc.umount2(dst, MNT_DETACH)
-        raise OSError(err, f"remount {target} read-only: {os.strerror(err)}")
+        raise OSError(err, f"open_tree {source}: {os.strerror(err)}")
+    try:
+        attr = _MountAttr(_MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV, 0, 0, 0)
+        rc = syscall(_SYS_MOUNT_SETATTR, fd, b"", _AT_EMPTY_PATH | _AT_RECURSIVE, ctypes.byref(attr),
+                     ctypes.sizeof(attr))
+        _check(rc, f"mount_setattr on a copy of {source}")
+        rc = syscall(_SYS_MOVE_MOUNT, fd, b"", -100, os.fsencode(str(target)), _MOVE_MOUNT_F_EMPTY_PATH)
+        _check(rc, f"move_mount of {source} to {target}")
+    finally:
+        os.close(fd)
+
+
+def bind_via_private_staging(source: Path | str, target: Path | str) -> None:
+    """The pre-5.12 way: make ``source`` read-only in a private staging mount that nothing propagates
+    from, then bind that read-only mount at ``target`` (a bind copies the flags of its source mount)."""
+    staging = tempfile.mkdtemp(prefix="ocimodel-staging-")
+    stage = os.fsencode(staging)
+    try:
+        _check(_libc.mount(stage, stage, None, MS_BIND, None), f"bind {staging} on itself")
+        try:
+            _check(_libc.mount(None, stage, None, _MS_PRIVATE, None), f"make {staging} private")
+            _check(_libc.mount(os.fsencode(str(source)), stage, None, MS_BIND | MS_REC, None),
+                   f"bind mount {source} on {staging}")
+            flags = MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV
+            _check(_libc.mount(None, stage, None, flags, None), f"remount {staging} read-only")
+            _check(_libc.mount(stage, os.fsencode(str(target)), None, MS_BIND, None),
+                   f"bind mount {source} on {target}")
+        finally:
+            while _libc.umount2(stage, MNT_DETACH) == 0:
+                pass
+    finally:
+        os.rmdir(staging)
+
+
+def mount_options(path: Path | str) -> set[str]:
+    """The per-mount options (``ro``, ``nosuid``, ...) of the topmost mount at ``path`` in this namespace."""
+    mounts = mounts_at(path)
+    if not mounts:
+        raise FileNotFoundError(errno.ENOENT, "nothing is mounted", str(path))
+    return set(mounts[-1].options.split(","))
 
 
 def unmount_all(target: Path | str, *, lazy: bool = False) -> None:

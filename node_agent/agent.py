@@ -282,6 +282,7 @@ class Agent:
                     await self._pull_and_prepare(tracked)
                     return
                 except ModelCacheError as exc:
+                    log.warning("%s failed: %s", spec.owner, exc)
                     tracked.phase = "Failed"
                     self.metrics.pulls.finished(0.0, 0, exc.kind.name)
                     await self._apply_status(spec.namespace, spec.name, {"phase": "Failed", "message": str(exc)})
@@ -299,6 +300,7 @@ class Agent:
     async def _pull_and_prepare(self, tracked: Tracked) -> None:
         spec = tracked.spec
         tracked.phase = "Pulling"
+        log.info("reconciling %s: pulling %s", spec.owner, spec.reference)
         await self._apply_status(spec.namespace, spec.name,
                                  {"phase": "Pulling", "message": f"pulling {spec.reference}"})
         await self._event(spec, "Pulling", f"pulling {spec.reference} to node {self.config.node_name}")
@@ -320,7 +322,11 @@ class Agent:
                                                     limiter=self.pull_limiter)
         finally:
             reporter.cancel()
-        self.metrics.pulls.finished(trio.current_time() - started, result.downloaded_bytes, None)
+        elapsed = trio.current_time() - started
+        self.metrics.pulls.finished(elapsed, result.downloaded_bytes, None)
+        log.info("pull of %s for %s finished: %d bytes downloaded in %.1f s (%.1f MB/s), %s", spec.reference,
+                 spec.owner, result.downloaded_bytes, elapsed, result.downloaded_bytes / max(elapsed, 1e-6) / 1e6,
+                 "from the cache" if result.cached else result.record.digest)
         tracked.result = result
         if spec.pin:
             self.pins.pin(spec.owner, result.record.key)
@@ -343,6 +349,7 @@ class Agent:
             await self._kube(self.kube.patch_node_labels, self.config.node_name,
                              {node_label(spec.namespace, spec.name): "ready"})
         tracked.phase = "Ready"
+        log.info("%s is ready (%s)", spec.owner, message)
         await self._apply_status(spec.namespace, spec.name, {
             "phase": "Ready", "digest": result.record.digest, "bytes": result.record.total_bytes,
             "progress": "100%", "residentBytes": resident, "message": message})

@@ -93,7 +93,7 @@ def register(sub: Any) -> None:
     agent.add_argument("--metrics-address", default="0.0.0.0:9810")
     agent.add_argument("--evict-interval", type=float, default=30.0)
     add_node_options(agent)
-    agent.set_defaults(handler=cmd_agent)
+    agent.set_defaults(handler=cmd_agent, log_level=logging.INFO)
 
     warm = sub.add_parser("warm", help="page cache: warm (default), --evict, --lock or --report a path or model")
     warm.add_argument("target", help="a file, a directory or a model reference")

@@ -18,15 +18,15 @@ Mode = csi_pb2.VolumeCapability.AccessMode.Mode
 
 class CsiProcess:
     def __init__(self, workdir: Path, *extra: str, mode: str = "all", root: Path | None = None,
-                 verbose: bool = True) -> None:
+                 verbose: bool = True, prefix: tuple[str, ...] = (), kubeconfig: str = "none") -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self.root = root or workdir / "root"
         self.socket = workdir / f"csi-{mode}.sock"
         self.log = workdir / f"csi-{mode}.log"
-        self.args = [sys.executable, "-m", "ocimodel.cli", *(["-vv"] if verbose else []), "csi", "--endpoint", f"unix://{self.socket}",
-                     "--node-id", "node-a", "--mode", mode, "--root", str(self.root), "--plain-http",
-                     "--kubeconfig", "none", *extra]
+        self.args = [*prefix, sys.executable, "-m", "ocimodel.cli", *(["-vv"] if verbose else []), "csi",
+                     "--endpoint", f"unix://{self.socket}", "--node-id", "node-a", "--mode", mode,
+                     "--root", str(self.root), "--plain-http", "--kubeconfig", kubeconfig, *extra]
         self.process: subprocess.Popen[bytes] | None = None
         self.start()
 

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -74,3 +75,12 @@ class FakeKubeAPI:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def write_kubeconfig(path: Path, url: str) -> Path:
+    """A kubeconfig file that points at ``url`` without credentials."""
+    path.write_text(json.dumps({"apiVersion": "v1", "kind": "Config", "current-context": "c",
+                                "clusters": [{"name": "c", "cluster": {"server": url}}],
+                                "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+                                "users": [{"name": "u", "user": {}}]}))
+    return path
