@@ -9,14 +9,16 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc pkg-config libfuse3-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml setup.py README.md ./
+# constraints.txt pins the build backend too (pip passes PIP_CONSTRAINT to its isolated build environment)
+ENV PIP_CONSTRAINT=/src/constraints.txt
+COPY pyproject.toml setup.py README.md constraints.txt ./
 COPY protos/ protos/
 COPY modelcache/ modelcache/
 COPY csi_driver/ csi_driver/
 COPY node_agent/ node_agent/
 COPY kubeadapter/ kubeadapter/
 COPY ocimodel/ ocimodel/
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN pip wheel --no-cache-dir --wheel-dir /wheels -c constraints.txt .
 
 FROM ${PYTHON_IMAGE}
 RUN apt-get update \

@@ -122,6 +122,33 @@ class KubeClient:
         except ApiException as exc:
             raise _error(exc, f"applying status of {namespace}/{name}") from None
 
+    def update_status_summary(self, group: str, version: str, plural: str, namespace: str, name: str,
+                              summarize: Callable[[list[dict[str, Any]]], dict[str, int]], field_manager: str,
+                              attempts: int = 5) -> None:
+        """Recompute ``status.summary`` from ``status.nodes`` and write it with a merge patch guarded by the
+        object's resourceVersion, so agents writing at once never leave a stale count (409: read again)."""
+        for _ in range(attempts):
+            try:
+                current: Any = self.custom.get_namespaced_custom_object(group, version, namespace, plural, name)
+            except ApiException as exc:
+                raise _error(exc, f"reading {namespace}/{name}") from None
+            status = current.get("status") or {}
+            summary = summarize(list(status.get("nodes") or []))
+            if status.get("summary") == summary:
+                return
+            body = {"metadata": {"resourceVersion": current["metadata"]["resourceVersion"]},
+                    "status": {"summary": summary}}
+            try:
+                self.custom.patch_namespaced_custom_object_status(
+                    group, version, namespace, plural, name, body, field_manager=field_manager,
+                    _content_type="application/merge-patch+json")
+                return
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise _error(exc, f"writing the status summary of {namespace}/{name}") from None
+        raise ModelCacheError(f"the status of {namespace}/{name} kept changing; summary left for the next update",
+                              kind=Kind.UNAVAILABLE)
+
     # -- secrets and events -----------------------------------------------------------------------------
     def secret_data(self, namespace: str, name: str) -> dict[str, str]:
         """The decoded data of Secret ``namespace/name``."""

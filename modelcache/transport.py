@@ -35,6 +35,16 @@ _CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))')
 MAX_TOKEN_RESPONSE = 1 << 20
 
 
+def tls_failure(exc: BaseException) -> str:
+    """Why a TLS handshake failed, and which setting fixes it (a handshake failure is never retried)."""
+    text = str(exc)
+    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+        return ("TLS certificate verification failed; install the registry's CA on the node or set "
+                "insecureSkipVerify for this registry in the node settings")
+    return (f"TLS handshake failed ({text[-160:]}); the registry may speak plain HTTP: set plainHTTP: true for "
+            f"it under 'registries' in the node settings (or pass --plain-http)")
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """How often and how patiently to retry transient failures."""
@@ -191,6 +201,8 @@ class Transport:
             attempt += 1
             try:
                 response = call()
+            except requests.exceptions.SSLError as exc:
+                raise RegistryError(f"{what}: {tls_failure(exc)}", kind=Kind.UNAVAILABLE) from None
             except STREAM_ERRORS as exc:
                 if attempt >= self.retry.attempts:
                     raise RegistryError(f"{what}: registry unreachable after {attempt} attempts "

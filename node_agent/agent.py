@@ -33,6 +33,12 @@ COMPONENT = "ocimodel-agent"
 RETRY_KINDS = (Kind.UNAVAILABLE, Kind.RESOURCE_EXHAUSTED)
 
 
+def summarize_nodes(nodes: list[dict[str, Any]]) -> dict[str, int]:
+    """``status.summary`` of a ModelCache: how many nodes reported, are ready, failed."""
+    phases = [str(n.get("phase", "")) for n in nodes]
+    return {"nodes": len(nodes), "ready": phases.count("Ready"), "failed": phases.count("Failed")}
+
+
 @dataclass
 class AgentConfig:
     """Tunables of the agent (intervals in seconds)."""
@@ -248,6 +254,9 @@ class Agent:
         try:
             await self._kube(self.kube.apply_status, GROUP, VERSION, PLURAL, KIND, namespace, name, {"nodes": nodes},
                              f"{COMPONENT}-{self.config.node_name}")
+            if entry is None or "progress" not in entry or entry.get("phase") != "Pulling":  # not per progress tick
+                await self._kube(self.kube.update_status_summary, GROUP, VERSION, PLURAL, namespace, name,
+                                 summarize_nodes, f"{COMPONENT}-summary")
         except ModelCacheError as exc:
             log.warning("could not write the status of %s/%s: %s", namespace, name, exc)
 

@@ -37,6 +37,8 @@ class Cluster:
     def __init__(self, objects: list[dict[str, Any]], secrets: dict[str, dict[str, str]]) -> None:
         self.api = FakeKubeAPI()
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.stored = {o["metadata"]["name"]: json.loads(json.dumps(o)) for o in objects}
+        self.conflicts: dict[str, int] = {}  # name -> how many summary patches another writer beats
         api = self.api
         api.route("GET", "/api/v1/nodes/node-a", (200, {"kind": "Node", "apiVersion": "v1", "metadata": {
             "name": "node-a", "labels": {"nodegroup": "gpu-a100", "kubernetes.io/hostname": "node-a"}}}))
@@ -44,13 +46,42 @@ class Cluster:
                                                           "metadata": {"name": "node-a"}}))
         api.route("GET", f"{BASE}/modelcaches", self._list_or_watch(objects))
         for obj in objects:
-            api.route("PATCH", f"{BASE}/namespaces/inference/modelcaches/{obj['metadata']['name']}/status",
-                      lambda r: (200, r.body))
+            name = obj["metadata"]["name"]
+            api.route("PATCH", f"{BASE}/namespaces/inference/modelcaches/{name}/status",
+                      lambda r, n=name: self._patch_status(n, r))
+            api.route("GET", f"{BASE}/namespaces/inference/modelcaches/{name}",
+                      lambda r, n=name: (200, self.stored[n]))
         api.route("POST", "/api/v1/namespaces/inference/events", lambda r: (201, r.body))
         for name, data in secrets.items():
             encoded = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
             api.route("GET", f"/api/v1/namespaces/inference/secrets/{name}",
                       (200, {"kind": "Secret", "apiVersion": "v1", "metadata": {"name": name}, "data": encoded}))
+
+    def _bump(self, name: str) -> None:
+        meta = self.stored[name]["metadata"]
+        meta["resourceVersion"] = str(int(meta["resourceVersion"]) + 1)
+
+    def _patch_status(self, name: str, request: Recorded) -> tuple[int, Any]:
+        """Server-side apply merges this node's entries; a merge patch is checked against resourceVersion."""
+        obj = self.stored[name]
+        status = obj.setdefault("status", {})
+        if request.content_type == "application/apply-patch+yaml":
+            mine = request.body["status"]["nodes"]
+            others = [n for n in status.get("nodes", []) if n["node"] != "node-a"]
+            status["nodes"] = others + mine
+        else:
+            if request.body["metadata"]["resourceVersion"] != obj["metadata"]["resourceVersion"]:
+                return 409, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict",
+                             "code": 409}
+            if self.conflicts.get(name):
+                self.conflicts[name] -= 1
+                status.setdefault("nodes", []).append({"node": "node-b", "phase": "Ready"})  # another agent
+                self._bump(name)
+                return 409, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict",
+                             "code": 409}
+            status.update(request.body["status"])
+        self._bump(name)
+        return 200, obj
 
     def _list_or_watch(self, objects: list[dict[str, Any]]):  # type: ignore[no-untyped-def]
         def respond(request: Recorded) -> tuple[int, Any]:
@@ -84,7 +115,13 @@ class Cluster:
 
 def status_patches(cluster: Cluster, name: str) -> list[dict[str, Any]]:
     return [r.body["status"]["nodes"][0] if r.body["status"]["nodes"] else {}
-            for r in cluster.requests("PATCH", f"/modelcaches/{name}/status")]
+            for r in cluster.requests("PATCH", f"/modelcaches/{name}/status")
+            if r.content_type == "application/apply-patch+yaml"]
+
+
+def summary_patches(cluster: Cluster, name: str) -> list[Recorded]:
+    return [r for r in cluster.requests("PATCH", f"/modelcaches/{name}/status")
+            if r.content_type == "application/merge-patch+json"]
 
 
 @pytest.fixture
@@ -102,6 +139,7 @@ def cluster_agent(tmp_path: Path, fixtures: Fixtures, auth_fixtures: Fixtures) -
         modelcache("private", auth_fixtures.ref("agent/private:v1"), pullSecrets=[{"name": "regcred"}]),
     ]
     cluster = Cluster(objects, {"regcred": {".dockerconfigjson": dockerconfig}})
+    cluster.conflicts["private"] = 1
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(json.dumps({
         "apiVersion": "v1", "kind": "Config", "current-context": "fake",
@@ -160,6 +198,19 @@ def test_agent_prefetches_reports_and_forgets(cluster_agent) -> None:
     assert private[0]["bytes"] == len(b"private")
     assert cluster.requests("GET", "/secrets/regcred")
     assert status_patches(cluster, "elsewhere") == []  # not selected: never touched
+
+    # status.summary (the Ready and Nodes columns): written with a resourceVersion precondition
+    cluster.wait_for(lambda: cluster.stored["qwen"]["status"].get("summary") == {"nodes": 1, "ready": 1, "failed": 0})
+    patch = summary_patches(cluster, "qwen")[-1]
+    assert patch.query == {"fieldManager": ["ocimodel-agent-summary"]}
+    assert set(patch.body) == {"metadata", "status"} and set(patch.body["status"]) == {"summary"}
+    assert patch.body["metadata"]["resourceVersion"].isdigit()
+    # another node's agent wrote in between: a 409, a fresh read, and a count that includes both
+    cluster.wait_for(lambda: cluster.stored["private"]["status"].get("summary") == {"nodes": 2, "ready": 2,
+                                                                                    "failed": 0})
+    assert len(summary_patches(cluster, "private")) >= 2
+    cluster.wait_for(lambda: cluster.stored["broken"]["status"].get("summary") == {"nodes": 1, "ready": 0,
+                                                                                   "failed": 1})
 
     # metrics, scraped over HTTP
     port = int(cluster.wait_for(lambda: re.findall(r"metrics on port (\d+)", log.read_text()))[0])

@@ -110,6 +110,25 @@ def stop_all(csi: CsiProcess) -> None:
         csi.stop()
 
 
+# -- the mount itself ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["bind_detached_readonly", "bind_via_private_staging", "bind_mount_readonly"])
+def test_read_only_bind_propagates_read_only(node: Path, how: str) -> None:
+    """Both ways of mounting (mount_setattr on a detached copy; a private read-only staging mount for
+    kernels before 5.12) hand the host a read-only, nosuid, nodev copy; the staging mount leaves no trace."""
+    source, target = node / "tree", node / "pods" / "t"
+    source.mkdir()
+    (source / "f").write_bytes(b"weights")
+    target.mkdir(parents=True)
+    code = f"import sys; from modelcache import mounts; mounts.{how}(sys.argv[1], sys.argv[2])"
+    subprocess.run([*PLUGIN_NAMESPACE, sys.executable, "-c", code, str(source), str(target)], check=True, cwd=ROOT)
+    assert {"ro", "nosuid", "nodev"} <= mount_options(target)
+    assert (target / "f").read_bytes() == b"weights"
+    assert not any("ocimodel-staging" in line for line in Path("/proc/self/mountinfo").read_text().splitlines())
+    with pytest.raises(OSError):
+        (target / "f").write_bytes(b"altered")
+
+
 # -- inline volumes, as kubelet sends them -----------------------------------------------------------------
 
 def test_inline_bind_volume_is_read_only_in_every_namespace(node: Path, fixtures: Fixtures) -> None:

@@ -96,6 +96,20 @@ def test_base_driver_objects() -> None:
     assert version["subresources"] == {"status": {}} and version["additionalPrinterColumns"]
     nodes = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["nodes"]
     assert nodes["x-kubernetes-list-type"] == "map" and nodes["x-kubernetes-list-map-keys"] == ["node"]
+    for column in version["additionalPrinterColumns"]:
+        # the API server prints only the first result of a column's path, and nothing when its type
+        # differs from the column's: each column must name one schema field of the same type
+        path = column["jsonPath"]
+        assert re.fullmatch(r"(\.[A-Za-z]+)+", path), f"{column['name']}: {path} is not a simple field path"
+        schema: dict[str, Any] = version["schema"]["openAPIV3Schema"]
+        for part in path.strip(".").split("."):
+            if part == "metadata":
+                schema = {"type": "object", "properties": {"creationTimestamp": {"type": "string",
+                                                                                 "format": "date-time"}}}
+                continue
+            schema = schema["properties"][part]
+        wanted = "string" if column["type"] == "date" else column["type"]
+        assert schema["type"] == wanted, f"column {column['name']} is {column['type']}, {path} is {schema['type']}"
     node = by_kind(objects, "DaemonSet")[0]
     containers = {c["name"]: c for c in pod_spec(node)["containers"]}
     assert set(containers) == {"ocimodel-csi", "ocimodel-fuse", "ocimodel-agent", "node-driver-registrar",
@@ -229,3 +243,20 @@ def test_node_containers_start_with_the_daemonset_arguments(tmp_path: Path) -> N
             process.terminate()
             process.wait(20)
         api.close()
+
+
+def test_every_dependency_is_pinned_for_the_image() -> None:
+    """The Dockerfile and scripts/install.sh install through constraints.txt, which pins every dependency."""
+    import tomllib
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    wanted = [re.split(r"[<>=!~\[; ]", d, maxsplit=1)[0] for d in
+              project["project"]["dependencies"] + project["build-system"]["requires"]]
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    for name in wanted:
+        assert pins.get(re.sub(r"[-_.]+", "-", name).lower()), f"{name} is not pinned in constraints.txt"
+    assert "-c constraints.txt" in (ROOT / "scripts" / "install.sh").read_text()
+    assert "-c constraints.txt" in (ROOT / "Dockerfile").read_text()

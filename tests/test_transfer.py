@@ -71,6 +71,41 @@ def test_unreachable_registry_is_unavailable(cache_root: Path) -> None:
     assert info.value.kind is Kind.UNAVAILABLE
 
 
+def test_tls_handshake_failure_is_not_retried_and_names_the_setting(cache_root: Path) -> None:
+    """A registry that speaks plain HTTP, asked over TLS: one connection, then a clear error."""
+    import socket
+    import threading
+
+    from modelcache.registry import RegistryClient
+    from modelcache.transport import RetryPolicy, Transport
+
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted: list[int] = []
+
+    def answer_in_plain_http() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            accepted.append(1)
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    threading.Thread(target=answer_in_plain_http, daemon=True).start()
+    host = f"127.0.0.1:{server.getsockname()[1]}"
+    client = RegistryClient(Transport(HostsConfig(), None, RetryPolicy(attempts=5, base_delay=0.05)))
+    try:
+        with pytest.raises(ModelCacheError) as info:
+            ModelCache(ContentStore(cache_root), client).pull(f"{host}/plain/model:v1")
+    finally:
+        server.close()
+    assert accepted == [1]
+    assert "plainHTTP: true" in str(info.value) and "--plain-http" in str(info.value)
+    assert info.value.kind is Kind.UNAVAILABLE
+
+
 def test_broken_stream_resumes_with_range(fixtures: Fixtures, proxy_factory, cache_root: Path) -> None:
     data = os.urandom(3_000_000)
     fixtures.raw_model("resume/inproc:v1", {"w": data})
