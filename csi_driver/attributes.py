@@ -10,7 +10,7 @@ from csi_driver.errors import invalid
 from csi_driver.proto import csi_pb2
 from modelcache.credentials import Credentials, CredentialStore
 from modelcache.errors import ModelCacheError
-from modelcache.pull import PullOptions
+from modelcache.options import PullOptions
 from modelcache.reference import Reference, parse_reference
 
 Mode = csi_pb2.VolumeCapability.AccessMode.Mode

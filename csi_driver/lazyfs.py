@@ -22,7 +22,7 @@ from modelcache.credentials import CredentialStore
 from modelcache.errors import Kind, ModelCacheError
 from modelcache.lazy import LazyModel, Node
 from modelcache.mounts import bind_mount_readonly, unmount_all
-from modelcache.pull import PullOptions
+from modelcache.options import PullOptions
 from modelcache.reference import parse_reference
 from modelcache.settings import Settings
 from modelcache.transport import RetryPolicy

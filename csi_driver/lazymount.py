@@ -24,7 +24,7 @@ from typing import Any
 from modelcache.credentials import CredentialStore
 from modelcache.errors import Kind, ModelCacheError
 from modelcache.mounts import mount_table, unmount_all
-from modelcache.pull import PullOptions
+from modelcache.options import PullOptions
 from modelcache.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 
+from csi_driver import DEFAULT_PUBLISH_WAIT
 from csi_driver.attributes import (
     VolumeSpec,
     check_capability,
@@ -37,17 +38,16 @@ from csi_driver.lazymount import (
 )
 from csi_driver.metrics import CsiMetrics
 from csi_driver.proto import csi_pb2, csi_pb2_grpc
-from csi_driver.pulls import PullManager, PullPending
-from csi_driver.volumes import Publication, VolumeState
+from csi_driver.publications import Publication, Publications
 from modelcache.credentials import CredentialStore
 from modelcache.errors import ModelCacheError
 from modelcache.mounts import bind_mount_readonly, is_mountpoint, mount_options, mounts_at, mounts_of, unmount_all
-from modelcache.pull import PullResult, tree_key
+from modelcache.records import PullResult, tree_key
 from modelcache.reference import parse_reference
+from modelcache.singleflight import PullFlights, PullPending
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PUBLISH_WAIT = 100.0
 DEADLINE_MARGIN = 5.0
 MAX_ID_LENGTH = 4096
 
@@ -55,7 +55,7 @@ MAX_ID_LENGTH = 4096
 class NodeService(csi_pb2_grpc.NodeServicer):
     """Node RPCs. ``wait_budget`` caps how long one publish waits for a pull before answering ABORTED."""
 
-    def __init__(self, node_id: str, pulls: PullManager, state: VolumeState, *,
+    def __init__(self, node_id: str, pulls: PullFlights, state: Publications, *,
                  publish_wait: float = DEFAULT_PUBLISH_WAIT,
                  on_published: Callable[[Publication, VolumeSpec], None] | None = None,
                  lazy: LazyLauncher | None = None, events: PodEvents | None = None,

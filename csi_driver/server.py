@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import stat
 import threading
 import time
@@ -17,8 +18,8 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
+from csi_driver import DEFAULT_PUBLISH_WAIT, MODES
 from csi_driver.attributes import VolumeSpec
-from csi_driver.cli import MODES
 from csi_driver.controller import AnnotationLookup, ControllerService
 from csi_driver.errors import CsiError, from_core
 from csi_driver.events import CreateEvent, PodEvents
@@ -27,14 +28,28 @@ from csi_driver.lazymount import LazyLauncher
 from csi_driver.metrics import CsiMetrics
 from csi_driver.node import NodeService
 from csi_driver.proto import csi_pb2, csi_pb2_grpc
-from csi_driver.pulls import PullManager
-from csi_driver.volumes import Publication, VolumeState
+from csi_driver.publications import Publication, Publications
 from modelcache.errors import ModelCacheError
-from modelcache.pins import WarmRequests
 from modelcache.settings import Settings
+from modelcache.singleflight import PullFlights
+from modelcache.warmrequests import WarmRequests
 
 log = logging.getLogger(__name__)
 OperationHook = Callable[[str, str, float], None]
+
+
+@dataclass(frozen=True)
+class PluginConfig:
+    """How ``ocimodel csi`` serves: which services, where, and its tunables."""
+
+    endpoint: str = "unix:///csi/csi.sock"
+    node_id: str = ""
+    mode: str = "all"
+    state_dir: Path | None = None
+    publish_wait: float = DEFAULT_PUBLISH_WAIT
+    metrics_address: str = ""
+    fuse_launcher: str = ""
+    kubeconfig: str = ""  # '' = in-cluster (or ~/.kube/config), 'none' = no Kubernetes API
 
 
 def redact(message: Message) -> Message:
@@ -122,7 +137,7 @@ class Driver:
     metrics: CsiMetrics
     node: NodeService | None
     controller: ControllerService | None
-    pulls: PullManager | None
+    pulls: PullFlights | None
     events: PodEvents
 
     def stop(self, grace: float = 10.0) -> None:
@@ -148,11 +163,12 @@ def _bind_unix(server: grpc.Server, endpoint: str) -> None:
         raise SystemExit(f"endpoint must be unix:///path or tcp://host:port, not {endpoint!r}")
 
 
-def build_driver(settings: Settings, *, endpoint: str, node_id: str, mode: str, state_dir: Path | None = None,
-                 publish_wait: float = 100.0, pvc_annotation: AnnotationLookup | None = None,
-                 create_event: CreateEvent | None = None, metrics_address: str = "", fuse_launcher: str = "",
-                 workers: int = 16) -> Driver:
-    """Assemble the services of ``mode`` and start serving on ``endpoint``."""
+def build_driver(settings: Settings, config: PluginConfig, *, pvc_annotation: AnnotationLookup | None = None,
+                 create_event: CreateEvent | None = None, workers: int = 16) -> Driver:
+    """Assemble the services of ``config.mode`` and start serving on ``config.endpoint``."""
+    mode, node_id, endpoint = config.mode, config.node_id or socket.gethostname(), config.endpoint
+    state_dir, publish_wait, metrics_address = config.state_dir, config.publish_wait, config.metrics_address
+    fuse_launcher = config.fuse_launcher
     if mode not in MODES:
         raise SystemExit(f"--mode must be one of {', '.join(MODES)}")
     serves_node = mode in ("node", "all")
@@ -173,14 +189,14 @@ def build_driver(settings: Settings, *, endpoint: str, node_id: str, mode: str, 
     events = PodEvents(create_event, node_id)
     lost: list[Publication] = []
     if serves_node:
-        pulls = PullManager(settings, metrics=metrics)
+        pulls = PullFlights(settings, metrics=metrics.pulls)
         warm_requests = WarmRequests(settings.root)
 
         def request_warm(publication: Publication, spec: VolumeSpec) -> None:
             if spec.warm:
                 warm_requests.request(publication.key, publication.source)
 
-        node = NodeService(node_id, pulls, VolumeState(settings.root), publish_wait=publish_wait,
+        node = NodeService(node_id, pulls, Publications(settings.root), publish_wait=publish_wait,
                            on_published=request_warm, lazy=LazyLauncher(settings, fuse_launcher), events=events,
                            metrics=metrics)
         lost = node.lazy_mounts_to_restore()
@@ -201,6 +217,24 @@ def build_driver(settings: Settings, *, endpoint: str, node_id: str, mode: str, 
     identity.ready.set()
     log.info("serving %s mode on %s as node %s", mode, endpoint, node_id)
     return Driver(server, identity, metrics, node, controller, pulls, events)
+
+
+def run_plugin(settings: Settings, config: PluginConfig) -> None:
+    """``ocimodel csi``: connect to the Kubernetes API if there is one (for PVC annotation lookups and pod
+    events; without one, warn once and run without them), serve until SIGTERM, shut down gracefully."""
+    pvc_lookup = create_event = None
+    if config.kubeconfig != "none":
+        from kubeadapter.client import KubeClient
+        try:
+            kube = KubeClient.connect(config.kubeconfig or None)
+        except ModelCacheError as exc:
+            if config.kubeconfig:  # asked for explicitly: a broken kubeconfig is an error
+                raise
+            log.warning("no Kubernetes API access (%s): running without PVC annotation lookups and pod events; "
+                        "pass --kubeconfig=none to silence this", exc)
+        else:
+            pvc_lookup, create_event = kube.pvc_annotation, kube.create_event
+    serve_forever(build_driver(settings, config, pvc_annotation=pvc_lookup, create_event=create_event))
 
 
 def serve_forever(driver: Driver) -> None:

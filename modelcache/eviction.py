@@ -8,9 +8,10 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 
+from modelcache.cache import ModelCache
 from modelcache.gc import collect_garbage, in_use, remove_model
 from modelcache.pins import Pins
-from modelcache.pull import ModelCache, ModelRecord
+from modelcache.records import ModelRecord
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,8 @@ def _used_fraction(cache: ModelCache) -> tuple[float, int, int]:
     return used / usage.total, used, usage.total
 
 
-def _unique_bytes(record: ModelRecord, refcount: Counter[str], cache: ModelCache) -> int:
+def _bytes_only_it_holds(record: ModelRecord, refcount: Counter[str], cache: ModelCache) -> int:
+    """Bytes of the blobs no model but ``record`` refers to (freed when it goes)."""
     total = 0
     for digest in record.blobs:
         if refcount[digest] == 1:
@@ -61,7 +63,7 @@ def evict(cache: ModelCache, *, high: float, low: float, protected: set[str] | N
         if record.key in keep or in_use(cache, record.key):
             result.blocked.append(record.key)
             continue
-        freed = _unique_bytes(record, refcount, cache)
+        freed = _bytes_only_it_holds(record, refcount, cache)
         for digest in record.blobs:
             refcount[digest] -= 1
         projected -= freed

@@ -1,4 +1,4 @@
-"""Small filesystem helpers: file locks, atomic writes, fsync of directories."""
+"""Small filesystem helpers: file locks, atomic writes, fsync of directories, removal of read-only trees."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,3 +74,23 @@ def raise_if_full(exc: OSError, what: str) -> None:
     """Turn ENOSPC/EDQUOT into :class:`StoreFull`."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         raise StoreFull(f"{what}: no space left in the cache ({os.strerror(exc.errno)})") from None
+
+
+def _make_writable_for_removal(root: Path) -> None:
+    """Give directories write bits back so a tree can be deleted."""
+    for dirpath, dirnames, _ in os.walk(root):
+        with contextlib.suppress(OSError):
+            os.chmod(dirpath, 0o755)
+        for name in dirnames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                with contextlib.suppress(OSError):
+                    os.chmod(path, 0o755)
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a read-only tree (directories are made writable first)."""
+    if not os.path.lexists(path):
+        return
+    _make_writable_for_removal(path)
+    shutil.rmtree(path, ignore_errors=False)

@@ -7,10 +7,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from modelcache.cache import ModelCache
 from modelcache.digest import Digest
 from modelcache.errors import Kind, ModelCacheError
+from modelcache.fsutil import remove_tree
 from modelcache.mounts import mounts_of
-from modelcache.pull import ModelCache, ModelRecord, remove_tree
+from modelcache.records import ModelRecord
 
 
 @dataclass
@@ -30,7 +32,8 @@ class Usage:
         return max(0, self.logical_bytes - self.disk_bytes)
 
 
-def _unique_bytes(root: Path, seen: set[tuple[int, int]]) -> int:
+def _disk_bytes_not_seen(root: Path, seen: set[tuple[int, int]]) -> int:
+    """Disk blocks of the files under ``root`` whose inode is not in ``seen`` (which grows)."""
     total = 0
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
@@ -52,8 +55,8 @@ def usage(cache: ModelCache) -> Usage:
     for record in records:
         result.logical_bytes += record.total_bytes
         result.per_model[record.key] = record.total_bytes
-    result.disk_bytes = _unique_bytes(cache.store.blobs, seen)
-    result.layer_bytes = _unique_bytes(cache.store.layers, seen)
+    result.disk_bytes = _disk_bytes_not_seen(cache.store.blobs, seen)
+    result.layer_bytes = _disk_bytes_not_seen(cache.store.layers, seen)
     result.disk_bytes += result.layer_bytes
     return result
 
@@ -107,7 +110,7 @@ def collect_garbage(cache: ModelCache, *, dry_run: bool = False) -> GcReport:
         for layer in list(store.layers.iterdir()) if store.layers.is_dir() else []:
             if layer.name not in live_layers:
                 report.layers.append(layer.name)
-                report.freed_bytes += _unique_bytes(layer, set())
+                report.freed_bytes += _disk_bytes_not_seen(layer, set())
                 if not dry_run:
                     remove_tree(layer)
         for tree in list(store.trees.iterdir()) if store.trees.is_dir() else []:

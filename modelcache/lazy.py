@@ -25,17 +25,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from modelcache.cache import ModelCache
 from modelcache.digest import Digest
 from modelcache.errors import IntegrityError, Kind, ModelCacheError, UnsafeContent
 from modelcache.layout import Plan, plan_for
 from modelcache.mediatypes import Compression
+from modelcache.options import PullOptions
 from modelcache.paths import PathFilter, safe_relpath
-from modelcache.pull import ModelCache, Progress, PullOptions, PullResult
+from modelcache.progress import Progress
+from modelcache.records import PullResult
 from modelcache.registry import Resolved
 
 log = logging.getLogger(__name__)
 
-CHUNK = 4 << 20
+RANGE_CHUNK = 4 << 20  # a lazy read fetches whole chunks of this size by HTTP Range
 READAHEAD_CHUNKS = 4
 MAX_TAR_ENTRIES = 100_000
 STRICT_WAIT = 3600.0
@@ -368,7 +371,7 @@ class LazyModel:
 
     def _read_chunked(self, digest: Digest, blob_size: int, offset: int, size: int) -> bytes:
         chunks = self._chunk_cache(digest, blob_size)
-        first, last = offset // CHUNK, (offset + size - 1) // CHUNK
+        first, last = offset // RANGE_CHUNK, (offset + size - 1) // RANGE_CHUNK
         for index in range(first, last + 1):
             self._ensure_chunk(chunks, digest, index)
         sequential = self._last_end.get(digest) == offset
@@ -392,8 +395,8 @@ class LazyModel:
                 event.wait()
                 continue
             try:
-                start = index * CHUNK
-                length = min(CHUNK, chunks.size - start)
+                start = index * RANGE_CHUNK
+                length = min(RANGE_CHUNK, chunks.size - start)
                 data = self.cache.client.read_range(self.resolved.reference, digest, start, length)
                 if len(data) != length:
                     raise ModelCacheError(f"blob {digest}: range {start}+{length} returned {len(data)} bytes",
@@ -407,7 +410,7 @@ class LazyModel:
                 event.set()
 
     def _read_ahead(self, chunks: ChunkCache, digest: Digest, start: int) -> None:
-        total = (chunks.size + CHUNK - 1) // CHUNK
+        total = (chunks.size + RANGE_CHUNK - 1) // RANGE_CHUNK
         for index in range(start, min(start + READAHEAD_CHUNKS, total)):
             with chunks.lock:
                 if index in chunks.present or index in chunks.inflight:

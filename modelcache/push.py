@@ -22,13 +22,13 @@ from modelcache import mediatypes as mt
 from modelcache.digest import Digest
 from modelcache.errors import Kind, ModelCacheError
 from modelcache.reference import Reference
-from modelcache.registry import RegistryClient
+from modelcache.registry import READ_SIZE, RegistryClient
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".onnx", ".h5", ".msgpack", ".ckpt", ".npz")
 CODE_SUFFIXES = (".py", ".sh", ".ipynb", ".js", ".go", ".rs")
 DOC_SUFFIXES = (".md", ".rst", ".pdf", ".html")
 DATASET_SUFFIXES = (".parquet", ".arrow", ".csv", ".jsonl", ".tfrecord")
-CHUNK = 1 << 20
+
 
 
 def layer_kind(relpath: str) -> str:
@@ -57,7 +57,7 @@ def _hash_file(path: Path) -> tuple[str, int]:
     digest = hashlib.sha256()
     size = 0
     with open(path, "rb") as handle:
-        while chunk := handle.read(CHUNK):
+        while chunk := handle.read(READ_SIZE):
             digest.update(chunk)
             size += len(chunk)
     return f"sha256:{digest.hexdigest()}", size

@@ -17,9 +17,9 @@ from modelcache.transport import STREAM_ERRORS, Transport, closing_response, rea
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 20
+READ_SIZE = 1 << 20  # bytes read from a blob response at a time
 MAX_CONFIG_BYTES = 4 << 20
-Progress = Callable[[int], None]
+OnBytes = Callable[[int], None]  # told how many bytes just arrived
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ class RegistryClient:
         return data
 
     def download_blob(self, ref: Reference, descriptor: Descriptor, out: IO[bytes], verifier: Verifier,
-                      progress: Progress | None = None) -> None:
+                      progress: OnBytes | None = None) -> None:
         """Stream a blob into ``out`` from ``verifier.count`` on, resuming with Range after breaks.
 
         ``out`` must be positioned at ``verifier.count``. The digest and size are verified at the end;
@@ -140,7 +140,7 @@ class RegistryClient:
                 try:
                     raw = response.raw
                     while True:
-                        chunk = raw.read(CHUNK)
+                        chunk = raw.read(READ_SIZE)
                         if not chunk:
                             break
                         verifier.update(chunk)

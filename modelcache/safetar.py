@@ -7,7 +7,6 @@ pax/GNU headers, and more output than a decompression-bomb limit allows.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import os
 import posixpath
@@ -189,15 +188,3 @@ def _drop_write_bits(root: Path) -> None:
             if not os.path.islink(path):
                 os.chmod(path, 0o555)
     os.chmod(root, 0o555)
-
-
-def make_writable_for_removal(root: Path) -> None:
-    """Give directories write bits back so a tree can be deleted."""
-    for dirpath, dirnames, _ in os.walk(root):
-        with contextlib.suppress(OSError):
-            os.chmod(dirpath, 0o755)
-        for name in dirnames:
-            path = os.path.join(dirpath, name)
-            if not os.path.islink(path):
-                with contextlib.suppress(OSError):
-                    os.chmod(path, 0o755)

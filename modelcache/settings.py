@@ -8,10 +8,10 @@ from typing import Any
 
 import yaml
 
+from modelcache.cache import DEFAULT_EXPAND_RATIO, ModelCache
 from modelcache.credentials import CredentialStore, default_docker_config_path
 from modelcache.errors import Kind, ModelCacheError
 from modelcache.hosts import HostsConfig
-from modelcache.pull import DEFAULT_EXPAND_RATIO, ModelCache
 from modelcache.registry import RegistryClient
 from modelcache.store import DEFAULT_ROOT, ContentStore
 from modelcache.transport import RetryPolicy, Transport

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import logging
 import math
+import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,14 +17,19 @@ from prometheus_client import start_http_server
 
 from kubeadapter.client import KubeClient
 from modelcache import pagecache
+from modelcache.cache import ModelCache
 from modelcache.credentials import CredentialStore
 from modelcache.errors import Kind, ModelCacheError
 from modelcache.eviction import evict
 from modelcache.gc import usage
 from modelcache.mounts import mounts_of
-from modelcache.pins import Pins, WarmRequests
-from modelcache.pull import ModelCache, Progress, PullOptions, PullResult
+from modelcache.options import PullOptions
+from modelcache.pins import Pins
+from modelcache.progress import Progress
+from modelcache.records import PullResult
 from modelcache.settings import Settings
+from modelcache.singleflight import PullFlights
+from modelcache.warmrequests import WarmRequests
 from node_agent import GROUP, KIND, PLURAL, VERSION
 from node_agent.metrics import AgentMetrics
 from node_agent.spec import ModelCacheSpec, node_label, parse_spec
@@ -78,6 +84,7 @@ class Agent:
         self.pins = Pins(root)
         self.warm_requests = WarmRequests(root)
         self.metrics = AgentMetrics()
+        self.flights = PullFlights(config.settings, max_parallel=config.pull_threads, metrics=self.metrics.pulls)
         self.pull_limiter = trio.CapacityLimiter(config.pull_threads)
         self.kube_limiter = trio.CapacityLimiter(config.kube_threads)
         self.io_limiter = trio.CapacityLimiter(2)
@@ -293,7 +300,6 @@ class Agent:
                 except ModelCacheError as exc:
                     log.warning("%s failed: %s", spec.owner, exc)
                     tracked.phase = "Failed"
-                    self.metrics.pulls.finished(0.0, 0, exc.kind.name)
                     await self._apply_status(spec.namespace, spec.name, {"phase": "Failed", "message": str(exc)})
                     await self._event(spec, "PullFailed", f"node {self.config.node_name}: {exc}", warning=True)
                     if exc.kind not in RETRY_KINDS:
@@ -313,29 +319,25 @@ class Agent:
         await self._apply_status(spec.namespace, spec.name,
                                  {"phase": "Pulling", "message": f"pulling {spec.reference}"})
         await self._event(spec, "Pulling", f"pulling {spec.reference} to node {self.config.node_name}")
-        credentials = await self._kube(self._credentials, spec) if spec.pull_secrets else None
-        cache = self.cache if credentials is None else self.config.settings.cache(credentials)
-        progress = Progress()
-        self.metrics.pulls.started.inc()
-        started = trio.current_time()
+        try:  # failures before the pull starts count as failed pulls here; the pull's own, in the flight
+            credentials = await self._kube(self._credentials, spec) if spec.pull_secrets else None
+            flight = await self._thread(self.flights.start, spec.reference, PullOptions(),
+                                        credentials, f"{spec.namespace}/{','.join(spec.pull_secrets)}")
+        except ModelCacheError as exc:
+            self.metrics.pulls.failed.labels(reason=exc.kind.name).inc()
+            raise
         reporter = trio.CancelScope()
 
         async def report_progress() -> None:
             with reporter:
-                await self._report_progress(spec, progress)
+                await self._report_progress(spec, flight.progress)
 
         assert self._nursery is not None
         self._nursery.start_soon(report_progress)
         try:
-            result: PullResult = await self._thread(cache.pull, spec.reference, PullOptions(), progress,
-                                                    limiter=self.pull_limiter)
+            result: PullResult = await self._thread(flight.future.result, limiter=self.pull_limiter)
         finally:
             reporter.cancel()
-        elapsed = trio.current_time() - started
-        self.metrics.pulls.finished(elapsed, result.downloaded_bytes, None)
-        log.info("pull of %s for %s finished: %d bytes downloaded in %.1f s (%.1f MB/s), %s", spec.reference,
-                 spec.owner, result.downloaded_bytes, elapsed, result.downloaded_bytes / max(elapsed, 1e-6) / 1e6,
-                 "from the cache" if result.cached else result.record.digest)
         tracked.result = result
         if spec.pin:
             self.pins.pin(spec.owner, result.record.key)
@@ -411,3 +413,22 @@ class Agent:
 
 class _Gone(Exception):
     """The watch's resourceVersion is too old (or the stream reported an error): list again."""
+
+
+def run_agent(config: AgentConfig, kubeconfig: str) -> None:
+    """Run the agent until SIGTERM or SIGINT. ``kubeconfig``: '' for in-cluster, 'none' for no Kubernetes."""
+    kube = None
+    if kubeconfig != "none":
+        kube = KubeClient.connect(kubeconfig or None)
+    agent = Agent(config, kube)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                await nursery.start(agent.run)
+                async for signum in signals:
+                    log.info("signal %d: shutting down", signum)
+                    nursery.cancel_scope.cancel()
+                    break
+
+    trio.run(main)

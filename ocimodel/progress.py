@@ -6,7 +6,7 @@ import sys
 import threading
 import time
 
-from modelcache.pull import Progress
+from modelcache.progress import Progress
 
 
 class ProgressLine:

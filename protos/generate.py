@@ -1,4 +1,5 @@
-"""Generate the Python gRPC stubs of protos/csi.proto into csi_driver/proto (run by setup.py and install.sh)."""
+"""Generate the Python gRPC stubs of protos/csi.proto into csi_driver/proto: the one build step, run by
+scripts/gen_protos.sh (which scripts/install.sh and the Dockerfile call) before anything imports the driver."""
 
 from __future__ import annotations
 

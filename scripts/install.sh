@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything ocimodel needs on a fresh Debian (bookworm) machine, as root:
-# system packages, a virtualenv in .venv with the project and its dev tools, and the generated gRPC stubs.
+# system packages, a virtualenv in .venv with the project and its dev tools (pinned by constraints.txt),
+# and the generated gRPC stubs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,4 +20,4 @@ if [ ! -x .venv/bin/python ]; then
 fi
 PIP_CONSTRAINT="$PWD/constraints.txt" .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
 .venv/bin/python -c 'import modelcache, grpc, pyfuse3, trio, kubernetes' 
-if [ -f scripts/gen_protos.sh ]; then bash scripts/gen_protos.sh; fi
+bash scripts/gen_protos.sh  # the one build step (CSI stubs from protos/); the Dockerfile runs it too

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from modelcache.cache import ModelCache
 from modelcache.credentials import Credentials, CredentialStore
 from modelcache.hosts import HostsConfig
-from modelcache.pull import ModelCache
 from modelcache.registry import RegistryClient
 from modelcache.store import ContentStore
 from modelcache.transport import RetryPolicy, Transport

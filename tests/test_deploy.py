@@ -22,7 +22,7 @@ import yaml
 from csi_driver.proto import csi_pb2, csi_pb2_grpc
 from modelcache import __version__
 from modelcache.settings import Settings
-from ocimodel.cli import _extensions, build_parser
+from ocimodel.cli import build_parser
 from tests.conftest import needs_root
 from tests.helpers.fakekube import FakeKubeAPI
 
@@ -135,7 +135,7 @@ def test_base_driver_objects() -> None:
 @needs_kubectl
 @pytest.mark.parametrize("path", ["deploy/base", "deploy/overlays/production"])
 def test_images_and_flags_match_the_code(path: str) -> None:
-    parser = build_parser(_extensions())
+    parser = build_parser()
     containers = ocimodel_containers(render(path))
     assert len(containers) == 4
     for _, container in containers:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from modelcache.cache import ModelCache
 from modelcache.digest import Digest
 from modelcache.eviction import evict
 from modelcache.pins import Pins
-from modelcache.pull import ModelCache
 from modelcache.store import ContentStore
 from tests.conftest import make_client, needs_root
 from tests.helpers.oci import Fixtures

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from modelcache import mediatypes as mt
+from modelcache.cache import ModelCache
 from modelcache.digest import Digest
 from modelcache.errors import Kind, ModelCacheError
-from modelcache.pull import ModelCache
 from modelcache.store import ContentStore
 from modelcache.transport import RetryPolicy
 from tests.conftest import make_client

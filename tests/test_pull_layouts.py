@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from modelcache import mediatypes as mt
+from modelcache.cache import ModelCache
 from modelcache.digest import Digest
 from modelcache.errors import Kind, ModelCacheError
 from modelcache.manifest import host_platform
-from modelcache.pull import ModelCache, PullOptions
+from modelcache.options import PullOptions
 from modelcache.store import ContentStore
 from tests.conftest import make_client
 from tests.helpers.oci import Entry, Fixtures, compress, make_tar

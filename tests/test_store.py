@@ -115,9 +115,9 @@ def test_cache_root_is_private(store: ContentStore) -> None:
 
 
 def test_gc_removes_only_abandoned_lazy_chunk_files(tmp_path: Path) -> None:
+    from modelcache.cache import ModelCache
     from modelcache.gc import collect_garbage
     from modelcache.lazy import ChunkCache
-    from modelcache.pull import ModelCache
     cache = ModelCache(ContentStore(tmp_path / "root"))
     lazy_dir = cache.store.root / "lazy"
     in_use = ChunkCache(lazy_dir / "sha256-aaaa.part", 1 << 20)

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from modelcache.cache import ModelCache
 from modelcache.digest import Digest
 from modelcache.errors import Kind, ModelCacheError
 from modelcache.gc import usage
 from modelcache.hosts import HostsConfig, RegistryHost
-from modelcache.pull import ModelCache
 from modelcache.store import ContentStore
 from tests.conftest import make_client
 from tests.helpers.oci import Fixtures

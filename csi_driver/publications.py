@@ -16,7 +16,7 @@ import grpc
 
 from csi_driver.errors import CsiError
 from modelcache.fsutil import atomic_write_json, read_json
-from modelcache.pull import PullOptions
+from modelcache.options import PullOptions
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class Publication:
         return (namespace, name, self.pod_uid) if name else ("", "", self.pod_uid)
 
 
-class VolumeState:
+class Publications:
     """Records under ``<root>/csi/publications`` and in-process locks per target."""
 
     def __init__(self, root: Path) -> None:

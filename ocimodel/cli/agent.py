@@ -12,37 +12,18 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from modelcache.cliopts import add_node_options, settings_from_args
 from modelcache.errors import Kind, ModelCacheError
 from modelcache.reference import parse_reference
-
-log = logging.getLogger(__name__)
+from ocimodel.cli.options import add_node_options, settings_from_args
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
     """Run the node agent until SIGTERM."""
-    import trio
-
-    from node_agent.agent import Agent, AgentConfig
-    kube = None
-    if args.kubeconfig != "none":
-        from kubeadapter.client import KubeClient
-        kube = KubeClient.connect(args.kubeconfig or None)
+    from node_agent.agent import AgentConfig, run_agent
     config = AgentConfig(node_name=args.node_name or os.environ.get("NODE_NAME") or socket.gethostname(),
                          settings=settings_from_args(args), metrics_address=args.metrics_address,
                          evict_interval=args.evict_interval)
-    agent = Agent(config, kube)
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                await nursery.start(agent.run)
-                async for signum in signals:
-                    log.info("signal %d: shutting down", signum)
-                    nursery.cancel_scope.cancel()
-                    break
-
-    trio.run(main)
+    run_agent(config, args.kubeconfig)
     return 0
 
 
@@ -86,7 +67,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    """Add the agent subcommands to the ``ocimodel`` parser."""
+    """Add ``agent`` and ``warm``."""
     agent = sub.add_parser("agent", help="run the node agent (prefetch, warm, evict, report)")
     agent.add_argument("--node-name", default="")
     agent.add_argument("--kubeconfig", default="", help="kubeconfig ('' = in-cluster, 'none' = no Kubernetes)")

@@ -1,0 +1,152 @@
+"""The node's model cache: lookups of assembled models, and pulls that make a reference available as a
+tree (resolve, then the steps in :mod:`modelcache.pull`), safe to run concurrently across processes."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from modelcache.fsutil import atomic_write_json, read_json
+from modelcache.layout import plan_for
+from modelcache.options import PullOptions
+from modelcache.progress import Progress
+from modelcache.pull import assemble_tree, download_blobs, extract_layers
+from modelcache.records import ModelRecord, PullResult, tree_key
+from modelcache.reference import Reference, parse_reference
+from modelcache.registry import RegistryClient, Resolved
+from modelcache.store import ContentStore
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXPAND_RATIO = 100
+
+
+class ModelCache:
+    """The node's model cache: pulls references into ``store`` through ``client``."""
+
+    def __init__(self, store: ContentStore, client: RegistryClient | None = None, *, workers: int = 4,
+                 expand_ratio: int = DEFAULT_EXPAND_RATIO) -> None:
+        self.store = store
+        self.client = client or RegistryClient()
+        self.workers = workers
+        self.expand_ratio = expand_ratio
+        store.ensure()
+
+    # -- lookups ----------------------------------------------------------------------------------------
+    def record_path(self, key: str) -> Path:
+        """Where the record of ``key`` lives."""
+        return self.store.models / f"{key}.json"
+
+    def tree_path(self, key: str) -> Path:
+        """Where the tree of ``key`` lives."""
+        return self.store.trees / key
+
+    def get_record(self, key: str) -> ModelRecord | None:
+        """The record of ``key`` if both it and its tree exist."""
+        data = read_json(self.record_path(key))
+        if not isinstance(data, dict) or not self.tree_path(key).is_dir():
+            return None
+        try:
+            return ModelRecord.from_json(data)
+        except TypeError:
+            return None
+
+    def records(self) -> list[ModelRecord]:
+        """Every complete model in the cache."""
+        result = []
+        for path in sorted(self.store.models.glob("*.json")):
+            record = self.get_record(path.stem)
+            if record:
+                result.append(record)
+        return result
+
+    def exposed_path(self, record: ModelRecord) -> Path:
+        """The directory handed to users: the tree, or its sub-path."""
+        base = self.tree_path(record.key)
+        if record.subpath and record.layout != "image":
+            return base / record.subpath
+        return base
+
+    def last_used(self, key: str) -> float:
+        """When ``key`` was last pulled or used (mtime of its record)."""
+        try:
+            return self.record_path(key).stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
+
+    def touch(self, key: str) -> None:
+        """Mark ``key`` as used now."""
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self.record_path(key))
+
+    def _hit(self, key: str, started: float) -> PullResult | None:
+        record = self.get_record(key)
+        if record is None:
+            return None
+        self.touch(key)
+        return PullResult(record, self.exposed_path(record), 0, True, time.monotonic() - started)
+
+    # -- pulling ----------------------------------------------------------------------------------------
+    def cached(self, reference: str | Reference, options: PullOptions = PullOptions()) -> PullResult | None:
+        """A digest reference already in the cache, without touching the network; else None."""
+        ref = parse_reference(reference) if isinstance(reference, str) else reference
+        if ref.digest is None:
+            return None
+        return self._hit(tree_key(ref.digest, options), time.monotonic())
+
+    def pull(self, reference: str | Reference, options: PullOptions = PullOptions(),
+             progress: Progress | None = None) -> PullResult:
+        """Make ``reference`` available as a tree; pull what is missing. Safe to call concurrently."""
+        started = time.monotonic()
+        ref = parse_reference(reference) if isinstance(reference, str) else reference
+        progress = progress or Progress()
+        hit = self.cached(ref, options)
+        if hit:
+            return hit
+        digest = ref.digest or self.client.head_digest(ref)
+        hit = self._hit(tree_key(digest, options), started)
+        if hit:
+            return hit
+        resolved = self.client.resolve(ref.with_digest(digest))
+        return self.materialise(resolved, options, progress, started)
+
+    def materialise(self, resolved: Resolved, options: PullOptions, progress: Progress,
+                    started: float | None = None) -> PullResult:
+        """Build the tree for an already resolved manifest."""
+        started = time.monotonic() if started is None else started
+        key = tree_key(resolved.digest, options)
+        plan = plan_for(resolved.manifest, options.subpath)
+        with self.store.lock("gc", shared=True), self.store.lock(f"tree-{key}"):
+            hit = self._hit(key, started)
+            if hit:
+                return hit
+            ref = resolved.reference
+            manifest = resolved.manifest
+            self.store.put_bytes(manifest.digest, manifest.raw)
+            if not self.store.has_blob(manifest.config.digest, manifest.config.size):
+                self.store.put_bytes(manifest.config.digest, self.client.get_small_blob(ref, manifest.config))
+            steps = plan.needed(options.path_filter)
+            download_blobs(self.store, self.client, ref, [s.descriptor for s in steps], progress, self.workers)
+            layer_dirs = extract_layers(self.store, steps, progress, self.expand_ratio)
+            progress.set("assembling")
+            stats_record = assemble_tree(self.store, key, plan, steps, layer_dirs, options)
+            record = ModelRecord(
+                key=key, reference=str(ref), digest=str(resolved.digest), manifest_digest=str(manifest.digest),
+                layout=plan.layout, files=stats_record[0], total_bytes=stats_record[1],
+                blobs=sorted({str(manifest.digest), str(manifest.config.digest)} |
+                             {str(s.descriptor.digest) for s in steps}),
+                layers=sorted({p.name for p in layer_dirs.values()}), subpath=plan.subpath,
+                include=list(options.include), exclude=list(options.exclude), created=time.time(),
+                auth_required=self._auth_required(ref))
+            atomic_write_json(self.record_path(key), asdict(record))
+            progress.set("ready")
+            elapsed = time.monotonic() - started
+            return PullResult(record, self.exposed_path(record), progress.downloaded_bytes, False, elapsed)
+
+    def _auth_required(self, ref: Reference) -> bool:
+        """True when talking to ``ref``'s registry needed credentials (cache hits must re-check access)."""
+        return self.client.transport.used_auth(ref.endpoint_host)

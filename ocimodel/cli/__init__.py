@@ -1,0 +1,52 @@
+"""``ocimodel``: every command line of the project. One module per command group (``models``: pull and
+push; ``cache``; ``csi``: the plugin, mount, umount and the FUSE helpers; ``agent``: the node agent and
+warm) parses arguments into typed settings and calls the packages that do the work."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from modelcache import __version__
+from modelcache.errors import Kind, ModelCacheError
+from ocimodel.cli import agent, cache, csi, models
+
+EXIT_CODES = {Kind.INVALID_ARGUMENT: 2, Kind.NOT_FOUND: 3, Kind.UNAUTHENTICATED: 4, Kind.PERMISSION_DENIED: 4,
+              Kind.UNAVAILABLE: 5, Kind.INTEGRITY: 6, Kind.UNSAFE_CONTENT: 6, Kind.RESOURCE_EXHAUSTED: 7,
+              Kind.UNSUPPORTED: 8, Kind.INTERNAL: 1}
+Handler = Callable[[argparse.Namespace], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser: one module per command group registers its subcommands."""
+    parser = argparse.ArgumentParser(prog="ocimodel", description="AI models from OCI registries, on nodes.")
+    parser.add_argument("--version", action="version", version=f"ocimodel {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for group in (models, cache, csi, agent):
+        group.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ocimodel`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # services (csi, agent, fuse-launcher) log one INFO line per operation by default; commands only warnings
+    base = getattr(args, "log_level", logging.WARNING)
+    logging.basicConfig(level=max(base - 10 * min(args.verbose, 2), logging.DEBUG),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except ModelCacheError as exc:
+        print(f"ocimodel: {exc.kind.value}: {exc}", file=sys.stderr)
+        return EXIT_CODES.get(exc.kind, 1)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""``ocimodel csi``, ``mount``, ``umount``, ``fuse-launcher`` and ``fuse-serve``. The CSI driver is imported
+only when one of them runs, so ``ocimodel pull`` starts fast."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from csi_driver import DEFAULT_PUBLISH_WAIT, MODES
+from ocimodel.cli.options import add_node_options, settings_from_args
+
+
+def cmd_csi(args: argparse.Namespace) -> int:
+    """Run the CSI plugin until SIGTERM."""
+    from csi_driver.server import PluginConfig, run_plugin
+    config = PluginConfig(endpoint=args.endpoint, node_id=args.node_id, mode=args.mode,
+                          state_dir=Path(args.state_dir) if args.state_dir else None, publish_wait=args.publish_wait,
+                          metrics_address=args.metrics_address, fuse_launcher=args.fuse_launcher,
+                          kubeconfig=args.kubeconfig)
+    run_plugin(settings_from_args(args), config)
+    return 0
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    """Mount REF read-only at TARGET through the Node service's publish path."""
+    from csi_driver.errors import CsiError
+    from csi_driver.localmount import mount_model
+    attributes = {"reference": args.reference, "mount": "lazy" if args.lazy else "bind"}
+    if args.include:
+        attributes["include"] = ",".join(args.include)
+    if args.exclude:
+        attributes["exclude"] = ",".join(args.exclude)
+    if args.path:
+        attributes["path"] = args.path
+    secrets: dict[str, str] = {}
+    if args.username:
+        secrets = {"username": args.username, "password": os.environ.get("OCIMODEL_PASSWORD", "")}
+    try:
+        target = mount_model(settings_from_args(args), args.target, attributes, secrets,
+                             on_wait=lambda message: print(message, file=sys.stderr))
+    except CsiError as exc:
+        print(f"ocimodel: {exc.code.name}: {exc.message}", file=sys.stderr)
+        return 1
+    print(f"mounted {args.reference} at {target}")
+    return 0
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    """Unmount TARGET through the Node service's unpublish path."""
+    from csi_driver.errors import CsiError
+    from csi_driver.localmount import unmount_model
+    try:
+        target = unmount_model(settings_from_args(args), args.target)
+    except CsiError as exc:
+        print(f"ocimodel: {exc.code.name}: {exc.message}", file=sys.stderr)
+        return 1
+    print(f"unmounted {target}")
+    return 0
+
+
+def cmd_fuse_launcher(args: argparse.Namespace) -> int:
+    """Host lazy-mount helpers until SIGTERM."""
+    from csi_driver.lazymount import serve_launcher
+    serve_launcher(Path(args.socket))
+    return 0
+
+
+def cmd_fuse_serve(args: argparse.Namespace) -> int:
+    """The detached helper that serves one lazy mount (its job arrives as JSON on stdin)."""
+    from csi_driver.lazyfs import helper_main
+    return helper_main()
+
+
+def register(sub: Any) -> None:
+    """Add the CSI subcommands."""
+    csi = sub.add_parser("csi", help="run the CSI plugin (gRPC on a unix socket)")
+    csi.add_argument("--endpoint", default=os.environ.get("CSI_ENDPOINT", "unix:///csi/csi.sock"))
+    csi.add_argument("--node-id", default=os.environ.get("NODE_ID", ""))
+    csi.add_argument("--mode", choices=MODES, default="all")
+    csi.add_argument("--state-dir", help="where the controller keeps its volume records (default: --root)")
+    csi.add_argument("--publish-wait", type=float, default=DEFAULT_PUBLISH_WAIT,
+                     help="seconds NodePublishVolume waits for a pull before answering ABORTED (kubelet retries)")
+    csi.add_argument("--fuse-launcher", default="",
+                     help="unix socket of an 'ocimodel fuse-launcher' hosting lazy-mount helpers ('' = here)")
+    csi.add_argument("--metrics-address", default="", help="host:port for Prometheus metrics ('' = off)")
+    csi.add_argument("--kubeconfig", default="", help="kubeconfig for PVC lookups and pod events "
+                     "('' = in-cluster, 'none' = off)")
+    add_node_options(csi)
+    csi.set_defaults(handler=cmd_csi, log_level=logging.INFO)
+
+    mount = sub.add_parser("mount", help="mount a model read-only at a directory (no Kubernetes needed)")
+    mount.add_argument("reference")
+    mount.add_argument("target")
+    mount.add_argument("--lazy", action="store_true", help="FUSE lazy mount (reads before the pull ends)")
+    mount.add_argument("--include", action="append")
+    mount.add_argument("--exclude", action="append")
+    mount.add_argument("--path")
+    mount.add_argument("--username", help="registry user (password from $OCIMODEL_PASSWORD)")
+    add_node_options(mount)
+    mount.set_defaults(handler=cmd_mount)
+
+    helper = sub.add_parser("fuse-serve", help="(internal) serve one lazy mount; reads its job on stdin")
+    helper.set_defaults(handler=cmd_fuse_serve)
+
+    launcher = sub.add_parser("fuse-launcher", help="host lazy-mount helpers for the CSI driver (own container)")
+    launcher.add_argument("--socket", required=True, help="unix socket path (created mode 0600)")
+    launcher.set_defaults(handler=cmd_fuse_launcher, log_level=logging.INFO)
+
+    umount = sub.add_parser("umount", help="unmount a model mounted with 'ocimodel mount'")
+    umount.add_argument("target")
+    add_node_options(umount)
+    umount.set_defaults(handler=cmd_umount)

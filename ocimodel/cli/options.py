@@ -1,0 +1,66 @@
+"""Options every ``ocimodel`` subcommand shares, the Settings they produce, and output helpers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from modelcache.credentials import Credentials, CredentialStore
+from modelcache.reference import parse_reference
+from modelcache.settings import Settings
+
+
+def add_node_options(parser: argparse.ArgumentParser, *, registry: bool = True) -> None:
+    """``--root`` and ``--config``; with ``registry``, also ``--plain-http`` and ``--docker-config``."""
+    parser.add_argument("--root", help="cache root (default /var/lib/ocimodel, or the config's root)")
+    parser.add_argument("--config", help="node settings file (YAML or JSON)")
+    if registry:
+        parser.add_argument("--plain-http", action="store_true", help="talk HTTP, not HTTPS, to registries")
+        parser.add_argument("--docker-config", help="Docker config.json with registry credentials")
+
+
+def add_common(parser: argparse.ArgumentParser, *, registry: bool = True) -> None:
+    """The node options plus ``--json`` and, with ``registry``, explicit credentials."""
+    add_node_options(parser, registry=registry)
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    if registry:
+        parser.add_argument("--username", help="registry user (password from --password-stdin or $OCIMODEL_PASSWORD)")
+        parser.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """The settings file named by ``--config`` with the command-line overrides applied."""
+    settings = Settings.load(Path(args.config) if args.config else None)
+    if getattr(args, "root", None):
+        settings.root = Path(args.root)
+    if getattr(args, "plain_http", False):
+        settings.hosts.plain_http = True
+    if getattr(args, "docker_config", None):
+        settings.docker_config = Path(args.docker_config)
+    return settings
+
+
+def explicit_credentials(args: argparse.Namespace, reference: str) -> CredentialStore | None:
+    """Credentials from ``--username`` and the password on stdin or in ``$OCIMODEL_PASSWORD``, if given."""
+    username = getattr(args, "username", None)
+    if not username:
+        return None
+    if getattr(args, "password_stdin", False):
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = os.environ.get("OCIMODEL_PASSWORD", "")
+    store = CredentialStore()
+    store.add(parse_reference(reference).endpoint_host, Credentials(username, password))
+    return store
+
+
+def emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    """Print ``data`` as JSON with ``--json``, else ``text``."""
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        print(text)
