@@ -44,6 +44,6 @@ class PodEvents:
                         exc)
 
     def close(self) -> None:
-        """Send what is queued (bounded by the API client's own time-outs) and stop."""
+        """Stop taking events; what is queued is sent while the process lives (never waited for)."""
         if self._sender is not None:
-            self._sender.shutdown(wait=True, cancel_futures=False)
+            self._sender.shutdown(wait=False, cancel_futures=False)

@@ -165,19 +165,21 @@ class LazyLauncher:
             return None
         return reply.decode(errors="replace").strip()
 
-    def wait_gone(self, pid: int, timeout: float = 10.0) -> None:
-        """After unmounting, wait for the helper to exit (reaping it when it is our child)."""
+    def reap(self, pid: int, timeout: float = 10.0) -> None:
+        """After unmounting, reap the helper in the background when it is our child (killed if it has not
+        ended within ``timeout``); a launcher reaps its own. Never blocks the caller."""
         child = self.children.pop(pid, None)
-        if child is not None:
+        if child is None:
+            return
+
+        def wait() -> None:
             try:
                 child.wait(timeout)
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
-            return
-        deadline = time.monotonic() + timeout
-        while alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
+
+        threading.Thread(target=wait, name=f"reap-{pid}", daemon=True).start()
 
 
 def stale_fuse_mounts(known: set[str]) -> list[str]:

@@ -10,8 +10,10 @@ import contextlib
 import errno
 import logging
 import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import CancelledError
 from pathlib import Path
 
 import grpc
@@ -44,11 +46,12 @@ from modelcache.errors import ModelCacheError
 from modelcache.mounts import bind_mount_readonly, is_mountpoint, mount_options, mounts_at, mounts_of, unmount_all
 from modelcache.records import PullResult, tree_key
 from modelcache.reference import parse_reference
-from modelcache.singleflight import PullFlights, PullPending
+from modelcache.singleflight import PullFlights
 
 log = logging.getLogger(__name__)
 
 DEADLINE_MARGIN = 5.0
+DEFAULT_PUBLISH_SLOTS = 8  # publishes that may wait at once; the other RPC threads stay free
 MAX_ID_LENGTH = 4096
 
 
@@ -59,7 +62,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                  publish_wait: float = DEFAULT_PUBLISH_WAIT,
                  on_published: Callable[[Publication, VolumeSpec], None] | None = None,
                  lazy: LazyLauncher | None = None, events: PodEvents | None = None,
-                 metrics: CsiMetrics | None = None) -> None:
+                 metrics: CsiMetrics | None = None, publish_slots: int = DEFAULT_PUBLISH_SLOTS) -> None:
         self.node_id = node_id
         self.pulls = pulls
         self.state = state
@@ -68,6 +71,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         self.lazy = lazy if lazy is not None and fuse_available() else None
         self.events = events or PodEvents(None, node_id)
         self.metrics = metrics
+        self.publish_slots = publish_slots
+        self._slots = threading.BoundedSemaphore(publish_slots)
 
     # -- publish ---------------------------------------------------------------------------------------
     def publish(self, request: csi_pb2.NodePublishVolumeRequest, time_remaining: float | None = None) -> None:
@@ -92,22 +97,53 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             wait = self.publish_wait
             if time_remaining is not None:
                 wait = min(wait, max(time_remaining - DEADLINE_MARGIN, 0.5))
-            if spec.mount == "lazy":
-                result = self._lazy_or_cached(request, spec, credentials, target)
-                if result is None:
-                    return
-            else:
-                result = self._pull(request, spec, credentials, wait)
-            mount_tree(result.path, target, f"{spec.reference}")
-            self.pulls.cache.touch(result.record.key)
-            publication = self._publication(request, spec, target, result.record.key, str(result.path),
-                                            result.record.reference, result.record.digest, result.record.files,
-                                            result.record.total_bytes)
+            try:
+                if spec.mount == "lazy":
+                    result = self._lazy_or_cached(request, spec, credentials, target)
+                    if result is None:
+                        return
+                else:
+                    result = self._pull(request, spec, credentials, wait)
+                self._mount_and_record(request, spec, target, result)
+            except ModelCacheError as exc:
+                raise from_core(exc, f"volume {volume_id}: {spec.reference}") from None
+
+    @contextlib.contextmanager
+    def _waiting_slot(self, what: str) -> Iterator[None]:
+        """Hold one of the few slots in which a publish may wait (for a pull, a registry, a helper), so
+        that RPC threads stay free for Probe and the other quick RPCs; none free: ABORTED at once."""
+        if not self._slots.acquire(blocking=False):
+            raise CsiError(grpc.StatusCode.ABORTED, f"{what}; {self.publish_slots} publishes are already waiting "
+                                                    f"on this node, retrying later joins the same pull")
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    def _mount_and_record(self, request: csi_pb2.NodePublishVolumeRequest, spec: VolumeSpec, target: str,
+                          result: PullResult) -> None:
+        """Record, then mount, under a lease on the tree (so eviction, gc and ``cache rm`` cannot remove it
+        between the lookup and the mount). A record that cannot be written (a full disk) fails the publish
+        before anything is mounted; a mount that fails takes its record away again."""
+        record = result.record
+        cache = self.pulls.cache
+        with cache.store.lease(f"tree-{record.key}"):
+            if cache.get_record(record.key) is None:
+                raise CsiError(grpc.StatusCode.ABORTED, f"{record.reference} left the cache before it could be "
+                                                        f"mounted; the next attempt pulls it again")
+            publication = self._publication(request, spec, target, record.key, str(result.path), record.reference,
+                                            record.digest, record.files, record.total_bytes)
             self.state.put(publication)
-            log.info("published %s (%s, %d files, %d bytes) at %s for pod %s", volume_id, result.record.reference,
-                     result.record.files, result.record.total_bytes, target, publication.pod or "?")
-            if self.on_published:
-                self.on_published(publication, spec)
+            try:
+                mount_tree(result.path, target, f"{spec.reference}")
+            except BaseException:
+                self.state.delete(target)
+                raise
+        cache.touch(record.key)
+        log.info("published %s (%s, %d files, %d bytes) at %s for pod %s", request.volume_id, record.reference,
+                 record.files, record.total_bytes, target, publication.pod or "?")
+        if self.on_published:
+            self.on_published(publication, spec)
 
     @staticmethod
     def _publication(request: csi_pb2.NodePublishVolumeRequest, spec: VolumeSpec, target: str, key: str,
@@ -123,14 +159,20 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     def _pull(self, request: csi_pb2.NodePublishVolumeRequest, spec: VolumeSpec,
               credentials: CredentialStore | None, wait: float) -> PullResult:
-        try:
-            result = self.pulls.ensure(spec.reference, spec.options, credentials,
-                                       secrets_fingerprint(request.secrets), wait)
+        """Start or join the model's flight (never blocking); wait for it a bounded time in a waiting slot."""
+        flight = self.pulls.start(spec.reference, spec.options, credentials, secrets_fingerprint(request.secrets))
+        if flight.future.done() and not flight.future.cancelled() and flight.future.exception() is None:
+            result = flight.future.result()
+            if not result.record.auth_required:
+                return result
+        with self._waiting_slot(flight.pending()):
+            try:
+                result = flight.future.result(timeout=wait)
+            except TimeoutError:
+                raise CsiError(grpc.StatusCode.ABORTED, flight.pending()) from None
+            except CancelledError:  # queued when the plugin began to shut down
+                raise CsiError(grpc.StatusCode.UNAVAILABLE, "the plugin is shutting down; retry") from None
             self.pulls.check_access(result, credentials)
-        except PullPending as pending:
-            raise CsiError(grpc.StatusCode.ABORTED, str(pending)) from None
-        except ModelCacheError as exc:
-            raise from_core(exc, f"volume {request.volume_id}: {spec.reference}") from None
         return result
 
     def _lazy_or_cached(self, request: csi_pb2.NodePublishVolumeRequest, spec: VolumeSpec,
@@ -138,27 +180,32 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         """For mount=lazy: a model already in the cache is bind-mounted like any other; otherwise a
         helper mounts the lazy view at once and the publication is recorded here (returns None)."""
         assert self.lazy is not None
-        try:
+        with self._waiting_slot(f"starting a lazy mount of {spec.reference}"):
             pinned = spec.reference if spec.reference.digest else self.pulls.pin(spec.reference, spec.options,
                                                                                    credentials)
             hit = self.pulls.cached(pinned, spec.options)
             if hit is not None:
                 self.pulls.check_access(hit, credentials)
                 return hit
+            assert pinned.digest is not None
+            publication = self._publication(request, spec, target, tree_key(pinned.digest, spec.options), "",
+                                            str(pinned), str(pinned.digest), 0, 0)
+            self.state.put(publication)  # first: a full disk fails here, before anything is mounted
             created = not os.path.exists(target)
             try:
                 started = self.lazy.start(target, str(pinned), spec.options, credentials, spec.strict)
+                publication.files, publication.total_bytes = started.files, started.total_bytes
+                publication.helper_pid = started.pid
+                try:
+                    self.state.put(publication)
+                except BaseException:
+                    detach(target, remove=created)
+                    raise
             except BaseException:
+                self.state.delete(target)
                 if created:
                     _remove_dir(target)
                 raise
-        except ModelCacheError as exc:
-            raise from_core(exc, f"volume {request.volume_id}: {spec.reference}") from None
-        assert pinned.digest is not None
-        publication = self._publication(request, spec, target, tree_key(pinned.digest, spec.options), "",
-                                        str(pinned), str(pinned.digest), started.files, started.total_bytes)
-        publication.helper_pid = started.pid
-        self.state.put(publication)
         log.info("published %s (%s, %d files, %d bytes) lazily at %s for pod %s (helper pid %d)", request.volume_id,
                  pinned, started.files, started.total_bytes, target, publication.pod or "?", started.pid)
         return None
@@ -283,7 +330,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             except OSError as exc:
                 raise CsiError(grpc.StatusCode.INTERNAL, f"unmounting {target}: {exc}") from None
             if record is not None and record.helper_pid and self.lazy is not None:
-                self.lazy.wait_gone(record.helper_pid)
+                self.lazy.reap(record.helper_pid)
             if record is not None or os.path.isdir(target):
                 _remove_dir(target)
             self.state.delete(target)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -14,11 +15,11 @@ from modelcache.fsutil import atomic_write_json, read_json
 from modelcache.layout import plan_for
 from modelcache.options import PullOptions
 from modelcache.progress import Progress
-from modelcache.pull import assemble_tree, download_blobs, extract_layers
+from modelcache.pull import assemble_tree, download_blobs, extract_layers, layer_name
 from modelcache.records import ModelRecord, PullResult, tree_key
 from modelcache.reference import Reference, parse_reference
 from modelcache.registry import RegistryClient, Resolved
-from modelcache.store import ContentStore
+from modelcache.store import ContentStore, blob_lease
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +100,9 @@ class ModelCache:
         return self._hit(tree_key(ref.digest, options), time.monotonic())
 
     def pull(self, reference: str | Reference, options: PullOptions = PullOptions(),
-             progress: Progress | None = None) -> PullResult:
-        """Make ``reference`` available as a tree; pull what is missing. Safe to call concurrently."""
+             progress: Progress | None = None, cancel: threading.Event | None = None) -> PullResult:
+        """Make ``reference`` available as a tree; pull what is missing. Safe to call concurrently. Setting
+        ``cancel`` stops the downloads at their next read (:class:`PullCancelled`), resumable later."""
         started = time.monotonic()
         ref = parse_reference(reference) if isinstance(reference, str) else reference
         progress = progress or Progress()
@@ -112,25 +114,30 @@ class ModelCache:
         if hit:
             return hit
         resolved = self.client.resolve(ref.with_digest(digest))
-        return self.materialise(resolved, options, progress, started)
+        return self.materialise(resolved, options, progress, started, cancel)
 
     def materialise(self, resolved: Resolved, options: PullOptions, progress: Progress,
-                    started: float | None = None) -> PullResult:
-        """Build the tree for an already resolved manifest."""
+                    started: float | None = None, cancel: threading.Event | None = None) -> PullResult:
+        """Build the tree for an already resolved manifest. Leases on the tree, its blobs and layers keep
+        gc, eviction and ``cache rm`` away from them until the record is written (nothing else waits)."""
         started = time.monotonic() if started is None else started
         key = tree_key(resolved.digest, options)
         plan = plan_for(resolved.manifest, options.subpath)
-        with self.store.lock("gc", shared=True), self.store.lock(f"tree-{key}"):
+        steps = plan.needed(options.path_filter)
+        manifest = resolved.manifest
+        leases = [f"tree-{key}", blob_lease(manifest.digest), blob_lease(manifest.config.digest),
+                  *(blob_lease(s.descriptor.digest) for s in steps),
+                  *(f"layer-{layer_name(s)}" for s in steps if s.compression.is_tar)]
+        with self.store.lease(*leases), self.store.lock(f"tree-{key}"):
             hit = self._hit(key, started)
             if hit:
                 return hit
             ref = resolved.reference
-            manifest = resolved.manifest
             self.store.put_bytes(manifest.digest, manifest.raw)
             if not self.store.has_blob(manifest.config.digest, manifest.config.size):
                 self.store.put_bytes(manifest.config.digest, self.client.get_small_blob(ref, manifest.config))
-            steps = plan.needed(options.path_filter)
-            download_blobs(self.store, self.client, ref, [s.descriptor for s in steps], progress, self.workers)
+            download_blobs(self.store, self.client, ref, [s.descriptor for s in steps], progress, self.workers,
+                           cancel)
             layer_dirs = extract_layers(self.store, steps, progress, self.expand_ratio)
             progress.set("assembling")
             stats_record = assemble_tree(self.store, key, plan, steps, layer_dirs, options)

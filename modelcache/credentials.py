@@ -12,6 +12,8 @@ import logging
 import os
 import shutil
 import subprocess
+import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,49 +67,76 @@ def _decode_entry(host: str, entry: Mapping[str, Any]) -> Credentials:
                        str(entry.get("identitytoken", "")))
 
 
+HELPER_TTL = 600.0  # seconds a credential helper's answer is reused (cloud tokens live 1-12 h)
+
+
 @dataclass
 class CredentialStore:
-    """Credentials by registry host; later sources override earlier ones."""
+    """Credentials by registry host; later sources override earlier ones.
+
+    A store made from a Docker config file reads it again when it changes (a rotated Secret); answers
+    of credential helpers are reused for at most :data:`HELPER_TTL` seconds, and :meth:`forget` drops
+    them at once (the transport calls it when a registry rejects what it was given). A merged store
+    looks in its own entries first, then in the store it was merged onto."""
 
     by_host: dict[str, Credentials] = field(default_factory=dict, repr=False)
     helpers: dict[str, str] = field(default_factory=dict)
     default_helper: str = ""
+    fallback: CredentialStore | None = field(default=None, repr=False)
+    source_file: Path | None = None
+    _stamp: tuple[int, int, int] | None = field(default=None, repr=False)
+    _asked: dict[str, tuple[Credentials, float]] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __repr__(self) -> str:
         return f"CredentialStore(hosts={sorted(self.by_host)}, helpers={sorted(self.helpers)})"
 
     def lookup(self, host: str) -> Credentials | None:
         """Credentials for ``host`` (``docker.io`` aliases folded): a static entry, else what the host's
-        Docker credential helper (``credHelpers`` / ``credsStore``) answers, or None."""
+        Docker credential helper (``credHelpers`` / ``credsStore``) answers, else the fallback's, or None."""
         key = _host_key(host)
-        found = self.by_host.get(key)
-        if found is None:
+        self._reload_if_changed()
+        with self._lock:
+            found = self.by_host.get(key)
             helper = self.helpers.get(key) or self.default_helper
-            if helper:
-                found = _ask_helper(helper, key)
-                if found is not None:
-                    self.by_host[key] = found
+            asked = self._asked.get(key)
+        if found is None and helper:
+            if asked is not None and asked[1] > time.monotonic():
+                return asked[0]
+            found = _ask_helper(helper, key)
+            if found is not None:
+                with self._lock:
+                    self._asked[key] = (found, time.monotonic() + HELPER_TTL)
+        if found is None and self.fallback is not None:
+            return self.fallback.lookup(host)
         return found
+
+    def forget(self, host: str) -> None:
+        """Drop what a credential helper answered for ``host`` (here and in the fallback): the next lookup
+        asks it again."""
+        with self._lock:
+            self._asked.pop(_host_key(host), None)
+        if self.fallback is not None:
+            self.fallback.forget(host)
 
     def add(self, host: str, credentials: Credentials) -> None:
         """Set the credentials for ``host``."""
-        self.by_host[_host_key(host)] = credentials
+        with self._lock:
+            self.by_host[_host_key(host)] = credentials
 
     def merged(self, other: CredentialStore | None) -> CredentialStore:
-        """A new store with ``other``'s entries on top of this one's."""
-        combined = dict(self.by_host)
-        helpers = dict(self.helpers)
-        default = self.default_helper
-        if other is not None:
-            combined.update(other.by_host)
-            helpers.update(other.helpers)
-            default = other.default_helper or default
-        return CredentialStore(combined, helpers, default)
+        """A store with ``other``'s entries on top of this one's (this one still reloads its file)."""
+        if other is None:
+            return self
+        return CredentialStore(dict(other.by_host), dict(other.helpers), other.default_helper, fallback=self)
 
     def to_docker_config(self) -> dict[str, Any]:
         """A Docker config document holding these credentials (to hand to a helper through a pipe)."""
-        auths: dict[str, Any] = {}
-        for host, creds in self.by_host.items():
+        self._reload_if_changed()
+        auths: dict[str, Any] = self.fallback.to_docker_config()["auths"] if self.fallback else {}
+        with self._lock:
+            entries = dict(self.by_host)
+        for host, creds in entries.items():
             entry: dict[str, str] = {"auth": base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()}
             if creds.identity_token:
                 entry["identitytoken"] = creds.identity_token
@@ -132,19 +161,38 @@ class CredentialStore:
         helpers = data.get("credHelpers", {})
         if not isinstance(helpers, Mapping):
             raise ModelCacheError(f"{source}: 'credHelpers' is not an object", kind=Kind.INVALID_ARGUMENT)
-        for host, helper in helpers.items():
-            self.helpers[_host_key(host)] = str(helper)
-        if data.get("credsStore"):
-            self.default_helper = str(data["credsStore"])
+        with self._lock:
+            for host, helper in helpers.items():
+                self.helpers[_host_key(host)] = str(helper)
+            if data.get("credsStore"):
+                self.default_helper = str(data["credsStore"])
 
     @classmethod
     def from_docker_config_file(cls, path: str | os.PathLike[str]) -> CredentialStore:
-        """Load a Docker ``config.json``; a missing file gives an empty store."""
-        store = cls()
-        file = Path(path)
-        if file.is_file():
-            store.add_docker_config(file.read_bytes(), source=str(file))
+        """Load a Docker ``config.json`` (a missing file gives an empty store), read again when it changes."""
+        store = cls(source_file=Path(path))
+        store._reload_if_changed()
         return store
+
+    def _reload_if_changed(self) -> None:
+        if self.source_file is None:
+            return
+        try:
+            st = self.source_file.stat()  # follows the ..data symlink of a mounted Secret
+            stamp: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            stamp = None
+        if stamp == self._stamp:
+            return
+        fresh = CredentialStore()
+        if stamp is not None:
+            fresh.add_docker_config(self.source_file.read_bytes(), source=str(self.source_file))
+        with self._lock:
+            if self._stamp is not None:
+                log.info("credentials file %s changed; using its new contents", self.source_file)
+            self.by_host, self.helpers, self.default_helper = fresh.by_host, fresh.helpers, fresh.default_helper
+            self._asked.clear()
+            self._stamp = stamp
 
 
 def _ask_helper(helper: str, host: str) -> Credentials | None:

@@ -68,3 +68,9 @@ class StoreFull(ModelCacheError):
     """No space left in the cache root."""
 
     kind = Kind.RESOURCE_EXHAUSTED
+
+
+class PullCancelled(ModelCacheError):
+    """A pull stopped because its process is shutting down; its partial downloads resume next time."""
+
+    kind = Kind.UNAVAILABLE

@@ -9,7 +9,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from modelcache.cache import ModelCache
-from modelcache.gc import collect_garbage, in_use, remove_model
+from modelcache.gc import ModelInUse, collect_garbage, in_use, remove_model
 from modelcache.pins import Pins
 from modelcache.records import ModelRecord
 
@@ -64,14 +64,18 @@ def evict(cache: ModelCache, *, high: float, low: float, protected: set[str] | N
             result.blocked.append(record.key)
             continue
         freed = _bytes_only_it_holds(record, refcount, cache)
+        if not dry_run:
+            try:
+                remove_model(cache, record.key)
+            except ModelInUse:  # a publish or pull holds its lease, or mounted it since the listing
+                result.blocked.append(record.key)
+                continue
+            log.info("evicted %s (%s), %d bytes", record.key, record.reference, freed)
         for digest in record.blobs:
             refcount[digest] -= 1
         projected -= freed
         result.freed_bytes += freed
         result.evicted.append(record.key)
-        if not dry_run:
-            remove_model(cache, record.key)
-            log.info("evicted %s (%s), %d bytes", record.key, record.reference, freed)
     if result.evicted and not dry_run:
         collect_garbage(cache)
     result.used_fraction_after = _used_fraction(cache)[0] if not dry_run else projected / total

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from modelcache.errors import Kind, ModelCacheError
 from modelcache.fsutil import remove_tree
 from modelcache.mounts import mounts_of
 from modelcache.records import ModelRecord
+from modelcache.store import blob_lease
 
 
 @dataclass
@@ -72,12 +74,22 @@ def find(cache: ModelCache, text: str) -> list[ModelRecord]:
             if text in (r.key, r.digest, r.manifest_digest, r.reference) or r.reference.startswith(text + "@")]
 
 
+class ModelInUse(ModelCacheError):
+    """A model that is mounted, or leased by a pull or a publish in progress, cannot be removed now."""
+
+    kind = Kind.INVALID_ARGUMENT
+
+
 def remove_model(cache: ModelCache, key: str, *, force: bool = False) -> None:
-    """Delete a model's tree and record (not its blobs: see :func:`collect_garbage`)."""
-    with cache.store.lock("gc"), cache.store.lock(f"tree-{key}"):
+    """Delete a model's tree and record (not its blobs: see :func:`collect_garbage`). Refused with
+    :class:`ModelInUse`, without waiting, while a pull or publish holds its lease, or (unless ``force``)
+    while it is mounted."""
+    with cache.store.claim(f"tree-{key}") as claimed:
+        if not claimed:
+            raise ModelInUse(f"model {key} is in use by a pull or a publish in progress; try again later")
         users = in_use(cache, key)
         if users and not force:
-            raise ModelCacheError(f"model {key} is mounted at {', '.join(users)}", kind=Kind.INVALID_ARGUMENT)
+            raise ModelInUse(f"model {key} is mounted at {', '.join(users)}")
         cache.record_path(key).unlink(missing_ok=True)
         remove_tree(cache.tree_path(key))
 
@@ -93,38 +105,60 @@ class GcReport:
 
 
 def collect_garbage(cache: ModelCache, *, dry_run: bool = False) -> GcReport:
-    """Remove blobs and extracted layers no model refers to, and leftovers of interrupted pulls."""
+    """Remove blobs and extracted layers no model refers to, and leftovers of interrupted pulls.
+
+    Nothing is locked globally: each candidate is claimed (its lease taken exclusively, without waiting;
+    a pull or publish holding it makes gc skip it), then the records are read again, so that a pull that
+    wrote its record meanwhile keeps its blobs."""
     report = GcReport()
     store = cache.store
-    with store.lock("gc"):
-        records = cache.records()
-        keys = {r.key for r in records}
-        live_blobs = {b for r in records for b in r.blobs}
-        live_layers = {layer for r in records for layer in r.layers}
-        for digest, path in list(store.iter_blobs()):
+    with contextlib.ExitStack() as claims:
+        def claim(name: str) -> bool:
+            return bool(claims.enter_context(store.claim(name)))
+
+        live_blobs, live_layers, keys = _live(cache)
+        blobs = [(d, p) for d, p in store.iter_blobs() if str(d) not in live_blobs and claim(blob_lease(d))]
+        layers = [p for p in (sorted(store.layers.iterdir()) if store.layers.is_dir() else [])
+                  if p.name not in live_layers and claim(f"layer-{p.name}")]
+        trees = [p for p in (sorted(store.trees.iterdir()) if store.trees.is_dir() else [])
+                 if p.name not in keys and claim(f"tree-{_tree_key_of(p.name)}")]
+        live_blobs, live_layers, keys = _live(cache)  # what pulls committed before the claims
+        for digest, path in blobs:
             if str(digest) not in live_blobs:
                 report.blobs.append(str(digest))
                 report.freed_bytes += path.stat().st_size
                 if not dry_run:
                     store.remove_blob(Digest.parse(str(digest)))
-        for layer in list(store.layers.iterdir()) if store.layers.is_dir() else []:
+        for layer in layers:
             if layer.name not in live_layers:
                 report.layers.append(layer.name)
                 report.freed_bytes += _disk_bytes_not_seen(layer, set())
                 if not dry_run:
                     remove_tree(layer)
-        for tree in list(store.trees.iterdir()) if store.trees.is_dir() else []:
+        for tree in trees:
             if tree.name not in keys and not mounts_of(tree):
                 report.temporary.append(tree.name)
                 if not dry_run:
                     remove_tree(tree)
         for record_file in store.models.glob("*.json"):
-            if record_file.stem not in keys and not dry_run:
+            if record_file.stem not in keys and not dry_run and not cache.tree_path(record_file.stem).exists():
                 record_file.unlink(missing_ok=True)
-        if not dry_run:
-            store.clear_partials()
-        report.temporary += _orphan_chunk_files(store.root / "lazy", dry_run)
+    if not dry_run:
+        store.clear_partials()
+    report.temporary += _orphan_chunk_files(store.root / "lazy", dry_run)
     return report
+
+
+def _live(cache: ModelCache) -> tuple[set[str], set[str], set[str]]:
+    """Blobs, layers and tree keys the complete models refer to."""
+    records = cache.records()
+    return ({b for r in records for b in r.blobs}, {layer for r in records for layer in r.layers},
+            {r.key for r in records})
+
+
+def _tree_key_of(name: str) -> str:
+    """The model key of a directory under ``trees/``: itself, or that of a staging ``.tmp-<key>-<random>``."""
+    return name[len(".tmp-"):].rsplit("-", 1)[0] if name.startswith(".tmp-") else name
 
 
 def _orphan_chunk_files(directory: Path, dry_run: bool) -> list[str]:

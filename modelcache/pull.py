@@ -7,12 +7,13 @@ import hashlib
 import os
 import shutil
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO
 
 from modelcache.digest import Digest, Verifier
-from modelcache.errors import Kind, ModelCacheError, StoreFull
+from modelcache.errors import Kind, ModelCacheError, PullCancelled, StoreFull
 from modelcache.fsutil import fsync_dir, remove_tree
 from modelcache.layout import Plan, Step
 from modelcache.manifest import Descriptor
@@ -28,8 +29,15 @@ EXPAND_SLACK = 64 << 20
 
 
 def download_blobs(store: ContentStore, client: RegistryClient, ref: Reference, descriptors: list[Descriptor],
-                   progress: Progress, workers: int) -> None:
-    """Download every blob of ``descriptors`` the store lacks (verified, resumable, in parallel)."""
+                   progress: Progress, workers: int, cancel: threading.Event | None = None) -> None:
+    """Download every blob of ``descriptors`` the store lacks (verified, resumable, in parallel); once
+    ``cancel`` is set, each download stops at its next read, its partial file kept for resuming."""
+
+    def on_bytes(n: int) -> None:
+        if cancel is not None and cancel.is_set():
+            raise PullCancelled(f"{ref}: pull stopped for shutdown; it resumes on the next start")
+        progress.advance(n)
+
     unique: dict[Digest, Descriptor] = {}
     for descriptor in descriptors:
         unique.setdefault(descriptor.digest, descriptor)
@@ -46,7 +54,7 @@ def download_blobs(store: ContentStore, client: RegistryClient, ref: Reference, 
     def fetch_one(descriptor: Descriptor) -> None:
         def fetch(out: IO[bytes], verifier: Verifier) -> None:
             progress.skip(verifier.count)
-            client.download_blob(ref, descriptor, out, verifier, progress.advance)
+            client.download_blob(ref, descriptor, out, verifier, on_bytes)
         store.ingest(descriptor.digest, descriptor.size, fetch)
 
     if len(missing) == 1:
@@ -72,6 +80,13 @@ def _partial_size(store: ContentStore, digest: Digest) -> int:
         return 0
 
 
+def layer_name(step: Step) -> str:
+    """The directory under ``layers/`` that holds a tar layer extracted for ``step`` (digest and prefix)."""
+    digest = step.descriptor.digest
+    suffix = f"-p{hashlib.sha256(step.prefix.encode()).hexdigest()[:12]}" if step.prefix else ""
+    return f"{digest.algorithm}-{digest.hex}{suffix}"
+
+
 def extract_layers(store: ContentStore, steps: list[Step], progress: Progress, expand_ratio: int
                    ) -> dict[tuple[str, str], Path]:
     """Extract each tar layer once per (digest, prefix) into ``layers/``; return their directories."""
@@ -81,8 +96,7 @@ def extract_layers(store: ContentStore, steps: list[Step], progress: Progress, e
         progress.set("extracting")
     for step in tar_steps:
         digest = step.descriptor.digest
-        suffix = f"-p{hashlib.sha256(step.prefix.encode()).hexdigest()[:12]}" if step.prefix else ""
-        name = f"{digest.algorithm}-{digest.hex}{suffix}"
+        name = layer_name(step)
         target = store.layers / name
         result[(str(digest), step.prefix)] = target
         if target.is_dir():

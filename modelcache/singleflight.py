@@ -5,6 +5,7 @@ and the node agent both pull through it."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -26,23 +27,20 @@ from modelcache.settings import Settings
 log = logging.getLogger(__name__)
 
 
-class PullPending(Exception):
-    """The pull goes on in the background; call again to join it."""
-
-    def __init__(self, reference: Reference, progress: Progress) -> None:
-        super().__init__(f"pulling {reference} in the background ({progress.describe()}); "
-                         f"the next attempt joins the same pull")
-        self.progress = progress
-
-
 @dataclass
 class Flight:
     """A pull in progress (or finished): its digest-pinned reference, result and progress."""
 
-    reference: Reference
+    reference: Reference  # as asked for: a tag is pinned inside the flight
     future: Future[PullResult]
     progress: Progress
     started: float = field(default_factory=time.monotonic)
+    pulling: bool = False  # past the cache check: this flight downloads
+
+    def pending(self) -> str:
+        """What a caller that will not wait any longer is told."""
+        return (f"pulling {self.reference} in the background ({self.progress.describe()}); "
+                f"the next attempt joins the same pull")
 
 
 class PullFlights:
@@ -55,6 +53,7 @@ class PullFlights:
         self._pool = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="pull")
         self._flights: dict[tuple[str, str, str], Flight] = {}
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
 
     def _cache_for(self, credentials: CredentialStore | None) -> ModelCache:
         return self.cache if credentials is None else self.settings.cache(credentials)
@@ -65,38 +64,40 @@ class PullFlights:
 
     def start(self, reference: Reference, options: PullOptions, credentials: CredentialStore | None,
               credentials_id: str) -> Flight:
-        """The flight that makes ``reference`` available: a finished one for a cached model, the running
-        one for this model, or a new one. A tag is pinned to its digest first (its errors are raised here,
-        before any pull starts; the metrics count only pulls)."""
-        pinned = reference if reference.digest else self.pin(reference, options, credentials)
-        hit = self.cached(pinned, options)
-        if hit:
-            done: Future[PullResult] = Future()
-            done.set_result(hit)
-            return Flight(pinned, done, Progress(phase="ready"))
-        key = (str(pinned), options.variant(), credentials_id)
+        """The flight that makes ``reference`` available: a finished one for a cached digest, the running
+        one for this model, or a new one. Never blocks on the network: pinning a tag to its digest, the
+        cache check and the pull all run in the flight."""
+        if reference.digest:
+            hit = self.cached(reference, options)
+            if hit:
+                done: Future[PullResult] = Future()
+                done.set_result(hit)
+                return Flight(reference, done, Progress(phase="ready"))
+        key = (str(reference), options.variant(), credentials_id)
         with self._lock:
             flight = self._flights.get(key)
             if flight is None:
-                progress = Progress()
-                future = self._pool.submit(self._cache_for(credentials).pull, pinned, options, progress)
-                flight = Flight(pinned, future, progress)
+                if self._stopping.is_set():
+                    raise ModelCacheError("the plugin is shutting down", kind=Kind.UNAVAILABLE)
+                flight = Flight(reference, Future(), Progress())
+                future = self._pool.submit(self._fly, flight, options, credentials)
+                flight.future = future
                 self._flights[key] = flight
                 future.add_done_callback(functools.partial(self._finished, key, flight))
-                log.info("pull of %s started", pinned)
-                if self.metrics:
-                    self.metrics.started.inc()
         return flight
 
-    def ensure(self, reference: Reference, options: PullOptions, credentials: CredentialStore | None,
-               credentials_id: str, wait: float) -> PullResult:
-        """Return the pulled model, starting or joining its flight; raise :class:`PullPending` when it is
-        not done within ``wait`` seconds, or the pull's own error."""
-        flight = self.start(reference, options, credentials, credentials_id)
-        try:
-            return flight.future.result(timeout=max(wait, 0.0))
-        except TimeoutError:
-            raise PullPending(flight.reference, flight.progress) from None
+    def _fly(self, flight: Flight, options: PullOptions, credentials: CredentialStore | None) -> PullResult:
+        reference = flight.reference
+        pinned = reference if reference.digest else self.pin(reference, options, credentials)
+        cache = self._cache_for(credentials)
+        hit = cache.cached(pinned, options)
+        if hit:
+            return hit
+        flight.pulling = True
+        log.info("pull of %s started", pinned)
+        if self.metrics:
+            self.metrics.started.inc()
+        return cache.pull(pinned, options, flight.progress, cancel=self._stopping)
 
     def pin(self, reference: Reference, options: PullOptions, credentials: CredentialStore | None) -> Reference:
         """Pin a tag to its digest; if the registry is unreachable, fall back to the newest cached copy
@@ -120,15 +121,17 @@ class PullFlights:
         with self._lock:
             if self._flights.get(key) is flight:
                 del self._flights[key]
+        if flight.future.cancelled():
+            return
         error = flight.future.exception()
         elapsed = time.monotonic() - flight.started
         if error:
             log.warning("pull of %s failed after %.1f s: %s", key[0], elapsed, error)
-        else:
+        elif flight.pulling:
             done = flight.progress.downloaded_bytes
             log.info("pull of %s finished: %d bytes downloaded in %.1f s (%.1f MB/s)", key[0], done, elapsed,
                      done / max(elapsed, 1e-6) / 1e6)
-        if self.metrics:
+        if self.metrics and (error or flight.pulling):
             kind = error.kind.name if isinstance(error, ModelCacheError) else ("INTERNAL" if error else None)
             self.metrics.finished(elapsed, flight.progress.downloaded_bytes, kind)
 
@@ -152,6 +155,14 @@ class PullFlights:
             raise ModelCacheError("access check: the registry answered a different digest",
                                   kind=Kind.PERMISSION_DENIED)
 
-    def shutdown(self) -> None:
-        """Stop accepting pulls; running ones are abandoned (they resume on the next start)."""
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop: refuse new pulls, cancel queued ones, and make running ones stop at their next read,
+        leaving their partial downloads to resume on the next start; wait up to ``timeout`` for them."""
+        self._stopping.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            running = [f.future for f in self._flights.values()]
+        for future in running:
+            with contextlib.suppress(BaseException):
+                future.exception(timeout=max(deadline - time.monotonic(), 0.0))

@@ -73,6 +73,12 @@ class WriteBehind:
         return self.position
 
 
+def blob_lease(digest: Digest | str) -> str:
+    """The lease name of a blob."""
+    algorithm, _, hexpart = str(digest).partition(":")
+    return f"blob-{algorithm}-{hexpart}"
+
+
 class ContentStore:
     """Blobs by digest under ``root``; the same root holds layers, trees and model records."""
 
@@ -111,6 +117,22 @@ class ContentStore:
         """Hold the named lock (blocking)."""
         with file_lock(self.locks / f"{name}.lock", shared=shared):
             yield
+
+    @contextlib.contextmanager
+    def lease(self, *names: str) -> Iterator[None]:
+        """Hold shared leases on ``names`` (see :func:`blob_lease`, ``tree-<key>``, ``layer-<name>``): while
+        held, gc, eviction and ``cache rm`` leave those objects alone. Works across threads and processes."""
+        with contextlib.ExitStack() as stack:
+            for name in sorted(set(names)):
+                stack.enter_context(file_lock(self.locks / f"lease-{name}.lock", shared=True))
+            yield
+
+    @contextlib.contextmanager
+    def claim(self, name: str) -> Iterator[bool]:
+        """Try to take ``name`` for removal without waiting: True while no one holds a lease on it (and,
+        while claimed, no one can take one). False: it is in use; leave it."""
+        with file_lock(self.locks / f"lease-{name}.lock", blocking=False) as claimed:
+            yield claimed
 
     def partial_path(self, digest: Digest) -> Path:
         """Where an ingest of ``digest`` accumulates."""

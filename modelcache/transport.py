@@ -254,7 +254,7 @@ class Transport:
     def _request_endpoint(self, method: str, endpoint: Endpoint, url: str, query: Mapping[str, str], scope: str,
                           what: str, registry: str, headers: Mapping[str, str], stream: bool,
                           body: bytes | IO[bytes] | None) -> requests.Response:
-        authenticated = False
+        rejected = 0  # 401s answered so far; the second asks the credential sources again
         while True:
             sent_headers = dict(headers)
             auth = self._auth_header(endpoint, scope)
@@ -273,13 +273,28 @@ class Transport:
                 return response
             challenge = response.headers.get("WWW-Authenticate", "")
             response.close()
-            if authenticated or not challenge:
+            if rejected >= 2 or not challenge:
                 creds = self.credentials.lookup(endpoint.host)
                 reason = "credentials were rejected" if creds and not creds.empty else "authentication required"
                 raise RegistryError(f"{registry}: {what}: {reason} by {endpoint.host}",
                                     kind=Kind.UNAUTHENTICATED, status=401)
+            if rejected:  # what we sent was refused again: expired helper answers or a rotated Secret
+                self.credentials.forget(endpoint.host)
+            self._reauthenticate(endpoint, scope, challenge, registry)
+            rejected += 1
+
+    def _reauthenticate(self, endpoint: Endpoint, scope: str, challenge: str, registry: str) -> None:
+        """Drop the token we hold for ``scope`` (it may have expired) and answer ``challenge``; when the token
+        service refuses our credentials, ask their sources again once."""
+        with self._lock:
+            self._tokens.pop((endpoint.host, scope), None)
+        try:
             self._authenticate(endpoint, scope, challenge, registry)
-            authenticated = True
+        except RegistryError as exc:
+            if exc.kind is not Kind.UNAUTHENTICATED:
+                raise
+            self.credentials.forget(endpoint.host)
+            self._authenticate(endpoint, scope, challenge, registry)
 
 
 def _basic(creds: Credentials) -> str:

@@ -37,6 +37,7 @@ from node_agent.spec import ModelCacheSpec, node_label, parse_spec
 log = logging.getLogger(__name__)
 COMPONENT = "ocimodel-agent"
 RETRY_KINDS = (Kind.UNAVAILABLE, Kind.RESOURCE_EXHAUSTED)
+STOP_PULL_WAIT = 3.0
 
 
 def summarize_nodes(nodes: list[dict[str, Any]]) -> dict[str, int]:
@@ -112,6 +113,7 @@ class Agent:
                 log.info("agent running on node %s (metrics on port %d)", self.config.node_name, self.metrics_port)
                 task_status.started()
         finally:
+            self.flights.shutdown(timeout=STOP_PULL_WAIT)  # pulls stop at their next read; they resume next start
             for locked in self.locks.values():
                 locked.release()
             self.locks.clear()

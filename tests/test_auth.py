@@ -129,3 +129,45 @@ def test_docker_credential_helper(auth_fixtures: Fixtures, cache_root: Path, tmp
         os.environ["PATH"] = env_path
     assert asked.read_text().strip() == f"get {auth_fixtures.host}"
     assert PASSWORD not in repr(store)
+
+
+def test_rotated_credentials_are_picked_up_without_a_restart(fixtures: Fixtures, proxy_factory, cache_root: Path,
+                                                             tmp_path: Path) -> None:
+    """One long-lived cache, as in the plugin and the agent: tokens expire and passwords rotate, both in
+    a credential helper's answer and in a (Secret-mounted) config file; the next pull uses the new ones."""
+    fixtures.raw_model("rotate/a:v1", {"w": b"a"})
+    fixtures.raw_model("rotate/b:v1", {"w": b"b"})
+    fixtures.raw_model("rotate/c:v1", {"w": b"c"})
+    proxy = proxy_factory(ProxyBehaviour(token_user=USER, token_password="first-Pa55"))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    answer, asked = tmp_path / "answer.json", tmp_path / "asked"
+    helper = bin_dir / "docker-credential-rotating"
+    helper.write_text(f"#!/bin/sh\nread server; echo asked >> {asked}\ncat {answer}\n")
+    helper.chmod(0o755)
+    answer.write_text(json.dumps({"Username": USER, "Secret": "first-Pa55"}))
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"credHelpers": {proxy.host: "rotating"}}))
+    env_path = os.environ["PATH"]
+    os.environ["PATH"] = f"{bin_dir}:{env_path}"
+    try:
+        cache = ModelCache(ContentStore(cache_root), make_client(credentials=CredentialStore.from_docker_config_file(
+            config)))
+        assert (cache.pull(f"{proxy.host}/rotate/a:v1").path / "w").read_bytes() == b"a"
+        # the registry rotates the password and every issued token expires; the helper learns the new one
+        proxy.behaviour.token_password = "second-Pa55"
+        proxy.tokens.clear()
+        answer.write_text(json.dumps({"Username": USER, "Secret": "second-Pa55"}))
+        assert (cache.pull(f"{proxy.host}/rotate/b:v1").path / "w").read_bytes() == b"b"
+        assert len(asked.read_text().split()) == 2  # asked again once the old answer was refused
+        # the node's config file (a mounted Secret) is replaced by one with static credentials
+        proxy.behaviour.token_password = "third-Pa55"
+        proxy.tokens.clear()
+        replacement = tmp_path / "config.json.new"
+        replacement.write_text(json.dumps({"auths": {proxy.host: {"auth": base64.b64encode(
+            f"{USER}:third-Pa55".encode()).decode()}}}))
+        os.replace(replacement, config)
+        assert (cache.pull(f"{proxy.host}/rotate/c:v1").path / "w").read_bytes() == b"c"
+        assert len(asked.read_text().split()) == 2  # static credentials now: the helper is not asked
+    finally:
+        os.environ["PATH"] = env_path

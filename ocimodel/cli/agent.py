@@ -14,7 +14,7 @@ from typing import Any
 
 from modelcache.errors import Kind, ModelCacheError
 from modelcache.reference import parse_reference
-from ocimodel.cli.options import add_node_options, settings_from_args
+from ocimodel.cli.options import add_node_options, exit_now, settings_from_args
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
@@ -24,6 +24,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
                          settings=settings_from_args(args), metrics_address=args.metrics_address,
                          evict_interval=args.evict_interval)
     run_agent(config, args.kubeconfig)
+    exit_now(0)
     return 0
 
 

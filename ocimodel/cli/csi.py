@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from csi_driver import DEFAULT_PUBLISH_WAIT, MODES
-from ocimodel.cli.options import add_node_options, settings_from_args
+from ocimodel.cli.options import add_node_options, exit_now, settings_from_args
 
 
 def cmd_csi(args: argparse.Namespace) -> int:
@@ -22,6 +22,7 @@ def cmd_csi(args: argparse.Namespace) -> int:
                           metrics_address=args.metrics_address, fuse_launcher=args.fuse_launcher,
                           kubeconfig=args.kubeconfig)
     run_plugin(settings_from_args(args), config)
+    exit_now(0)
     return 0
 
 

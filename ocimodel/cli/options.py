@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -64,3 +65,13 @@ def emit(args: argparse.Namespace, data: Any, text: str) -> None:
         print(json.dumps(data, indent=2, sort_keys=True))
     else:
         print(text)
+
+
+def exit_now(code: int) -> None:
+    """End a service process at once, after flushing logs and output, without joining worker threads: a
+    pull thread blocked in a socket read would hold interpreter exit for its whole read time-out, and
+    what it leaves (a partial download) resumes on the next start."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
