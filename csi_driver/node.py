@@ -51,7 +51,7 @@ from modelcache.singleflight import PullFlights
 log = logging.getLogger(__name__)
 
 DEADLINE_MARGIN = 5.0
-DEFAULT_PUBLISH_SLOTS = 8  # publishes that may wait at once; the other RPC threads stay free
+DEFAULT_PUBLISH_SLOTS = 8  # publishes that may wait at once (ocimodel mount uses one)
 MAX_ID_LENGTH = 4096
 
 

@@ -36,6 +36,8 @@ from modelcache.warmrequests import WarmRequests
 
 log = logging.getLogger(__name__)
 OperationHook = Callable[[str, str, float], None]
+RPC_THREADS = 64  # a waiting publish holds one (cheap: it sleeps) ...
+QUICK_RPC_THREADS = 16  # ... but never these: Probe, unpublish, stats and info always find a free thread
 STOP_GRACE = 2.0  # seconds in-flight RPCs get at shutdown (a pod's grace period is 30 s; we use < 10)
 PULL_STOP_WAIT = 3.0  # seconds shutdown waits for running pulls to notice
 
@@ -167,7 +169,7 @@ def _bind_unix(server: grpc.Server, endpoint: str) -> None:
 
 
 def build_driver(settings: Settings, config: PluginConfig, *, pvc_annotation: AnnotationLookup | None = None,
-                 create_event: CreateEvent | None = None, workers: int = 16) -> Driver:
+                 create_event: CreateEvent | None = None, workers: int = RPC_THREADS) -> Driver:
     """Assemble the services of ``config.mode`` and start serving on ``config.endpoint``."""
     mode, node_id, endpoint = config.mode, config.node_id or socket.gethostname(), config.endpoint
     state_dir, publish_wait, metrics_address = config.state_dir, config.publish_wait, config.metrics_address
@@ -201,7 +203,7 @@ def build_driver(settings: Settings, config: PluginConfig, *, pvc_annotation: An
 
         node = NodeService(node_id, pulls, Publications(settings.root), publish_wait=publish_wait,
                            on_published=request_warm, lazy=LazyLauncher(settings, fuse_launcher), events=events,
-                           metrics=metrics)
+                           metrics=metrics, publish_slots=workers - QUICK_RPC_THREADS)
         lost = node.lazy_mounts_to_restore()
         csi_pb2_grpc.add_NodeServicer_to_server(node, server)
     if serves_controller:

@@ -65,9 +65,13 @@ class UnsupportedArtifact(ModelCacheError):
 
 
 class StoreFull(ModelCacheError):
-    """No space left in the cache root."""
+    """No space left in the cache root; ``needed`` is how many more bytes were wanted, when known."""
 
     kind = Kind.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, *, needed: int = 0) -> None:
+        super().__init__(message)
+        self.needed = needed
 
 
 class PullCancelled(ModelCacheError):

@@ -82,3 +82,14 @@ def evict(cache: ModelCache, *, high: float, low: float, protected: set[str] | N
     if projected > target and result.blocked:
         log.warning("cache still above the low watermark: %d models are mounted or pinned", len(result.blocked))
     return result
+
+
+def make_room(cache: ModelCache, needed: int, low: float) -> EvictionResult:
+    """A pull lacks ``needed`` bytes (0: unknown): evict least-recently-used models (never a mounted, pinned
+    or leased one) until that much is free, and at least down to the ``low`` watermark."""
+    usage = shutil.disk_usage(cache.store.root)
+    target = min(low * usage.total, usage.total - usage.free - needed) if needed else low * usage.total
+    result = evict(cache, high=-1.0, low=max(target, 0) / usage.total)
+    log.warning("cache full: evicted %d models (%d bytes) for a pull that needs %d more bytes", len(result.evicted),
+                result.freed_bytes, needed)
+    return result

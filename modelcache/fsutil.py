@@ -23,7 +23,11 @@ def file_lock(path: Path, *, shared: bool = False, blocking: bool = True) -> Ite
     Yields False (and holds nothing) when ``blocking`` is False and the lock is taken.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise_if_full(exc, f"lock {path.name}")
+        raise
     try:
         flags = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if blocking else fcntl.LOCK_NB)
         try:
@@ -48,7 +52,11 @@ def fsync_dir(path: Path) -> None:
 def atomic_write_json(path: Path, data: Any) -> None:
     """Write JSON to ``path`` atomically (temp file, fsync, rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise_if_full(exc, f"writing {path.name}")
+        raise
     try:
         with os.fdopen(fd, "w") as handle:
             json.dump(data, handle, indent=1, sort_keys=True)
@@ -56,9 +64,11 @@ def atomic_write_json(path: Path, data: Any) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise_if_full(exc, f"writing {path.name}")
         raise
 
 

@@ -47,7 +47,7 @@ def download_blobs(store: ContentStore, client: RegistryClient, ref: Reference, 
     need = sum(d.size - _partial_size(store, d.digest) for d in missing)
     free = shutil.disk_usage(store.root).free
     if need > free:
-        raise StoreFull(f"{ref}: needs {need} more bytes but the cache has {free} free")
+        raise StoreFull(f"{ref}: needs {need} more bytes but the cache has {free} free", needed=need - free)
     if not missing:
         return
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 from modelcache.cache import ModelCache
 from modelcache.credentials import CredentialStore
-from modelcache.errors import Kind, ModelCacheError
+from modelcache.errors import Kind, ModelCacheError, StoreFull
+from modelcache.eviction import make_room
 from modelcache.metrics import PullMetrics
 from modelcache.options import PullOptions
 from modelcache.progress import Progress
@@ -97,7 +98,13 @@ class PullFlights:
         log.info("pull of %s started", pinned)
         if self.metrics:
             self.metrics.started.inc()
-        return cache.pull(pinned, options, flight.progress, cancel=self._stopping)
+        while True:
+            try:
+                return cache.pull(pinned, options, flight.progress, cancel=self._stopping)
+            except StoreFull as exc:  # evict before failing; give up once nothing more can go
+                if not make_room(cache, exc.needed, self.settings.low_watermark).evicted:
+                    raise StoreFull(f"{exc}; nothing can be evicted (every cached model is mounted, pinned or in "
+                                    f"use)", needed=exc.needed) from None
 
     def pin(self, reference: Reference, options: PullOptions, credentials: CredentialStore | None) -> Reference:
         """Pin a tag to its digest; if the registry is unreachable, fall back to the newest cached copy

@@ -104,6 +104,23 @@ def publish_until_done(csi: CsiProcess, request: csi_pb2.NodePublishVolumeReques
             time.sleep(0.1)
 
 
+def publish_like_kubelet(csi: CsiProcess, request: csi_pb2.NodePublishVolumeRequest, limit: float = 600) -> int:
+    """Call NodePublishVolume as kubelet's operation executor does: after an error, wait 0.5 s, doubling
+    up to 2 min 2 s, and try again; return how many attempts failed."""
+    failed, backoff = 0, 0.5
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            csi.node.NodePublishVolume(request, timeout=120)
+            return failed
+        except grpc.RpcError:
+            if time.monotonic() > deadline:
+                raise
+            failed += 1
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 122.0)
+
+
 def is_mounted(path: Path | str) -> bool:
     target = os.path.normpath(str(path))
     with open("/proc/self/mountinfo") as handle:

@@ -194,7 +194,9 @@ class ProxyProcess:
             args.append("--corrupt")
         if log:
             args += ["--log", log]
-        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+        from pathlib import Path
+        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, text=True,
+                                        cwd=Path(__file__).resolve().parents[2])  # so -m finds tests.helpers
         assert self.process.stdout is not None
         self.host = self.process.stdout.readline().strip()
         self.log = log

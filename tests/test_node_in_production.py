@@ -1,0 +1,362 @@
+"""The node plugin's first busy day, with real processes: a burst of pods against a slow registry while
+Probe must answer, SIGTERM with pulls in flight, a full cache filesystem (a real tmpfs), models removed
+while a publish or a pull needs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+
+from csi_driver.proto import csi_pb2
+from modelcache.cache import ModelCache
+from modelcache.digest import Digest
+from modelcache.errors import Kind, ModelCacheError
+from modelcache.gc import ModelInUse, collect_garbage, remove_model
+from modelcache.options import PullOptions
+from modelcache.pins import Pins
+from modelcache.records import tree_key
+from modelcache.reference import Reference, parse_reference
+from modelcache.settings import Settings
+from modelcache.singleflight import PullFlights
+from modelcache.store import ContentStore
+from tests.conftest import make_client, needs_root
+from tests.helpers.csi import CsiProcess, code_of, is_mounted, publish_request
+from tests.helpers.oci import Fixtures
+from tests.helpers.proxy import ProxyProcess
+
+pytestmark = needs_root
+ABORTED, OK = grpc.StatusCode.ABORTED, grpc.StatusCode.OK
+
+
+@pytest.fixture
+def slow_proxy(registry, tmp_path: Path) -> Iterator[object]:  # type: ignore[no-untyped-def]
+    proxies: list[ProxyProcess] = []
+
+    def make(bytes_per_second: float) -> ProxyProcess:
+        proxy = ProxyProcess(registry.host, bytes_per_second=bytes_per_second,
+                             log=str(tmp_path / f"proxy-{len(proxies)}.log"))
+        proxies.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in proxies:
+        proxy.close()
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[object]:
+    """A real, small filesystem to fill up."""
+    mounted: list[Path] = []
+
+    def make(name: str, size: str) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+        mounted.append(path)
+        return path
+
+    yield make
+    for path in mounted:
+        for line in reversed(Path("/proc/self/mountinfo").read_text().splitlines()):
+            point = line.split()[4]
+            if point.startswith(str(tmp_path)) and point != str(path):
+                subprocess.run(["umount", "-l", point], check=False)
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    """Fill the filesystem of ``directory`` to the last block."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (1 << 20, 4096, 1):
+            try:
+                while os.write(fd, b"\0" * size):
+                    pass
+            except OSError:
+                continue
+    finally:
+        os.close(fd)
+    return filler
+
+
+def unpublish(csi: CsiProcess, volume: str, target: Path) -> None:
+    csi.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume, target_path=str(target)),
+                                 timeout=30)
+
+
+# -- 1. a burst of pods never starves Probe ----------------------------------------------------------------------
+
+def test_probe_and_quick_rpcs_answer_during_a_burst_of_publishes(tmp_path: Path, fixtures: Fixtures,
+                                                                 slow_proxy) -> None:  # type: ignore[no-untyped-def]
+    pods = 200
+    for i in range(pods):
+        fixtures.raw_model(f"burst/m{i}:v1", {"w.bin": os.urandom(8_000) + str(i).encode()})
+    proxy = slow_proxy(40_000)  # every blob takes ~0.2 s; four pulls at a time
+    csi = CsiProcess(tmp_path, verbose=False)
+    requests_ = [publish_request(f"vol-{i}", tmp_path / "pods" / f"p{i}" / "mnt", f"{proxy.host}/burst/m{i}:v1")
+                 for i in range(pods)]
+    latencies: dict[str, list[float]] = {"Probe": [], "NodeGetCapabilities": [], "NodeGetInfo": [],
+                                         "NodeUnpublishVolume": [], "NodeGetVolumeStats": []}
+    quick = {
+        "Probe": lambda: csi.identity.Probe(csi_pb2.ProbeRequest(), timeout=5),
+        "NodeGetCapabilities": lambda: csi.node.NodeGetCapabilities(csi_pb2.NodeGetCapabilitiesRequest(), timeout=5),
+        "NodeGetInfo": lambda: csi.node.NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=5),
+        "NodeUnpublishVolume": lambda: csi.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
+            volume_id="gone", target_path=str(tmp_path / "nowhere")), timeout=5),
+        "NodeGetVolumeStats": lambda: code_of(csi.node.NodeGetVolumeStats, csi_pb2.NodeGetVolumeStatsRequest(
+            volume_id="vol-0", volume_path=str(tmp_path)), timeout=5),
+    }
+    done = threading.Event()
+
+    def measure() -> None:
+        while not done.is_set():
+            for name, call in quick.items():
+                started = time.monotonic()
+                try:
+                    call()
+                except grpc.RpcError:  # a deadline missed counts as never answering
+                    latencies[name].append(float("inf"))
+                    continue
+                latencies[name].append(time.monotonic() - started)
+            time.sleep(0.02)
+
+    try:
+        prober = threading.Thread(target=measure)
+        prober.start()
+        with ThreadPoolExecutor(max_workers=pods) as pool:  # every pod's first publish at once
+            codes = list(pool.map(lambda r: code_of(csi.node.NodePublishVolume, r, timeout=120), requests_))
+        pending = [r for r, code in zip(requests_, codes, strict=True) if code != OK]
+        assert {c for c in codes} <= {OK, ABORTED}
+        deadline = time.monotonic() + 240
+        while pending and time.monotonic() < deadline:  # kubelet retries with backoff; retries join the pulls
+            time.sleep(0.5)
+            pending = [r for r in pending if code_of(csi.node.NodePublishVolume, r, timeout=120) != OK]
+        done.set()
+        prober.join()
+        assert not pending, f"{len(pending)} volumes never published"
+        for name, values in latencies.items():
+            assert values and max(values) < 1.0, f"{name}: slowest answer {max(values):.2f} s during the burst"
+        assert all(is_mounted(r.target_path) for r in requests_)
+        blob_gets = [r for r in proxy.requests() if "/blobs/" in r["path"] and r["method"] == "GET"]
+        assert len(blob_gets) >= pods  # each model was downloaded (once per blob)
+    finally:
+        done.set()
+        for r in requests_:
+            if is_mounted(r.target_path):
+                unpublish(csi, r.volume_id, Path(r.target_path))
+        csi.stop()
+
+
+# -- 2. SIGTERM ends every long-running process within 10 seconds -------------------------------------------------
+
+def test_sigterm_with_pulls_in_flight_stops_fast_and_the_pull_resumes(tmp_path: Path, fixtures: Fixtures,
+                                                                      slow_proxy) -> None:  # type: ignore[no-untyped-def]
+    data = os.urandom(48 << 20)
+    fixtures.raw_model("term/model:v1", {"weights.bin": data})
+    slow = slow_proxy(2_000_000)
+    csi = CsiProcess(tmp_path, "--publish-wait", "60")
+    target = tmp_path / "pods" / "p" / "mnt"
+    request = publish_request("vol-t", target, f"{slow.host}/term/model:v1")
+    answers: list[grpc.StatusCode] = []
+    waiting = threading.Thread(target=lambda: answers.append(code_of(csi.node.NodePublishVolume, request, 90)))
+    waiting.start()
+    partial = csi.root / "ingest" / f"sha256-{Digest.of_bytes(data).hex}"
+    deadline = time.monotonic() + 30
+    while not (partial.exists() and partial.stat().st_size > (4 << 20)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert partial.exists(), "the download never started"
+    assert csi.process is not None
+    started = time.monotonic()
+    csi.process.send_signal(signal.SIGTERM)
+    code = csi.process.wait(20)
+    elapsed = time.monotonic() - started
+    waiting.join(30)
+    assert elapsed < 10, f"the plugin took {elapsed:.1f} s to stop"
+    assert code == 0
+    assert answers and answers[0] in (grpc.StatusCode.UNAVAILABLE, ABORTED)  # the waiting publish was answered
+    kept = partial.stat().st_size
+    assert 0 < kept < len(data)  # the partial download is kept for resuming
+    fast = slow_proxy(0)
+    csi.args = [a.replace(slow.host, fast.host) for a in csi.args]
+    csi.start()
+    resumed = publish_request("vol-t", target, f"{fast.host}/term/model:v1")
+    deadline = time.monotonic() + 60
+    while code_of(csi.node.NodePublishVolume, resumed) != OK and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (target / "weights.bin").read_bytes() == data
+    ranges = [r["range"] for r in fast.requests() if r["range"]]
+    assert ranges and int(ranges[0].split("=")[1].split("-")[0]) > 0  # it resumed, not restarted
+    unpublish(csi, "vol-t", target)
+    csi.stop()
+
+
+def test_sigterm_stops_the_agent_and_the_fuse_launcher_fast(tmp_path: Path, fixtures: Fixtures,
+                                                            slow_proxy) -> None:  # type: ignore[no-untyped-def]
+    from tests.test_agent import Cluster, modelcache
+    fixtures.raw_model("term/agent:v1", {"weights.bin": os.urandom(32 << 20)})
+    slow = slow_proxy(1_000_000)
+    cluster = Cluster([modelcache("big", f"{slow.host}/term/agent:v1")], {})
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": cluster.api.url}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}], "users": [{"name": "u", "user": {}}]}))
+    agent = subprocess.Popen([sys.executable, "-m", "ocimodel.cli", "agent", "--node-name", "node-a", "--kubeconfig",
+                              str(kubeconfig), "--root", str(tmp_path / "root"), "--plain-http", "--metrics-address",
+                              "127.0.0.1:0"], stdout=(tmp_path / "agent.log").open("wb"), stderr=subprocess.STDOUT)
+    socket_path = tmp_path / "launcher" / "fuse.sock"
+    launcher = subprocess.Popen([sys.executable, "-m", "ocimodel.cli", "fuse-launcher", "--socket", str(socket_path)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        ingest = tmp_path / "root" / "ingest"
+        deadline = time.monotonic() + 30
+        while not (ingest.is_dir() and any(p.stat().st_size > 0 for p in ingest.iterdir())):
+            assert time.monotonic() < deadline, (tmp_path / "agent.log").read_text()[-2000:]
+            time.sleep(0.1)
+        while not socket_path.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        for process in (agent, launcher):
+            started = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            process.wait(20)
+            assert time.monotonic() - started < 10
+        assert any(p.stat().st_size > 0 for p in ingest.iterdir())  # resumable
+    finally:
+        for process in (agent, launcher):
+            if process.poll() is None:
+                process.kill()
+        cluster.api.close()
+
+
+# -- 3. publish is atomic; unpublish works on a full disk --------------------------------------------------------
+
+def test_publish_on_a_full_cache_leaves_nothing_and_unpublish_still_works(tmp_path: Path, fixtures: Fixtures,
+                                                                          tmpfs) -> None:  # type: ignore[no-untyped-def]
+    files = {"w.bin": os.urandom(200_000)}
+    fixtures.raw_model("full/model:v1", files)
+    ref = fixtures.ref("full/model:v1")
+    root = tmpfs("cache", "16m")
+    csi = CsiProcess(tmp_path / "driver", root=root)
+    try:
+        first = tmp_path / "pods" / "a" / "mnt"
+        csi.node.NodePublishVolume(publish_request("vol-a", first, ref))
+        filler = fill(root)
+        second = tmp_path / "pods" / "b" / "mnt"
+        with pytest.raises(grpc.RpcError) as info:
+            csi.node.NodePublishVolume(publish_request("vol-b", second, ref))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
+        assert not is_mounted(second) and not second.exists()  # nothing half-done
+        assert len(list((root / "csi" / "publications").glob("*.json"))) == 1
+        unpublish(csi, "vol-a", first)  # the disk is still full
+        assert not is_mounted(first) and not first.exists()
+        filler.unlink()
+        csi.node.NodePublishVolume(publish_request("vol-b", second, ref))
+        assert (second / "w.bin").read_bytes() == files["w.bin"]
+        unpublish(csi, "vol-b", second)
+    finally:
+        csi.stop()
+
+
+# -- 4. leases -------------------------------------------------------------------------------------------------------
+
+def test_a_leased_model_is_never_removed_and_removal_never_waits(tmp_path: Path, fixtures: Fixtures) -> None:
+    fixtures.raw_model("lease/model:v1", {"w": b"leased"})
+    cache = ModelCache(ContentStore(tmp_path / "root"), make_client())
+    result = cache.pull(fixtures.ref("lease/model:v1"))
+    key = result.record.key
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from modelcache.store import ContentStore; from pathlib import Path\n"
+        "with ContentStore(Path(sys.argv[1])).lease('tree-' + sys.argv[2]):\n"
+        "    print('held', flush=True); sys.stdin.read()\n"), str(tmp_path / "root"), key],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # another process between lookup and mount
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    try:
+        started = time.monotonic()
+        with pytest.raises(ModelInUse):
+            remove_model(cache, key)
+        assert time.monotonic() - started < 1  # refused, not queued
+        from modelcache.eviction import evict
+        assert key in evict(cache, high=-1.0, low=0.0).blocked
+        collect_garbage(cache)
+        assert (result.path / "w").read_bytes() == b"leased"
+        out = subprocess.run([sys.executable, "-m", "ocimodel.cli", "cache", "rm", key, "--root",
+                              str(tmp_path / "root")], capture_output=True, text=True, timeout=30)
+        assert out.returncode != 0 and "in use" in out.stderr
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(10)
+    remove_model(cache, key)
+    assert not result.path.exists()
+
+
+def test_gc_and_rm_do_not_wait_for_a_running_pull(tmp_path: Path, fixtures: Fixtures,
+                                                  slow_proxy) -> None:  # type: ignore[no-untyped-def]
+    data = os.urandom(6 << 20)
+    fixtures.raw_model("lease/slow:v1", {"weights.bin": data})
+    fixtures.raw_model("lease/other:v1", {"w": b"other"})
+    root = tmp_path / "root"
+    other = ModelCache(ContentStore(root), make_client()).pull(fixtures.ref("lease/other:v1"))
+    slow = slow_proxy(1_500_000)
+    puller = subprocess.Popen([sys.executable, "-m", "ocimodel.cli", "pull", f"{slow.host}/lease/slow:v1", "--root",
+                               str(root), "--plain-http", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    ingest = root / "ingest" / f"sha256-{Digest.of_bytes(data).hex}"
+    deadline = time.monotonic() + 30
+    while not (ingest.exists() and ingest.stat().st_size > 0):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    for command in (["cache", "gc"], ["cache", "rm", other.record.key]):
+        started = time.monotonic()
+        out = subprocess.run([sys.executable, "-m", "ocimodel.cli", *command, "--root", str(root)],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert time.monotonic() - started < 3, f"{command} waited for the pull"
+        assert puller.poll() is None  # the pull was still running
+    stdout, _ = puller.communicate(timeout=60)
+    assert puller.returncode == 0
+    path = Path(json.loads(stdout)["path"])
+    assert (path / "weights.bin").read_bytes() == data  # gc left the pull's blobs alone
+
+
+# -- 5. a full disk evicts before it fails -------------------------------------------------------------------------
+
+def test_a_full_cache_evicts_unused_models_before_failing(tmp_path: Path, fixtures: Fixtures, tmpfs) -> None:  # type: ignore[no-untyped-def]
+    old, new = os.urandom(9 << 20), os.urandom(9 << 20)
+    fixtures.raw_model("evict/old:v1", {"w.bin": old})
+    fixtures.raw_model("evict/new:v1", {"w.bin": new})
+    root = tmpfs("cache", "14m")
+    settings = Settings(root=root)
+    settings.hosts.plain_http = True
+    flights = PullFlights(settings)
+    try:
+        first = flights.start(*_args(fixtures, "evict/old:v1")).future.result(60)
+        Pins(root).pin("team/old", first.record.key)  # pinned: not evictable
+        with pytest.raises(ModelCacheError) as info:
+            flights.start(*_args(fixtures, "evict/new:v1")).future.result(60)
+        assert info.value.kind is Kind.RESOURCE_EXHAUSTED and "nothing can be evicted" in str(info.value)
+        assert (first.path / "w.bin").read_bytes() == old  # the cache is intact
+        Pins(root).unpin("team/old")
+        second = flights.start(*_args(fixtures, "evict/new:v1")).future.result(60)
+        assert (second.path / "w.bin").read_bytes() == new
+        assert not first.path.exists()  # the least recently used model made room
+        assert flights.cache.get_record(tree_key(Digest.parse(first.record.digest), PullOptions())) is None
+    finally:
+        flights.shutdown()
+
+
+def _args(fixtures: Fixtures, name: str) -> tuple[Reference, PullOptions, None, str]:
+    return parse_reference(fixtures.ref(name)), PullOptions(), None, ""
