@@ -6,9 +6,10 @@ import hashlib
 import json
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 
@@ -34,7 +35,17 @@ PVC_NAMESPACE = "csi.storage.k8s.io/pvc/namespace"
 PVC_REFERENCE_ANNOTATION = "ocimodel.csi.dev/reference"
 PASSED_THROUGH = ("mount", "include", "exclude", "path", "warm", "lazyVerify")
 MAX_NAME = 128
-AnnotationLookup = Callable[[str, str, str], str | None]
+RESOLVED_ANNOTATION = "ocimodel.csi.dev/resolved-volume"
+
+
+class PvcAccess(Protocol):
+    """What the controller asks of the Kubernetes API (the adapter's KubeClient provides it)."""
+
+    def pvc_annotations(self, namespace: str, name: str) -> dict[str, str]:
+        """The annotations of a PVC."""
+
+    def annotate_pvc(self, namespace: str, name: str, key: str, value: str) -> None:
+        """Set the annotation ``key`` of a PVC."""
 
 
 @dataclass
@@ -60,11 +71,11 @@ def _request_fingerprint(request: csi_pb2.CreateVolumeRequest) -> str:
 class ControllerService(csi_pb2_grpc.ControllerServicer):
     """Controller RPCs with volume records under ``state_dir``."""
 
-    def __init__(self, settings: Settings, state_dir: Path, *, pvc_annotation: AnnotationLookup | None = None) -> None:
+    def __init__(self, settings: Settings, state_dir: Path, *, pvcs: PvcAccess | None = None) -> None:
         self.settings = settings
         self.dir = state_dir / "controller" / "volumes"
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.pvc_annotation = pvc_annotation
+        self.pvcs = pvcs
         self._lock = threading.Lock()
 
     def _path(self, volume_id: str) -> Path:
@@ -79,17 +90,13 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         """The deterministic volume id of a CreateVolume name."""
         return "ocimodel-" + hashlib.sha256(name.encode()).hexdigest()[:40]
 
-    def _reference(self, parameters: Mapping[str, str]) -> str:
+    def _reference(self, parameters: Mapping[str, str], annotations: Mapping[str, str] | None) -> str:
         if parameters.get("reference"):
             return parameters["reference"]
         name, namespace = parameters.get(PVC_NAME), parameters.get(PVC_NAMESPACE)
-        if name and namespace and self.pvc_annotation is not None:
-            try:
-                value = self.pvc_annotation(namespace, name, PVC_REFERENCE_ANNOTATION)
-            except ModelCacheError as exc:
-                raise from_core(exc, f"reading PVC {namespace}/{name}") from None
-            if value:
-                return value
+        if annotations is not None:
+            if annotations.get(PVC_REFERENCE_ANNOTATION):
+                return annotations[PVC_REFERENCE_ANNOTATION]
             raise invalid(f"PVC {namespace}/{name} has no {PVC_REFERENCE_ANNOTATION} annotation and the "
                           f"StorageClass has no 'reference' parameter")
         raise invalid("StorageClass parameter 'reference' is required (or run the provisioner with "
@@ -121,18 +128,69 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                     raise CsiError(grpc.StatusCode.ALREADY_EXISTS,
                                    f"volume {request.name} exists with other parameters, capabilities or capacity")
                 return self._volume(existing)
-            record = self._resolve(request, volume_id, fingerprint)
+            annotations = self._pvc_annotations(request)
+            record = self._recorded_on_pvc(request, fingerprint, annotations)
+            if record is None:
+                record = self._resolve(request, volume_id, fingerprint, annotations)
+                self._record_on_pvc(request, record)
             atomic_write_json(self._path(volume_id), asdict(record))
             log.info("created volume %s for %s", volume_id, record.volume_context["reference"])
             return self._volume(record)
 
-    def _resolve(self, request: csi_pb2.CreateVolumeRequest, volume_id: str, fingerprint: str) -> VolumeRecord:
+    def _pvc_of(self, request: csi_pb2.CreateVolumeRequest) -> tuple[str, str] | None:
+        namespace, name = request.parameters.get(PVC_NAMESPACE), request.parameters.get(PVC_NAME)
+        return (namespace, name) if namespace and name and self.pvcs is not None else None
+
+    def _pvc_annotations(self, request: csi_pb2.CreateVolumeRequest) -> dict[str, str] | None:
+        """The annotations of the PVC this volume is for (None without --extra-create-metadata or API)."""
+        pvc = self._pvc_of(request)
+        if pvc is None:
+            return None
+        assert self.pvcs is not None
+        try:
+            return self.pvcs.pvc_annotations(*pvc)
+        except ModelCacheError as exc:
+            raise from_core(exc, f"reading PVC {pvc[0]}/{pvc[1]}") from None
+
+    def _recorded_on_pvc(self, request: csi_pb2.CreateVolumeRequest, fingerprint: str,
+                         annotations: Mapping[str, str] | None) -> VolumeRecord | None:
+        """The answer an earlier CreateVolume of this name gave (whichever controller instance, before any
+        restart), kept on the PVC: a retry gets the same digest even if the tag has moved since."""
+        text = (annotations or {}).get(RESOLVED_ANNOTATION)
+        try:
+            data = json.loads(text) if text else None
+            record = VolumeRecord(**data) if isinstance(data, dict) else None
+        except (ValueError, TypeError):
+            log.warning("ignoring an unreadable %s annotation for volume %s", RESOLVED_ANNOTATION, request.name)
+            return None
+        if record is None or record.name != request.name:
+            return None
+        if record.request != fingerprint:
+            raise CsiError(grpc.StatusCode.ALREADY_EXISTS,
+                           f"volume {request.name} exists with other parameters, capabilities or capacity")
+        log.info("volume %s was created before (recorded on its PVC): %s", request.name,
+                 record.volume_context.get("reference"))
+        return record
+
+    def _record_on_pvc(self, request: csi_pb2.CreateVolumeRequest, record: VolumeRecord) -> None:
+        """Keep the answer on the PVC before giving it, so that it outlives this controller's state."""
+        pvc = self._pvc_of(request)
+        if pvc is None:
+            return
+        assert self.pvcs is not None
+        try:
+            self.pvcs.annotate_pvc(*pvc, RESOLVED_ANNOTATION, json.dumps(asdict(record), sort_keys=True))
+        except ModelCacheError as exc:
+            raise from_core(exc, f"recording volume {request.name} on PVC {pvc[0]}/{pvc[1]}") from None
+
+    def _resolve(self, request: csi_pb2.CreateVolumeRequest, volume_id: str, fingerprint: str,
+                 annotations: Mapping[str, str] | None) -> VolumeRecord:
         parameters = dict(request.parameters)
         unknown = unknown_keys(parameters)
         if unknown:
             raise invalid(f"unknown StorageClass parameters {unknown}; known: {', '.join(KNOWN_ATTRIBUTES)}")
         context = {k: v for k, v in parameters.items() if k in PASSED_THROUGH}
-        context["reference"] = self._reference(parameters)
+        context["reference"] = self._reference(parameters, annotations)
         spec = parse_volume_context(context, lazy_supported=True)
         credentials = credentials_from_secrets(request.secrets, spec.reference.endpoint_host)
         client = RegistryClient(self.settings.transport(credentials))

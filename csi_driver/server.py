@@ -20,7 +20,7 @@ from google.protobuf.message import Message
 
 from csi_driver import DEFAULT_PUBLISH_WAIT, MODES
 from csi_driver.attributes import VolumeSpec
-from csi_driver.controller import AnnotationLookup, ControllerService
+from csi_driver.controller import ControllerService, PvcAccess
 from csi_driver.errors import CsiError, from_core
 from csi_driver.events import CreateEvent, PodEvents
 from csi_driver.identity import IdentityService
@@ -168,7 +168,7 @@ def _bind_unix(server: grpc.Server, endpoint: str) -> None:
         raise SystemExit(f"endpoint must be unix:///path or tcp://host:port, not {endpoint!r}")
 
 
-def build_driver(settings: Settings, config: PluginConfig, *, pvc_annotation: AnnotationLookup | None = None,
+def build_driver(settings: Settings, config: PluginConfig, *, pvcs: PvcAccess | None = None,
                  create_event: CreateEvent | None = None, workers: int = RPC_THREADS) -> Driver:
     """Assemble the services of ``config.mode`` and start serving on ``config.endpoint``."""
     mode, node_id, endpoint = config.mode, config.node_id or socket.gethostname(), config.endpoint
@@ -207,7 +207,7 @@ def build_driver(settings: Settings, config: PluginConfig, *, pvc_annotation: An
         lost = node.lazy_mounts_to_restore()
         csi_pb2_grpc.add_NodeServicer_to_server(node, server)
     if serves_controller:
-        controller = ControllerService(settings, controller_dir, pvc_annotation=pvc_annotation)
+        controller = ControllerService(settings, controller_dir, pvcs=pvcs)
         csi_pb2_grpc.add_ControllerServicer_to_server(controller, server)
     _bind_unix(server, endpoint)
     server.start()
@@ -227,7 +227,8 @@ def build_driver(settings: Settings, config: PluginConfig, *, pvc_annotation: An
 def run_plugin(settings: Settings, config: PluginConfig) -> None:
     """``ocimodel csi``: connect to the Kubernetes API if there is one (for PVC annotation lookups and pod
     events; without one, warn once and run without them), serve until SIGTERM, shut down gracefully."""
-    pvc_lookup = create_event = None
+    pvcs: PvcAccess | None = None
+    create_event: CreateEvent | None = None
     if config.kubeconfig != "none":
         from kubeadapter.client import KubeClient
         try:
@@ -238,8 +239,8 @@ def run_plugin(settings: Settings, config: PluginConfig) -> None:
             log.warning("no Kubernetes API access (%s): running without PVC annotation lookups and pod events; "
                         "pass --kubeconfig=none to silence this", exc)
         else:
-            pvc_lookup, create_event = kube.pvc_annotation, kube.create_event
-    serve_forever(build_driver(settings, config, pvc_annotation=pvc_lookup, create_event=create_event))
+            pvcs, create_event = kube, kube.create_event
+    serve_forever(build_driver(settings, config, pvcs=pvcs, create_event=create_event))
 
 
 def serve_forever(driver: Driver) -> None:

@@ -58,15 +58,23 @@ class KubeClient:
             configuration.api_key = {"authorization": f"Bearer {token}"}
         return cls(client.ApiClient(configuration))
 
-    def pvc_annotation(self, namespace: str, name: str, key: str) -> str | None:
-        """The annotation ``key`` of PVC ``namespace/name``, or None."""
+    def pvc_annotations(self, namespace: str, name: str) -> dict[str, str]:
+        """The annotations of PVC ``namespace/name``."""
         try:
             pvc: Any = self.core.read_namespaced_persistent_volume_claim(name, namespace)
         except ApiException as exc:
             raise _error(exc, f"reading PVC {namespace}/{name}") from None
         annotations = (pvc.metadata.annotations or {}) if pvc.metadata else {}
-        value = annotations.get(key)
-        return str(value) if value else None
+        return {str(k): str(v) for k, v in annotations.items()}
+
+    def annotate_pvc(self, namespace: str, name: str, key: str, value: str) -> None:
+        """Set the annotation ``key`` of PVC ``namespace/name`` with a JSON merge patch."""
+        body = {"metadata": {"annotations": {key: value}}}
+        try:
+            self.core.patch_namespaced_persistent_volume_claim(name, namespace, body,
+                                                               _content_type="application/merge-patch+json")
+        except ApiException as exc:
+            raise _error(exc, f"annotating PVC {namespace}/{name}") from None
 
     # -- nodes ------------------------------------------------------------------------------------------
     def node_labels(self, node: str) -> dict[str, str]:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import psutil
 
+from modelcache.errors import Kind, ModelCacheError
+
 log = logging.getLogger(__name__)
 
 PAGE = mmap.PAGESIZE
@@ -227,11 +229,16 @@ def evict(paths: Iterable[Path]) -> Report:
 class LockedFiles:
     """Files mapped and mlocked by this process until :meth:`release` (the agent holds these)."""
 
-    def __init__(self, paths: Iterable[Path]) -> None:
+    def __init__(self, paths: Iterable[Path], *, max_bytes: int | None = None) -> None:
         self._mappings: list[_Mapping] = []
         self.bytes = 0
+        files = list(regular_files(paths))
+        total = sum(path.stat().st_size for path in files)
+        if max_bytes is not None and total > max_bytes:
+            raise ModelCacheError(f"locking {total} bytes would exceed the memory share for page cache "
+                                  f"({max_bytes} bytes now)", kind=Kind.RESOURCE_EXHAUSTED)
         try:
-            for path in regular_files(paths):
+            for path in files:
                 size = path.stat().st_size
                 if not size:
                     continue

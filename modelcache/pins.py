@@ -33,6 +33,16 @@ class Pins:
             if pins.pop(owner, None) is not None:
                 atomic_write_json(self.path, pins)
 
+    def retain(self, owners: set[str]) -> list[str]:
+        """Drop the pins of every owner not in ``owners`` (objects deleted, unpinned or moved away while
+        no one watched); return the owners dropped."""
+        with file_lock(self.lock_path):
+            pins = self._load()
+            dropped = sorted(set(pins) - owners)
+            if dropped:
+                atomic_write_json(self.path, {k: v for k, v in pins.items() if k in owners})
+        return dropped
+
     def pinned(self) -> set[str]:
         """Every pinned model key."""
         return set(self._load().values())

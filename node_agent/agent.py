@@ -169,6 +169,7 @@ class Agent:
                     await self.handle_event("ADDED", obj)
                 for owner in set(self.objects) - seen:
                     await self._forget(owner, deleted=True)
+                self._reconcile_pins()
                 backoff = 1.0
                 while True:
                     version = await self._watch_once(version)
@@ -176,6 +177,13 @@ class Agent:
                 log.info("watch restarts in %.0f s: %s", backoff, exc)
             await trio.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
+
+    def _reconcile_pins(self) -> None:
+        """Keep only the pins of objects that are tracked here and ask for one (those deleted, unpinned or
+        moved to other nodes while this agent was down lose theirs)."""
+        wanted = {owner for owner, tracked in self.objects.items() if tracked.spec.pin}
+        for owner in self.pins.retain(wanted):
+            log.info("dropped the pin of %s: no listed ModelCache asks for it", owner)
 
     async def _watch_once(self, version: str) -> str:
         assert self.kube is not None
@@ -285,7 +293,14 @@ class Agent:
         store = CredentialStore()
         for secret in spec.pull_secrets:
             assert self.kube is not None
-            data = self.kube.secret_data(spec.namespace, secret)
+            try:
+                data = self.kube.secret_data(spec.namespace, secret)
+            except ModelCacheError as exc:
+                if exc.kind is not Kind.PERMISSION_DENIED:
+                    raise
+                raise ModelCacheError(f"{exc}; node agents may read pull secrets only in namespaces an admin "
+                                      f"granted: add a RoleBinding to ClusterRole ocimodel-node-pull-secrets in "
+                                      f"{spec.namespace}", kind=Kind.PERMISSION_DENIED) from None
             if ".dockerconfigjson" not in data:
                 raise ModelCacheError(f"secret {spec.namespace}/{secret} has no .dockerconfigjson key",
                                       kind=Kind.INVALID_ARGUMENT)
@@ -343,6 +358,8 @@ class Agent:
         tracked.result = result
         if spec.pin:
             self.pins.pin(spec.owner, result.record.key)
+        else:
+            self.pins.unpin(spec.owner)
         message = f"{result.record.total_bytes} bytes in {result.record.files} files"
         resident = 0
         if spec.warm or spec.lock:
@@ -351,13 +368,19 @@ class Agent:
             self.warmed[spec.owner] = result.path
             if report.message:
                 message += f"; {report.message}"
+        self._release_lock(spec.owner)
         if spec.lock:
-            self._release_lock(spec.owner)
             try:
-                self.locks[spec.owner] = await self._thread(pagecache.LockedFiles, [result.path])
-                self.metrics.locked_bytes.set(sum(lf.bytes for lf in self.locks.values()))
-            except OSError as exc:
+                # not abandoned on cancel: the mappings must be released, never left to a lost thread
+                locked = await trio.to_thread.run_sync(self._lock_files, result.path, limiter=self.io_limiter)
+            except (OSError, ModelCacheError) as exc:
                 message += f"; could not lock in memory: {exc}"
+            else:
+                if self.objects.get(spec.owner) is not tracked:  # changed or deleted while locking
+                    locked.release()
+                    return
+                self.locks[spec.owner] = locked
+                self.metrics.locked_bytes.set(sum(lf.bytes for lf in self.locks.values()))
         if self.kube is not None:
             await self._kube(self.kube.patch_node_labels, self.config.node_name,
                              {node_label(spec.namespace, spec.name): "ready"})
@@ -367,6 +390,9 @@ class Agent:
             "phase": "Ready", "digest": result.record.digest, "bytes": result.record.total_bytes,
             "progress": "100%", "residentBytes": resident, "message": message})
         await self._event(spec, "Pulled", f"{spec.reference} is ready on node {self.config.node_name} ({message})")
+
+    def _lock_files(self, path: Path) -> pagecache.LockedFiles:
+        return pagecache.LockedFiles([path], max_bytes=pagecache.warm_budget(self.config.settings.warm_memory_share))
 
     def _warm(self, path: Path) -> pagecache.Report:
         return pagecache.warm([path], memory_share=self.config.settings.warm_memory_share)

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import requests
 
@@ -137,8 +138,11 @@ def cluster_agent(tmp_path: Path, fixtures: Fixtures, auth_fixtures: Fixtures) -
         modelcache("broken", "Not A Reference"),
         modelcache("unreachable", "127.0.0.1:9/none/here:v1"),
         modelcache("private", auth_fixtures.ref("agent/private:v1"), pullSecrets=[{"name": "regcred"}]),
+        modelcache("not-granted", auth_fixtures.ref("agent/private:v1"), pullSecrets=[{"name": "elsewhere"}]),
     ]
     cluster = Cluster(objects, {"regcred": {".dockerconfigjson": dockerconfig}})
+    cluster.api.route("GET", "/api/v1/namespaces/inference/secrets/elsewhere", (403, {
+        "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403}))
     cluster.conflicts["private"] = 1
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(json.dumps({
@@ -198,6 +202,8 @@ def test_agent_prefetches_reports_and_forgets(cluster_agent) -> None:
     assert private[0]["bytes"] == len(b"private")
     assert cluster.requests("GET", "/secrets/regcred")
     assert status_patches(cluster, "elsewhere") == []  # not selected: never touched
+    denied = cluster.wait_for(lambda: [s for s in status_patches(cluster, "not-granted") if s.get("phase") == "Failed"])
+    assert "RoleBinding" in denied[0]["message"] and "ocimodel-node-pull-secrets" in denied[0]["message"]
 
     # status.summary (the Ready and Nodes columns): written with a resourceVersion precondition
     cluster.wait_for(lambda: cluster.stored["qwen"]["status"].get("summary") == {"nodes": 1, "ready": 1, "failed": 0})
@@ -228,3 +234,47 @@ def test_agent_prefetches_reports_and_forgets(cluster_agent) -> None:
     watches = [r for r in cluster.requests("GET", f"{BASE}/modelcaches") if r.query.get("watch") == ["true"]]
     assert watches and watches[0].query["resourceVersion"] == ["10"]
     assert process.poll() is None
+
+
+def test_pins_and_locks_follow_the_objects_across_restarts_and_changes(tmp_path: Path, fixtures: Fixtures) -> None:
+    fixtures.raw_model("agent/small:v1", {"w": os.urandom(8_000)})
+    fixtures.raw_model("agent/large:v1", {"w": os.urandom(400_000)})
+    root = tmp_path / "root"
+    Pins(root).pin("inference/deleted-while-down", "sha256-0123")  # left by an earlier run of the agent
+    objects = [modelcache("keep", fixtures.ref("agent/small:v1"), pin=True, pageCache={"lock": True}),
+               modelcache("large", fixtures.ref("agent/large:v1"), pageCache={"lock": True})]
+    cluster = Cluster(objects, {})
+    config = tmp_path / "config.yaml"
+    available = psutil.virtual_memory().available
+    config.write_text(f"warmMemoryShare: {100_000 / available:.12f}\n")  # room to lock ~100 kB, not 400 kB
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": cluster.api.url}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}], "users": [{"name": "u", "user": {}}]}))
+    log = tmp_path / "agent.log"
+    process = subprocess.Popen([sys.executable, "-m", "ocimodel.cli", "agent", "--node-name", "node-a", "--kubeconfig",
+                                str(kubeconfig), "--root", str(root), "--config", str(config), "--plain-http",
+                                "--metrics-address", "127.0.0.1:0"], stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    try:
+        cluster.wait_for(lambda: [s for s in status_patches(cluster, "keep") if s.get("phase") == "Ready"])
+        large = cluster.wait_for(lambda: [s for s in status_patches(cluster, "large") if s.get("phase") == "Ready"])
+        assert "could not lock in memory" in large[0]["message"] and "memory share" in large[0]["message"]
+        pins = json.loads((root / "agent" / "pins.json").read_text())
+        assert set(pins) == {"inference/keep"}  # the pin of the object deleted while the agent was down is gone
+        port = int(cluster.wait_for(lambda: re.findall(r"metrics on port (\d+)", log.read_text()))[0])
+
+        def locked() -> float:
+            text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            return float(re.search(r"^ocimodel_page_cache_locked_bytes (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
+
+        assert locked() >= 8_000
+        changed = modelcache("keep", fixtures.ref("agent/small:v1"), pin=False, pageCache={"lock": False})
+        changed["metadata"]["resourceVersion"] = "11"
+        cluster.events.put({"type": "MODIFIED", "object": changed})
+        cluster.wait_for(lambda: "inference/keep" not in json.loads((root / "agent" / "pins.json").read_text()))
+        cluster.wait_for(lambda: locked() == 0.0)
+    finally:
+        process.terminate()
+        process.wait(20)
+        cluster.api.close()

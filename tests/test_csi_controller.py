@@ -3,6 +3,7 @@ Kubernetes adapter against an HTTP-level fake API server."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -11,14 +12,14 @@ from pathlib import Path
 import grpc
 import pytest
 
-from csi_driver.controller import PVC_REFERENCE_ANNOTATION, ControllerService
+from csi_driver.controller import PVC_REFERENCE_ANNOTATION, RESOLVED_ANNOTATION, ControllerService
 from csi_driver.errors import CsiError
 from csi_driver.proto import csi_pb2
 from kubeadapter.client import KubeClient
 from modelcache.settings import Settings
 from tests.conftest import needs_root
 from tests.helpers.csi import CsiProcess, Mode, block_capability, code_of, mount_capability, publish_request
-from tests.helpers.fakekube import FakeKubeAPI
+from tests.helpers.fakekube import FakeKubeAPI, Recorded, write_kubeconfig
 from tests.helpers.oci import Fixtures
 
 OK, INVALID = grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT
@@ -101,12 +102,62 @@ def test_delete_validate_and_capabilities(csi: CsiProcess, fixtures: Fixtures) -
     assert [c.rpc.type for c in caps] == [csi_pb2.ControllerServiceCapability.RPC.CREATE_DELETE_VOLUME]
 
 
-def test_controller_state_survives_restart(csi: CsiProcess, fixtures: Fixtures) -> None:
+def test_controller_state_survives_restart(csi: CsiProcess, fixtures: Fixtures, tmp_path: Path) -> None:
     fixtures.raw_model("ctl/r:v1", {"w": b"r"})
     request = create("pvc-r", reference=fixtures.ref("ctl/r:v1"))
     first = csi.controller.CreateVolume(request).volume
-    csi.restart()
+    fixtures.raw_model("ctl/r:v1", {"w": b"the tag moved"})
+    csi.restart()  # the container restarts; its state directory (an emptyDir) stays
     assert csi.controller.CreateVolume(request).volume == first
+
+
+def stored_pvc(api: FakeKubeAPI, namespace: str, name: str, annotations: dict[str, str]) -> dict[str, str]:
+    """A PVC the fake API server keeps: GET answers it, a merge patch changes its annotations."""
+    path = f"/api/v1/namespaces/{namespace}/persistentvolumeclaims/{name}"
+
+    def body() -> dict[str, object]:
+        return {"kind": "PersistentVolumeClaim", "apiVersion": "v1",
+                "metadata": {"name": name, "namespace": namespace, "annotations": dict(annotations)}}
+
+    def patch(request: Recorded) -> tuple[int, object]:
+        assert request.content_type == "application/merge-patch+json"
+        annotations.update(request.body["metadata"]["annotations"])
+        return 200, body()
+
+    api.route("GET", path, lambda _r: (200, body()))
+    api.route("PATCH", path, patch)
+    return annotations
+
+
+def test_create_volume_answer_survives_controller_replacement(tmp_path: Path, fixtures: Fixtures) -> None:
+    """The provisioner retries CreateVolume after the controller pod was replaced (its emptyDir gone) and
+    the tag moved: the answer is the same, because it was kept on the PVC before it was given."""
+    fixtures.raw_model("ctl/moving:v1", {"w": b"first"})
+    api = FakeKubeAPI()
+    annotations = stored_pvc(api, "team-a", "weights", {})
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", api.url)
+    request = create("pvc-0d3f", reference=fixtures.ref("ctl/moving:v1"),
+                     **{"csi.storage.k8s.io/pvc/name": "weights", "csi.storage.k8s.io/pvc/namespace": "team-a",
+                        "csi.storage.k8s.io/pv/name": "pvc-0d3f"})
+    first_pod = CsiProcess(tmp_path / "pod-1", "--state-dir", str(tmp_path / "state-1"), mode="controller",
+                           kubeconfig=str(kubeconfig))
+    try:
+        first = first_pod.controller.CreateVolume(request).volume
+    finally:
+        first_pod.stop()
+    assert json.loads(annotations["ocimodel.csi.dev/resolved-volume"])["volume_context"] == \
+        dict(first.volume_context)
+    fixtures.raw_model("ctl/moving:v1", {"w": b"the tag moved on"})
+    second_pod = CsiProcess(tmp_path / "pod-2", "--state-dir", str(tmp_path / "state-2"), mode="controller",
+                            kubeconfig=str(kubeconfig))
+    try:
+        assert second_pod.controller.CreateVolume(request).volume == first
+        changed = create("pvc-0d3f", reference=fixtures.ref("ctl/moving:v1"), include="*.json",
+                         **{"csi.storage.k8s.io/pvc/name": "weights", "csi.storage.k8s.io/pvc/namespace": "team-a"})
+        assert code_of(second_pod.controller.CreateVolume, changed) == grpc.StatusCode.ALREADY_EXISTS
+    finally:
+        second_pod.stop()
+        api.close()
 
 
 @needs_root
@@ -134,19 +185,19 @@ def test_reference_from_pvc_annotation(tmp_path: Path, fixtures: Fixtures) -> No
     fixtures.raw_model("ctl/pvc:v1", {"w": b"from annotation"})
     api = FakeKubeAPI()
     try:
-        api.route("GET", "/api/v1/namespaces/team-a/persistentvolumeclaims/claim-1", (200, {
-            "kind": "PersistentVolumeClaim", "apiVersion": "v1",
-            "metadata": {"name": "claim-1", "namespace": "team-a",
-                         "annotations": {PVC_REFERENCE_ANNOTATION: fixtures.ref("ctl/pvc:v1")}}}))
+        stored_pvc(api, "team-a", "claim-1", {PVC_REFERENCE_ANNOTATION: fixtures.ref("ctl/pvc:v1")})
         settings = Settings(root=tmp_path)
         settings.hosts.plain_http = True
-        controller = ControllerService(settings, tmp_path, pvc_annotation=KubeClient.for_url(api.url).pvc_annotation)
+        controller = ControllerService(settings, tmp_path, pvcs=KubeClient.for_url(api.url))
         request = create("pvc-from-annotation", **{"csi.storage.k8s.io/pvc/name": "claim-1",
                                                    "csi.storage.k8s.io/pvc/namespace": "team-a"})
         volume = controller.create(request)
         assert volume.volume_context["reference"].startswith(fixtures.ref("ctl/pvc:v1") + "@sha256:")
         assert [(r.method, r.path) for r in api.requests] == [
-            ("GET", "/api/v1/namespaces/team-a/persistentvolumeclaims/claim-1")]
+            ("GET", "/api/v1/namespaces/team-a/persistentvolumeclaims/claim-1"),
+            ("PATCH", "/api/v1/namespaces/team-a/persistentvolumeclaims/claim-1")]
+        recorded = json.loads(api.requests[1].body["metadata"]["annotations"][RESOLVED_ANNOTATION])
+        assert recorded["name"] == "pvc-from-annotation" and recorded["volume_context"] == dict(volume.volume_context)
         missing = create("pvc-missing", **{"csi.storage.k8s.io/pvc/name": "absent",
                                            "csi.storage.k8s.io/pvc/namespace": "team-a"})
         with pytest.raises(CsiError) as info:

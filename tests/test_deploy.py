@@ -127,6 +127,23 @@ def test_base_driver_objects() -> None:
     assert rules[("ocimodel.csi.dev", "modelcaches")] == {"get", "list", "watch"}
     assert rules[("ocimodel.csi.dev", "modelcaches/status")] == {"patch"}
     assert rules[("", "events")] == {"create"}
+    assert ("", "secrets") not in rules  # no cluster-wide Secret access for nodes
+    secret_roles = [o for o in by_kind(objects, "ClusterRole")
+                    if o["metadata"]["name"] == "ocimodel-node-pull-secrets"]
+    assert secret_roles
+    assert secret_roles[0]["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]
+    bindings = [b for b in by_kind(objects, "ClusterRoleBinding") if b["roleRef"]["name"] != "ocimodel-controller"]
+    assert all(b["roleRef"]["name"] != "ocimodel-node-pull-secrets" for b in bindings)  # never bound cluster-wide
+    controller_rules = {(g, r): set(rule["verbs"]) for o in by_kind(objects, "ClusterRole")
+                        if o["metadata"]["name"] == "ocimodel-controller" for rule in o["rules"]
+                        for g in rule["apiGroups"] for r in rule["resources"]}
+    assert {"get", "patch"} <= controller_rules[("", "persistentvolumeclaims")]
+    examples = render("deploy/examples")
+    binding = by_kind(examples, "RoleBinding")[0]
+    assert binding["metadata"]["namespace"] == "inference"
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                  "name": "ocimodel-node-pull-secrets"}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "ocimodel-node", "namespace": "ocimodel-system"}]
     config = by_kind(objects, "ConfigMap")[0]["data"]["config.yaml"]
     Settings.from_mapping(yaml.safe_load(config))  # the real validation accepts it
     assert by_kind(objects, "Secret")[0]["metadata"]["name"] == "ocimodel-registry-auth"
