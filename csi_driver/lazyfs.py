@@ -5,6 +5,7 @@ the mount outlives a restart of the driver process."""
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from csi_driver.lazymount import write_verdict
 from modelcache.credentials import CredentialStore
 from modelcache.errors import Kind, ModelCacheError
 from modelcache.lazy import LazyModel, Node
@@ -181,7 +183,7 @@ def serve(model: LazyModel, target: Path, *, ready: Any = None) -> None:
     async def upgrade_when_complete() -> None:
         while True:
             await trio.to_thread.run_sync(model.complete.wait, abandon_on_cancel=True)
-            if model.final is not None:
+            if model.final is not None and model.failure is None:
                 try:
                     # in a thread: mount(2) looks up the FUSE mountpoint, which this event loop must answer
                     await trio.to_thread.run_sync(bind_mount_readonly, model.final.path, target)
@@ -224,6 +226,8 @@ def helper_main(argv: Sequence[str] | None = None) -> int:
         options = PullOptions(tuple(job.get("include", ())), tuple(job.get("exclude", ())), job.get("path"))
         resolved = cache.client.resolve(parse_reference(job["reference"]))
         model = LazyModel(cache, resolved, options, strict=bool(job.get("strict")))
+        if job.get("verdict"):
+            model.on_broken = functools.partial(write_verdict, job["verdict"])
         model.build()
     except ModelCacheError as exc:
         print(f"ERROR {exc.kind.name} {exc}", flush=True)

@@ -23,6 +23,7 @@ from typing import Any
 
 from modelcache.credentials import CredentialStore
 from modelcache.errors import Kind, ModelCacheError
+from modelcache.fsutil import atomic_write_json, read_json
 from modelcache.mounts import mount_table, unmount_all
 from modelcache.options import PullOptions
 from modelcache.settings import Settings
@@ -99,6 +100,22 @@ def helper_log(job: dict[str, Any]) -> Path:
     return directory / f"{hashlib.sha256(job['target'].encode()).hexdigest()[:16]}.log"
 
 
+def verdict_path(root: Path | str, target: str) -> Path:
+    """Where the helper serving ``target`` reports that its model failed verification."""
+    return Path(root) / "csi" / "lazy" / f"{hashlib.sha256(target.encode()).hexdigest()[:16]}.verdict.json"
+
+
+def write_verdict(path: Path | str, reason: str) -> None:
+    """Report (from the helper) that the model failed verification and every read now fails."""
+    atomic_write_json(Path(path), {"broken": reason, "at": time.time()})
+
+
+def read_verdict(path: Path) -> str | None:
+    """The reason a helper reported its model broken, or None."""
+    data = read_json(path)
+    return str(data["broken"]) if isinstance(data, dict) and data.get("broken") else None
+
+
 def spawn_helper(job: dict[str, Any], timeout: float) -> tuple[subprocess.Popen[bytes], str]:
     """Start ``ocimodel fuse-serve`` in its own session with ``job`` on stdin; return it and the reply
     line (``READY files bytes`` once mounted, ``ERROR KIND message``, or '' on silence). A helper that did
@@ -131,7 +148,8 @@ class LazyLauncher:
         job = {"target": target, "reference": reference, "settings": self.settings.to_mapping(),
                "docker_config": credentials.to_docker_config() if credentials else {"auths": {}},
                "include": list(options.include), "exclude": list(options.exclude), "path": options.subpath,
-               "strict": strict}
+               "strict": strict, "verdict": str(verdict_path(self.settings.root, target))}
+        verdict_path(self.settings.root, target).unlink(missing_ok=True)
         line = self._ask_launcher(job, timeout) if self.launcher_socket else None
         if line is None:
             process, line = spawn_helper(job, timeout)

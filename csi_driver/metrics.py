@@ -21,6 +21,9 @@ class CsiMetrics:
         self.lazy_restores = Counter("ocimodel_csi_lazy_restores", "Lazy volumes whose FUSE helper was gone at "
                                      "start-up, by outcome (bind, helper, failed)", ["outcome"],
                                      registry=self.registry)
+        self.integrity_failures = Counter("ocimodel_csi_lazy_integrity_failures", "Lazy volumes whose model failed "
+                                          "verification after serving reads (every read then fails)",
+                                          registry=self.registry)
         self.port = 0
 
     def observe(self, method: str, code: str, seconds: float) -> None:

@@ -36,7 +36,9 @@ from csi_driver.lazymount import (
     fuse_available,
     healthy,
     helper_alive,
+    read_verdict,
     stale_fuse_mounts,
+    verdict_path,
 )
 from csi_driver.metrics import CsiMetrics
 from csi_driver.proto import csi_pb2, csi_pb2_grpc
@@ -210,6 +212,25 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                  pinned, started.files, started.total_bytes, target, publication.pod or "?", started.pid)
         return None
 
+    def check_verdicts(self) -> None:
+        """Turn what lazy-mount helpers reported (a model that failed verification after it served reads)
+        into an abnormal volume, a pod Event, a metric and an error log line, once per volume."""
+        for publication in self.state.all():
+            if publication.mount != "lazy" or publication.problem:
+                continue
+            reason = read_verdict(verdict_path(self.pulls.cache.store.root, publication.target_path))
+            if reason is None:
+                continue
+            publication.problem = f"the model failed verification and every read fails: {reason}"
+            with contextlib.suppress(ModelCacheError):
+                self.state.put(publication)
+            log.error("lazy volume %s at %s: %s", publication.volume_id, publication.target_path, publication.problem)
+            self.events.warn(publication.pod_ref(), "ModelIntegrityFailure",
+                             f"volume {publication.volume_id} ({publication.reference}): {publication.problem}. "
+                             f"Restart the pod to mount the verified model")
+            if self.metrics is not None:
+                self.metrics.integrity_failures.inc()
+
     def lazy_mounts_to_restore(self) -> list[Publication]:
         """At start-up: re-attach lazy mounts whose helper still serves; return those whose helper is gone
         (a restart of the whole plugin pod ends them) for :meth:`restore_lazy`. Unrecorded FUSE mounts of
@@ -293,9 +314,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 raise CsiError(grpc.StatusCode.ALREADY_EXISTS,
                                f"{target} is already a mount point of something this driver did not publish")
             return False
-        if not mounted or not healthy(target):
+        if not mounted or not healthy(target) or record.problem:
             log.info("record for %s exists but %s; publishing again", target,
-                     "its mount is dead" if mounted else "nothing is mounted there")
+                     record.problem or ("its mount is dead" if mounted else "nothing is mounted there"))
             detach(target, remove=False)
             self.state.delete(target)
             return False
@@ -333,6 +354,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 self.lazy.reap(record.helper_pid)
             if record is not None or os.path.isdir(target):
                 _remove_dir(target)
+            verdict_path(self.pulls.cache.store.root, target).unlink(missing_ok=True)
             self.state.delete(target)
             log.info("unpublished %s (%s) from %s", request.volume_id, record.reference if record else "no record",
                      target)
@@ -351,7 +373,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         if record is None or record.volume_id != request.volume_id:
             raise CsiError(grpc.StatusCode.NOT_FOUND, f"volume {request.volume_id} is not published at {path}")
         serving = healthy(path) if record.source == "" else Path(record.source).is_dir()
-        ok = is_mountpoint(path) and serving
+        ok = is_mountpoint(path) and serving and not record.problem
         usage = [
             csi_pb2.VolumeUsage(unit=csi_pb2.VolumeUsage.BYTES, total=record.total_bytes, used=record.total_bytes,
                                 available=0),

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 OperationHook = Callable[[str, str, float], None]
 RPC_THREADS = 64  # a waiting publish holds one (cheap: it sleeps) ...
 QUICK_RPC_THREADS = 16  # ... but never these: Probe, unpublish, stats and info always find a free thread
+VERDICT_POLL = 2.0  # seconds between looks at what lazy-mount helpers reported
 STOP_GRACE = 2.0  # seconds in-flight RPCs get at shutdown (a pod's grace period is 30 s; we use < 10)
 PULL_STOP_WAIT = 3.0  # seconds shutdown waits for running pulls to notice
 
@@ -219,9 +220,19 @@ def build_driver(settings: Settings, config: PluginConfig, *, pvcs: PvcAccess | 
             log.warning("record for %s has no mount any more; kubelet will publish or unpublish it", target)
         for publication in lost:  # each may start a helper (seconds): off the start-up path, one thread each
             threading.Thread(target=node.restore_lazy, args=(publication,), name="restore-lazy", daemon=True).start()
+        threading.Thread(target=_every, args=(VERDICT_POLL, node.check_verdicts), name="verdicts", daemon=True).start()
     identity.ready.set()
     log.info("serving %s mode on %s as node %s", mode, endpoint, node_id)
     return Driver(server, identity, metrics, node, controller, pulls, events)
+
+
+def _every(seconds: float, action: Callable[[], None]) -> None:
+    while True:
+        time.sleep(seconds)
+        try:
+            action()
+        except Exception:  # noqa: BLE001 - a background check must keep running
+            log.exception("%s failed", getattr(action, "__name__", "background check"))
 
 
 def run_plugin(settings: Settings, config: PluginConfig) -> None:

@@ -21,7 +21,7 @@ import stat
 import tarfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,7 +85,11 @@ def _ensure_dir(root: Node, parts: list[str]) -> Node:
 
 
 class ChunkCache:
-    """Chunks of one blob fetched on demand into a sparse file; which chunks are present is kept in memory."""
+    """Chunks of one blob fetched on demand into a sparse file; which chunks are present is kept in memory.
+
+    Readers hold it while they read (:meth:`enter`/:meth:`leave`); :meth:`retire` stops new readers and
+    waits for the current ones, so comparing and closing never race a read (a closed descriptor number
+    can be reused by another file at once)."""
 
     def __init__(self, path: Path, size: int) -> None:
         self.path = path
@@ -93,13 +97,50 @@ class ChunkCache:
         self.present: set[int] = set()
         self.inflight: dict[int, threading.Event] = {}
         self.lock = threading.Lock()
+        self._idle = threading.Condition(self.lock)
+        self._users = 0
+        self.retired = False
         path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(self.fd, fcntl.LOCK_EX)  # held while in use: gc removes only unlocked leftovers
         os.ftruncate(self.fd, size)
 
+    def enter(self) -> bool:
+        """Start using the cache; False once it is retired (read the committed blob instead)."""
+        with self.lock:
+            if self.retired:
+                return False
+            self._users += 1
+            return True
+
+    def leave(self) -> None:
+        """Stop using the cache."""
+        with self.lock:
+            self._users -= 1
+            if not self._users:
+                self._idle.notify_all()
+
+    def retire(self) -> None:
+        """Let no new reader in and wait for the current ones."""
+        with self.lock:
+            self.retired = True
+            while self._users:
+                self._idle.wait()
+
+    def mismatches(self, committed: Path) -> list[int]:
+        """Chunks fetched by range whose bytes differ from the verified, committed blob (after retire)."""
+        bad = []
+        with open(committed, "rb") as blob:
+            for index in sorted(self.present):
+                start = index * RANGE_CHUNK
+                length = min(RANGE_CHUNK, self.size - start)
+                if os.pread(self.fd, length, start) != os.pread(blob.fileno(), length, start):
+                    bad.append(index)
+        return bad
+
     def close(self) -> None:
-        """Close and delete the sparse file."""
+        """Retire, close and delete the sparse file."""
+        self.retire()
         os.close(self.fd)
         self.path.unlink(missing_ok=True)
 
@@ -126,6 +167,7 @@ class LazyModel:
         self._fds: dict[Digest, int] = {}
         self._readahead = threading.Semaphore(4)
         self.lazy_dir = cache.store.root / "lazy"
+        self.on_broken: Callable[[str], None] | None = None  # told once when verification fails
 
     # -- the tree -------------------------------------------------------------------------------------
     def build(self) -> None:
@@ -244,6 +286,7 @@ class LazyModel:
         def run() -> None:
             try:
                 self.final = self.cache.materialise(self.resolved, self.options, self.progress)
+                self._compare_served_chunks()
             except ModelCacheError as exc:
                 self.failure = exc
                 level = logging.ERROR if exc.kind in (Kind.INTEGRITY, Kind.UNSAFE_CONTENT) else logging.WARNING
@@ -253,12 +296,32 @@ class LazyModel:
                 self.failure = ModelCacheError(f"background pull failed: {exc}")
                 log.exception("background pull of %s failed", self.resolved.reference)
             finally:
+                if self.failure is None or self.failure.kind in (Kind.INTEGRITY, Kind.UNSAFE_CONTENT):
+                    self.close()  # after a transient failure the chunks stay, to be compared after the retry
                 self.complete.set()
-                self.close()
+                if self.failure is not None and self.failure.kind is Kind.INTEGRITY and self.on_broken:
+                    self.on_broken(str(self.failure))
 
         thread = threading.Thread(target=run, name="lazy-pull", daemon=True)
         thread.start()
         return thread
+
+    def _compare_served_chunks(self) -> None:
+        """The floor for models without a chunk index: every chunk served by a range request before the
+        pull finished must equal the verified blob; otherwise the model is broken (every read fails)."""
+        with self._chunks_lock:
+            caches = list(self._chunks.items())
+        bad: list[str] = []
+        for digest, chunks in caches:
+            chunks.retire()
+            committed = self.cache.store.blob_path(digest)
+            mismatched = chunks.mismatches(committed) if committed.exists() else []
+            if mismatched:
+                bad.append(f"blob {digest} chunks {mismatched[:8]}")
+        if bad:
+            raise IntegrityError("bytes served by range requests before the pull finished differ from the verified "
+                                 f"blob ({'; '.join(bad)}): the registry or a cache in front of it answered ranges "
+                                 "wrongly, and readers may have read wrong weights")
 
     def retry_background(self) -> threading.Thread | None:
         """Start the pull again after a failure that was not an integrity error (the registry came back)."""
@@ -310,6 +373,7 @@ class LazyModel:
 
     def read_node(self, node: Node, offset: int, size: int) -> bytes:
         """Read a file node: a local file of the finished tree, or its blob source."""
+        self.check_usable()
         if node.local:
             fd = os.open(node.local, os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -371,14 +435,23 @@ class LazyModel:
 
     def _read_chunked(self, digest: Digest, blob_size: int, offset: int, size: int) -> bytes:
         chunks = self._chunk_cache(digest, blob_size)
-        first, last = offset // RANGE_CHUNK, (offset + size - 1) // RANGE_CHUNK
-        for index in range(first, last + 1):
-            self._ensure_chunk(chunks, digest, index)
-        sequential = self._last_end.get(digest) == offset
-        self._last_end[digest] = offset + size
-        if sequential or offset == 0:
-            self._read_ahead(chunks, digest, last + 1)
-        return os.pread(chunks.fd, size, offset)
+        if not chunks.enter():  # the blob was committed meanwhile
+            self.check_usable()
+            fd = self._committed_fd(digest, self.cache.store.blob_path(digest))
+            if fd is None:
+                raise ModelCacheError(f"blob {digest} is neither committed nor fetchable", kind=Kind.UNAVAILABLE)
+            return os.pread(fd, size, offset)
+        try:
+            first, last = offset // RANGE_CHUNK, (offset + size - 1) // RANGE_CHUNK
+            for index in range(first, last + 1):
+                self._ensure_chunk(chunks, digest, index)
+            sequential = self._last_end.get(digest) == offset
+            self._last_end[digest] = offset + size
+            if sequential or offset == 0:
+                self._read_ahead(chunks, digest, last + 1)
+            return os.pread(chunks.fd, size, offset)
+        finally:
+            chunks.leave()
 
     def _ensure_chunk(self, chunks: ChunkCache, digest: Digest, index: int) -> None:
         while True:
@@ -397,10 +470,7 @@ class LazyModel:
             try:
                 start = index * RANGE_CHUNK
                 length = min(RANGE_CHUNK, chunks.size - start)
-                data = self.cache.client.read_range(self.resolved.reference, digest, start, length)
-                if len(data) != length:
-                    raise ModelCacheError(f"blob {digest}: range {start}+{length} returned {len(data)} bytes",
-                                          kind=Kind.UNAVAILABLE)
+                data = self.cache.client.read_range(self.resolved.reference, digest, start, length, chunks.size)
                 os.pwrite(chunks.fd, data, start)
                 with chunks.lock:
                     chunks.present.add(index)
@@ -420,7 +490,11 @@ class LazyModel:
 
             def fetch(i: int = index) -> None:
                 try:
-                    self._ensure_chunk(chunks, digest, i)
+                    if chunks.enter():
+                        try:
+                            self._ensure_chunk(chunks, digest, i)
+                        finally:
+                            chunks.leave()
                 except (ModelCacheError, OSError) as exc:
                     log.debug("read-ahead of chunk %d of %s failed: %s", i, digest, exc)
                 finally:

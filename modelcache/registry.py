@@ -163,16 +163,24 @@ class RegistryClient:
                                     kind=Kind.UNAVAILABLE)
         verifier.verify()
 
-    def read_range(self, ref: Reference, digest: Digest, start: int, length: int) -> bytes:
-        """Read ``length`` bytes of a blob at ``start`` (for lazy reads); the caller verifies later."""
+    def read_range(self, ref: Reference, digest: Digest, start: int, length: int, blob_size: int) -> bytes:
+        """Read ``length`` bytes of a blob of ``blob_size`` bytes at ``start`` (for lazy reads). The answer
+        must be a 206 for exactly that range (``Content-Range``) and length; its content is checked by the
+        caller (a chunk index, or the verified blob once committed)."""
         what = f"blob {digest} range {start}+{length}"
+        end = start + length - 1
         response = self._request("GET", ref, f"/blobs/{digest}", what, stream=True,
-                                 headers={"Range": f"bytes={start}-{start + length - 1}"},
-                                 ok=lambda s: s in (200, 206))
+                                 headers={"Range": f"bytes={start}-{end}"}, ok=lambda s: s in (200, 206))
         with closing_response(response):
             if response.status_code == 200:
                 raise RegistryError(f"{what}: registry does not serve ranges", kind=Kind.UNSUPPORTED)
-            return read_limited(response, length, what)
+            answered = response.headers.get("Content-Range", "")
+            if answered not in (f"bytes {start}-{end}/{blob_size}", f"bytes {start}-{end}/*"):
+                raise IntegrityError(f"{what}: the registry answered {answered or 'no Content-Range'} instead")
+            data = read_limited(response, length, what)
+        if len(data) != length:
+            raise IntegrityError(f"{what}: the registry answered {len(data)} bytes")
+        return data
 
     def blob_exists(self, ref: Reference, digest: Digest) -> bool:
         """True when the repository already has ``digest``."""

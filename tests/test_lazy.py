@@ -5,6 +5,7 @@ mode, driver restarts and stale mounts."""
 from __future__ import annotations
 
 import errno
+import json
 import mmap
 import os
 import signal
@@ -14,6 +15,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -41,9 +43,9 @@ def big(fixtures: Fixtures) -> tuple[str, bytes]:
 def proxy_factory(registry, tmp_path: Path) -> Iterator[object]:
     proxies: list[ProxyProcess] = []
 
-    def make(bytes_per_second: float = 0, corrupt: bool = False) -> ProxyProcess:
+    def make(bytes_per_second: float = 0, corrupt: bool = False, **behaviour: Any) -> ProxyProcess:
         proxy = ProxyProcess(registry.host, bytes_per_second=bytes_per_second, corrupt=corrupt,
-                             log=str(tmp_path / f"proxy-{len(proxies)}.log"))
+                             log=str(tmp_path / f"proxy-{len(proxies)}.log"), **behaviour)
         proxies.append(proxy)
         return proxy
 
@@ -281,3 +283,95 @@ def test_helpers_hosted_by_a_launcher_outlive_the_driver(tmp_path: Path, big, pr
         csi.stop()
         launcher.terminate()
         launcher.wait(10)
+
+
+def test_wrong_range_answers_are_caught_when_the_blob_commits(tmp_path: Path, big, proxy_factory) -> None:
+    """The floor without a chunk index: a cache in front of the registry answers ranges with wrong bytes
+    while whole-blob GETs are right. Once the blob is verified, the served chunks are compared with it:
+    every further read fails, the plugin logs it, counts it, and records an Event on the pod."""
+    import re
+
+    import requests
+
+    from tests.helpers.fakekube import FakeKubeAPI, write_kubeconfig
+    name, data = big
+    api = FakeKubeAPI()
+    api.route("POST", "/api/v1/namespaces/inference/events", lambda r: (201, r.body))
+    csi = CsiProcess(tmp_path / "driver", "--metrics-address", "127.0.0.1:0",
+                     kubeconfig=str(write_kubeconfig(tmp_path / "kubeconfig", api.url)))
+    proxy = proxy_factory(3_000_000, corrupt_ranges=True)
+    target = tmp_path / "mnt"
+    request = lazy_request("lazy-bad", target, f"{proxy.host}/{name}", **{
+        "csi.storage.k8s.io/pod.namespace": "inference", "csi.storage.k8s.io/pod.name": "llm-0",
+        "csi.storage.k8s.io/pod.uid": "uid-1"})
+    try:
+        csi.node.NodePublishVolume(request)
+        with open(target / "weights.safetensors", "rb") as handle:
+            handle.read(4096)  # served from a (wrong) range answer before the pull has finished
+        wait_until(lambda: any(r.body["reason"] == "ModelIntegrityFailure" for r in api.requests
+                               if r.method == "POST"), 60)
+        event = next(r.body for r in api.requests if r.method == "POST")
+        assert event["involvedObject"] == {"apiVersion": "v1", "kind": "Pod", "namespace": "inference",
+                                           "name": "llm-0", "uid": "uid-1"}
+        assert event["type"] == "Warning" and "differ from the verified blob" in event["message"]
+        with pytest.raises(OSError) as info, open(target / "weights.safetensors", "rb") as handle:
+            handle.read(4096)
+        assert info.value.errno == errno.EIO
+        assert mounts_top_is_fuse(target)  # the verified tree is not stacked over a mount that served bad bytes
+        stats = csi.node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(volume_id="lazy-bad",
+                                                                             volume_path=str(target)))
+        assert stats.volume_condition.abnormal and "failed verification" in stats.volume_condition.message
+        port = int(re.findall(r"metrics on port (\d+)", csi.log_text())[-1])
+        metrics = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        assert "ocimodel_csi_lazy_integrity_failures_total 1.0" in metrics
+        assert re.search(r"ERROR .*lazy volume lazy-bad .*failed verification", csi.log_text())
+        csi.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id="lazy-bad",
+                                                                        target_path=str(target)))
+    finally:
+        csi.stop()
+        api.close()
+
+
+def mounts_top_is_fuse(target: Path) -> bool:
+    lines = [line.split() for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    mine = [fields for fields in lines if fields[4] == str(target)]
+    return bool(mine) and mine[-1][mine[-1].index("-") + 1] == "fuse.ocimodel"
+
+
+def test_a_range_answered_for_another_offset_is_never_served(csi: CsiProcess, tmp_path: Path, big,
+                                                              proxy_factory) -> None:
+    name, data = big
+    proxy = proxy_factory(500_000, shift_ranges=4096)
+    target = tmp_path / "mnt"
+    csi.node.NodePublishVolume(lazy_request("lazy-shift", target, f"{proxy.host}/{name}"))
+    with pytest.raises(OSError) as info, open(target / "weights.safetensors", "rb") as handle:
+        handle.seek(8 << 20)
+        handle.read(4096)
+    assert info.value.errno == errno.EIO
+    assert any("instead" in log.read_text() for log in (tmp_path / "root" / "csi" / "lazy").glob("*.log"))
+    csi.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id="lazy-shift", target_path=str(target)))
+
+
+def test_cli_mount_lazy_strict(tmp_path: Path, big, proxy_factory) -> None:
+    name, data = big
+    proxy = proxy_factory(4_000_000)
+    target, root = tmp_path / "cli-mnt", tmp_path / "cli-root"
+    cli = [sys.executable, "-m", "ocimodel.cli"]
+    out = subprocess.run([*cli, "mount", "--lazy", "--lazy-verify", "strict", f"{proxy.host}/{name}", str(target),
+                          "--root", str(root), "--plain-http"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    try:
+        record = json.loads(next((root / "csi" / "publications").glob("*.json")).read_text())
+        assert record["strict"] is True and record["mount"] == "lazy"
+        with open(target / "weights.safetensors", "rb") as handle:
+            handle.seek(SIZE - 4096)
+            assert handle.read() == data[-4096:]
+        ranges = [r for r in proxy.requests() if r["range"] and not r["range"].endswith("-")]
+        assert ranges == []  # strict: nothing was served from an unverified range
+    finally:
+        out = subprocess.run([*cli, "umount", str(target), "--root", str(root)], capture_output=True, text=True,
+                             timeout=60)
+    assert out.returncode == 0, out.stderr
+    bad = subprocess.run([*cli, "mount", "--lazy-verify", "strict", f"{proxy.host}/{name}", str(target), "--root",
+                          str(root), "--plain-http"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--lazy-verify needs --lazy" in bad.stderr

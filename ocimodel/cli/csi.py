@@ -31,6 +31,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from csi_driver.errors import CsiError
     from csi_driver.localmount import mount_model
     attributes = {"reference": args.reference, "mount": "lazy" if args.lazy else "bind"}
+    if args.lazy_verify:
+        if not args.lazy:
+            print("ocimodel: --lazy-verify needs --lazy", file=sys.stderr)
+            return 2
+        attributes["lazyVerify"] = args.lazy_verify
     if args.include:
         attributes["include"] = ",".join(args.include)
     if args.exclude:
@@ -97,6 +102,9 @@ def register(sub: Any) -> None:
     mount.add_argument("reference")
     mount.add_argument("target")
     mount.add_argument("--lazy", action="store_true", help="FUSE lazy mount (reads before the pull ends)")
+    mount.add_argument("--lazy-verify", choices=("background", "strict"),
+                       help="background (default): serve chunks while the pull verifies the blobs; strict: serve a "
+                            "file only once its blob is verified (the lazyVerify volume attribute)")
     mount.add_argument("--include", action="append")
     mount.add_argument("--exclude", action="append")
     mount.add_argument("--path")

@@ -30,6 +30,8 @@ class ProxyBehaviour:
     token_user: str = ""                   # require Bearer tokens issued to this user
     token_password: str = ""
     ignore_range: bool = False             # serve 200 with the whole body even for Range requests
+    corrupt_ranges: bool = False           # flip a byte in every 206 body (whole-blob GETs stay right)
+    shift_ranges: int = 0                  # answer a Range request with the range this many bytes later
 
 
 @dataclass
@@ -95,10 +97,14 @@ class RegistryProxy:
         headers = {k: v for k, v in h.headers.items() if k.lower() not in HOP_HEADERS and k.lower() != "authorization"}
         if b.ignore_range:
             headers.pop("Range", None)
+        if b.shift_ranges and "Range" in headers:
+            first, _, last = headers["Range"].removeprefix("bytes=").partition("-")
+            headers["Range"] = f"bytes={int(first) + b.shift_ranges}-{int(last) + b.shift_ranges}"
         connection = http.client.HTTPConnection(self.upstream, timeout=60)
         connection.request(h.command, path, body=body, headers=headers)
         response = connection.getresponse()
         is_blob = h.command == "GET" and "/blobs/sha256:" in path and response.status in (200, 206)
+        corrupt = is_blob and (b.corrupt_blobs or (b.corrupt_ranges and response.status == 206))
         h.send_response(response.status)
         for key, value in response.getheaders():
             if key.lower() in HOP_HEADERS:
@@ -111,11 +117,12 @@ class RegistryProxy:
         if h.command == "HEAD":
             connection.close()
             return
-        self._stream(h, response, is_blob)
+        self._stream(h, response, is_blob, corrupt)
         connection.close()
         h.close_connection = True
 
-    def _stream(self, h: BaseHTTPRequestHandler, response: http.client.HTTPResponse, is_blob: bool) -> None:
+    def _stream(self, h: BaseHTTPRequestHandler, response: http.client.HTTPResponse, is_blob: bool,
+                corrupt: bool) -> None:
         b = self.behaviour
         sent = 0
         started = time.monotonic()
@@ -132,7 +139,7 @@ class RegistryProxy:
                 h.wfile.write(chunk[: b.cut_after_bytes - sent])
                 h.wfile.flush()
                 return
-            if is_blob and b.corrupt_blobs and not corrupted:
+            if corrupt and not corrupted:
                 chunk = bytes([chunk[0] ^ 0xFF]) + chunk[1:]
                 corrupted = True
             try:
@@ -185,13 +192,17 @@ class ProxyProcess:
     an in-process proxy)."""
 
     def __init__(self, upstream: str, *, bytes_per_second: float = 0, corrupt: bool = False, port: int = 0,
-                 log: str = "") -> None:
+                 log: str = "", corrupt_ranges: bool = False, shift_ranges: int = 0) -> None:
         import subprocess
         import sys
         args = [sys.executable, "-m", "tests.helpers.proxy", upstream, "--bytes-per-second", str(bytes_per_second),
                 "--port", str(port)]
         if corrupt:
             args.append("--corrupt")
+        if corrupt_ranges:
+            args.append("--corrupt-ranges")
+        if shift_ranges:
+            args += ["--shift-ranges", str(shift_ranges)]
         if log:
             args += ["--log", log]
         from pathlib import Path
@@ -218,11 +229,14 @@ def _main() -> None:
     parser.add_argument("upstream")
     parser.add_argument("--bytes-per-second", type=float, default=0)
     parser.add_argument("--corrupt", action="store_true")
+    parser.add_argument("--corrupt-ranges", action="store_true")
+    parser.add_argument("--shift-ranges", type=int, default=0)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--log", default="")
     args = parser.parse_args()
     proxy = RegistryProxy(args.upstream, ProxyBehaviour(bytes_per_second=args.bytes_per_second,
-                                                        corrupt_blobs=args.corrupt), port=args.port)
+                                                        corrupt_blobs=args.corrupt, corrupt_ranges=args.corrupt_ranges,
+                                                        shift_ranges=args.shift_ranges), port=args.port)
     if args.log:
         original = proxy._handle
 
