@@ -7,9 +7,11 @@ are indexed by reading their headers with range requests and served lazily too. 
 (and container-image layouts, whose whiteouts need every layer) cannot be read at an offset: their
 paths appear once the background pull has finished.
 
-Integrity: a lazily fetched chunk cannot be checked on its own (OCI digests cover whole blobs). The
-background pull verifies every blob; a mismatch marks the model broken and every later read fails.
-Strict mode serves a file only once its blob is verified and committed.
+Integrity: an OCI digest covers a whole blob, not a chunk. A model pushed with a chunk index (see
+:mod:`modelcache.chunkindex`) has every chunk verified before it is served; a chunk that fails is asked
+of the next endpoint, then the read fails. Without an index, chunks served before the pull finished are
+compared with the verified blob when it commits; a mismatch marks the model broken and every later read
+fails. Strict mode serves a file only once its blob is verified and committed.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from modelcache import chunkindex
 from modelcache.cache import ModelCache
+from modelcache.chunkindex import ChunkIndex
 from modelcache.digest import Digest
 from modelcache.errors import IntegrityError, Kind, ModelCacheError, UnsafeContent
 from modelcache.layout import Plan, plan_for
@@ -91,9 +95,10 @@ class ChunkCache:
     waits for the current ones, so comparing and closing never race a read (a closed descriptor number
     can be reused by another file at once)."""
 
-    def __init__(self, path: Path, size: int) -> None:
+    def __init__(self, path: Path, size: int, chunk_size: int = RANGE_CHUNK) -> None:
         self.path = path
         self.size = size
+        self.chunk_size = chunk_size
         self.present: set[int] = set()
         self.inflight: dict[int, threading.Event] = {}
         self.lock = threading.Lock()
@@ -132,8 +137,8 @@ class ChunkCache:
         bad = []
         with open(committed, "rb") as blob:
             for index in sorted(self.present):
-                start = index * RANGE_CHUNK
-                length = min(RANGE_CHUNK, self.size - start)
+                start = index * self.chunk_size
+                length = min(self.chunk_size, self.size - start)
                 if os.pread(self.fd, length, start) != os.pread(blob.fileno(), length, start):
                     bad.append(index)
         return bad
@@ -168,10 +173,13 @@ class LazyModel:
         self._readahead = threading.Semaphore(4)
         self.lazy_dir = cache.store.root / "lazy"
         self.on_broken: Callable[[str], None] | None = None  # told once when verification fails
+        self.index: ChunkIndex | None = None  # with one, each chunk is verified before it is served
 
     # -- the tree -------------------------------------------------------------------------------------
     def build(self) -> None:
-        """Build the tree from the manifest (range-reading the headers of uncompressed tar layers)."""
+        """Build the tree from the manifest (range-reading the headers of uncompressed tar layers); load
+        the model's chunk index when its manifest names one (a named index that cannot be had fails)."""
+        self.index = chunkindex.load(self.cache.client, self.resolved.reference, self.resolved.manifest)
         path_filter: PathFilter = self.options.path_filter
         if self.plan.layout == "image":
             self.pending = True
@@ -429,7 +437,8 @@ class LazyModel:
         with self._chunks_lock:
             cache = self._chunks.get(digest)
             if cache is None:
-                cache = ChunkCache(self.lazy_dir / f"{digest.algorithm}-{digest.hex}.part", blob_size)
+                size = self.index.chunk_size if self.index is not None and self.index.covers(digest) else RANGE_CHUNK
+                cache = ChunkCache(self.lazy_dir / f"{digest.algorithm}-{digest.hex}.part", blob_size, size)
                 self._chunks[digest] = cache
             return cache
 
@@ -442,7 +451,7 @@ class LazyModel:
                 raise ModelCacheError(f"blob {digest} is neither committed nor fetchable", kind=Kind.UNAVAILABLE)
             return os.pread(fd, size, offset)
         try:
-            first, last = offset // RANGE_CHUNK, (offset + size - 1) // RANGE_CHUNK
+            first, last = offset // chunks.chunk_size, (offset + size - 1) // chunks.chunk_size
             for index in range(first, last + 1):
                 self._ensure_chunk(chunks, digest, index)
             sequential = self._last_end.get(digest) == offset
@@ -468,9 +477,11 @@ class LazyModel:
                 event.wait()
                 continue
             try:
-                start = index * RANGE_CHUNK
-                length = min(RANGE_CHUNK, chunks.size - start)
-                data = self.cache.client.read_range(self.resolved.reference, digest, start, length, chunks.size)
+                start = index * chunks.chunk_size
+                length = min(chunks.chunk_size, chunks.size - start)
+                expected = self.index.expected(digest, index) if self.index is not None else None
+                data = self.cache.client.read_range(self.resolved.reference, digest, start, length, chunks.size,
+                                                    expected)
                 os.pwrite(chunks.fd, data, start)
                 with chunks.lock:
                     chunks.present.add(index)
@@ -480,7 +491,7 @@ class LazyModel:
                 event.set()
 
     def _read_ahead(self, chunks: ChunkCache, digest: Digest, start: int) -> None:
-        total = (chunks.size + RANGE_CHUNK - 1) // RANGE_CHUNK
+        total = (chunks.size + chunks.chunk_size - 1) // chunks.chunk_size
         for index in range(start, min(start + READAHEAD_CHUNKS, total)):
             with chunks.lock:
                 if index in chunks.present or index in chunks.inflight:

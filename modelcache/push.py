@@ -18,11 +18,12 @@ from typing import IO, Any
 
 import zstandard
 
+from modelcache import chunkindex
 from modelcache import mediatypes as mt
 from modelcache.digest import Digest
 from modelcache.errors import Kind, ModelCacheError
 from modelcache.reference import Reference
-from modelcache.registry import READ_SIZE, RegistryClient
+from modelcache.registry import RegistryClient
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".onnx", ".h5", ".msgpack", ".ckpt", ".npz")
 CODE_SUFFIXES = (".py", ".sh", ".ipynb", ".js", ".go", ".rs")
@@ -51,16 +52,6 @@ class _Layer:
     diff_id: str
     source: Path
     temporary: bool
-
-
-def _hash_file(path: Path) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as handle:
-        while chunk := handle.read(READ_SIZE):
-            digest.update(chunk)
-            size += len(chunk)
-    return f"sha256:{digest.hexdigest()}", size
 
 
 class _HashingWriter(io.RawIOBase):
@@ -128,6 +119,7 @@ def push_directory(client: RegistryClient, directory: Path, ref: Reference, *,
     if not files:
         raise ModelCacheError(f"{directory} holds no regular files", kind=Kind.INVALID_ARGUMENT)
     layers: list[_Layer] = []
+    chunk_hashes: dict[str, tuple[int, tuple[str, ...]]] = {}
     with tempfile.TemporaryDirectory(prefix="ocimodel-push-") as work:
         for relpath, path in files:
             st = path.stat()
@@ -139,11 +131,12 @@ def push_directory(client: RegistryClient, directory: Path, ref: Reference, *,
                     sort_keys=True),
             }
             if compression is mt.Compression.RAW:
-                digest, size = _hash_file(path)
+                digest, size, chunks = chunkindex.hash_file(path)
+                chunk_hashes[digest] = (size, chunks)
                 source, diff_id, temporary = path, digest, False
             else:
                 source, diff_id = _tar_layer(path, relpath, compression, Path(work))
-                digest, size = _hash_file(source)
+                digest, size, _ = chunkindex.hash_file(source)
                 temporary = True
                 del annotations[mt.ANNOTATION_FILE_METADATA]
             media_type = mt.model_layer_type(layer_kind(relpath), compression)
@@ -168,5 +161,13 @@ def push_directory(client: RegistryClient, directory: Path, ref: Reference, *,
         "config": {"mediaType": mt.MODEL_CONFIG, "digest": str(config_digest), "size": len(config)},
         "layers": [layer.descriptor for layer in layers],
     }
+    index_raw = b""
+    if chunk_hashes:  # raw layers: a chunk index lets lazy reads verify each chunk before serving it
+        index_raw = chunkindex.ChunkIndex(chunkindex.DEFAULT_CHUNK_SIZE, chunk_hashes).to_json()
+        client.upload_blob(ref, Digest.of_bytes(index_raw), len(index_raw), index_raw)
+        manifest["annotations"] = chunkindex.annotations_for(Digest.of_bytes(index_raw), len(index_raw))
     raw = json.dumps(manifest, sort_keys=True).encode()
-    return client.put_manifest(ref, raw, mt.OCI_MANIFEST)
+    manifest_digest = client.put_manifest(ref, raw, mt.OCI_MANIFEST)
+    if index_raw:
+        chunkindex.publish_referrer(client, ref, raw, index_raw)
+    return manifest_digest

@@ -43,6 +43,14 @@ class Reference:
         """The same repository pinned to ``digest`` (the tag is kept for display)."""
         return Reference(self.registry, self.repository, self.tag, digest)
 
+    def by_digest(self, digest: Digest) -> Reference:
+        """``digest`` in the same repository, without a tag (pushing to it never moves a tag)."""
+        return Reference(self.registry, self.repository, None, digest)
+
+    def with_tag(self, tag: str) -> Reference:
+        """Tag ``tag`` in the same repository."""
+        return Reference(self.registry, self.repository, tag, None)
+
     def __str__(self) -> str:
         text = f"{self.registry}/{self.repository}"
         if self.tag:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any
 
 from modelcache import mediatypes as mt
 from modelcache.digest import Digest, Verifier
@@ -54,7 +55,7 @@ class RegistryClient:
             media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
             header_digest = response.headers.get("Docker-Content-Digest", "")
         actual = Digest.of_bytes(raw)
-        if selector.startswith("sha"):
+        if ":" in selector:  # a digest (tags cannot hold a colon)
             expected = Digest.parse(selector)
             if Digest.of_bytes(raw, expected.algorithm) != expected:
                 raise IntegrityError(f"{what}: content does not match its digest")
@@ -83,6 +84,19 @@ class RegistryClient:
             if isinstance(current, Manifest) and len(current.raw) != chosen.size:
                 raise IntegrityError(f"{ref}: manifest size differs from its index entry")
         return Resolved(ref, top.digest, current)
+
+    def referrers_tag_index(self, tag: Reference) -> list[dict[str, Any]]:
+        """The descriptors listed under a referrers tag schema tag (``sha256-<hex>``); [] if there is none."""
+        try:
+            found = self._get_manifest(tag, tag.selector)
+        except RegistryError as exc:
+            if exc.kind is Kind.NOT_FOUND:
+                return []
+            raise
+        if not isinstance(found, Index):
+            raise IntegrityError(f"{tag}: the referrers tag does not point at an index")
+        return [{"mediaType": d.media_type, "digest": str(d.digest), "size": d.size,
+                 **({"artifactType": d.artifact_type} if d.artifact_type else {})} for d in found.manifests]
 
     def head_digest(self, ref: Reference) -> Digest:
         """The digest ``ref`` points at, by a HEAD request (cheap tag resolution)."""
@@ -163,14 +177,29 @@ class RegistryClient:
                                     kind=Kind.UNAVAILABLE)
         verifier.verify()
 
-    def read_range(self, ref: Reference, digest: Digest, start: int, length: int, blob_size: int) -> bytes:
+    def read_range(self, ref: Reference, digest: Digest, start: int, length: int, blob_size: int,
+                   expected_sha256: str | None = None) -> bytes:
         """Read ``length`` bytes of a blob of ``blob_size`` bytes at ``start`` (for lazy reads). The answer
-        must be a 206 for exactly that range (``Content-Range``) and length; its content is checked by the
-        caller (a chunk index, or the verified blob once committed)."""
+        must be a 206 for exactly that range (``Content-Range``) and length. With ``expected_sha256`` (from a
+        chunk index) the bytes must also hash to it; an endpoint that answers otherwise is passed over for
+        the next one (mirror, then upstream), and when none answers right the read fails."""
         what = f"blob {digest} range {start}+{length}"
+        if expected_sha256 is None:
+            return self._read_range_from(ref, digest, start, length, blob_size, what, 0)
+        endpoints = len(self.transport.hosts.endpoints(ref.registry, ref.endpoint_host))
+        for position in range(endpoints):
+            data = self._read_range_from(ref, digest, start, length, blob_size, what, position)
+            if hashlib.sha256(data).hexdigest() == expected_sha256:
+                return data
+            log.warning("%s: an answer failed its chunk-index hash; trying the next endpoint", what)
+        raise IntegrityError(f"{what}: no endpoint answered the bytes the model's chunk index names")
+
+    def _read_range_from(self, ref: Reference, digest: Digest, start: int, length: int, blob_size: int, what: str,
+                         skip_endpoints: int) -> bytes:
         end = start + length - 1
         response = self._request("GET", ref, f"/blobs/{digest}", what, stream=True,
-                                 headers={"Range": f"bytes={start}-{end}"}, ok=lambda s: s in (200, 206))
+                                 headers={"Range": f"bytes={start}-{end}"}, ok=lambda s: s in (200, 206),
+                                 skip_endpoints=skip_endpoints)
         with closing_response(response):
             if response.status_code == 200:
                 raise RegistryError(f"{what}: registry does not serve ranges", kind=Kind.UNSUPPORTED)

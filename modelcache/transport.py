@@ -219,12 +219,13 @@ class Transport:
     def request(self, method: str, registry: str, upstream_host: str, path: str, *, scope: str, what: str,
                 headers: Mapping[str, str] | None = None, stream: bool = False, for_push: bool = False,
                 body: bytes | IO[bytes] | None = None, params: Mapping[str, str] | None = None,
-                ok: Callable[[int], bool] = lambda s: 200 <= s < 300) -> requests.Response:
+                ok: Callable[[int], bool] = lambda s: 200 <= s < 300, skip_endpoints: int = 0) -> requests.Response:
         """Send ``method path`` to the first endpoint that answers well; raise a :class:`RegistryError`.
 
         Mirrors are tried first for reads; any failure at a mirror falls through to the next endpoint.
+        ``skip_endpoints`` passes over the first ones (a caller that found their answer wrong).
         """
-        endpoints = self.hosts.endpoints(registry, upstream_host, for_push=for_push)
+        endpoints = self.hosts.endpoints(registry, upstream_host, for_push=for_push)[skip_endpoints:]
         last_error: RegistryError | None = None
         for endpoint in endpoints:
             query = dict(params or {})

@@ -1,0 +1,123 @@
+"""Chunk indexes: what ``ocimodel push`` writes (bound to the manifest, kept alive by a referrer, still a
+plain ModelPack artifact to other tools), and lazy reads verified chunk by chunk before they are served,
+with a bad answer asked again of the next endpoint."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from csi_driver.proto import csi_pb2
+from modelcache import chunkindex
+from modelcache import mediatypes as mt
+from modelcache.digest import Digest
+from modelcache.errors import IntegrityError
+from modelcache.push import push_directory
+from modelcache.reference import parse_reference
+from tests.conftest import make_client, needs_root
+from tests.helpers.csi import CsiProcess, publish_request
+from tests.helpers.proxy import ProxyProcess
+
+CHUNK = chunkindex.DEFAULT_CHUNK_SIZE
+
+
+def model_dir(tmp_path: Path) -> tuple[Path, bytes]:
+    directory = tmp_path / "model"
+    directory.mkdir()
+    weights = os.urandom(2 * CHUNK + 12345)  # three chunks, the last one short
+    (directory / "weights.safetensors").write_bytes(weights)
+    (directory / "config.json").write_bytes(b'{"hidden": 8}')
+    return directory, weights
+
+
+def test_push_binds_a_chunk_index_and_the_artifact_stays_plain_modelpack(registry, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    client = make_client()
+    directory, weights = model_dir(tmp_path)
+    ref = parse_reference(f"{registry.host}/chunks/model:v1")
+    digest = push_directory(client, directory, ref)
+    push_directory(client, directory, ref)  # pushing again changes nothing
+    resolved = client.resolve(ref)
+    manifest = json.loads(resolved.manifest.raw)
+    assert resolved.digest == digest
+    # what other tools see: a ModelPack manifest whose layers carry only the usual annotations
+    assert manifest["artifactType"] == mt.MODEL_ARTIFACT and manifest["config"]["mediaType"] == mt.MODEL_CONFIG
+    assert all(set(layer["annotations"]) == {mt.ANNOTATION_FILEPATH, mt.ANNOTATION_FILE_METADATA}
+               for layer in manifest["layers"])
+    assert set(manifest["annotations"]) == {chunkindex.ANNOTATION_DIGEST, chunkindex.ANNOTATION_SIZE}
+    # the index: every chunk's sha256, bound by digest
+    index = chunkindex.load(client, ref, resolved.manifest)
+    assert index is not None and index.chunk_size == CHUNK
+    weights_digest = str(Digest.of_bytes(weights))
+    assert [index.expected(weights_digest, i) for i in range(3)] == [
+        hashlib.sha256(weights[i * CHUNK:(i + 1) * CHUNK]).hexdigest() for i in range(3)]
+    assert index.expected(weights_digest, 3) is None
+    # kept alive by one referrer, found through the referrers tag schema
+    listed = client.referrers_tag_index(ref.with_tag(f"sha256-{digest.hex}"))
+    assert [d["artifactType"] for d in listed] == [chunkindex.INDEX_TYPE]
+    referrer = client.resolve(ref.by_digest(Digest.parse(listed[0]["digest"])))
+    body = json.loads(referrer.manifest.raw)
+    assert body["subject"]["digest"] == str(digest)
+    assert body["layers"][0]["digest"] == manifest["annotations"][chunkindex.ANNOTATION_DIGEST]
+    assert client.head_digest(ref) == digest  # the tag still names the model
+    if shutil.which("skopeo"):  # another tool copies the artifact unchanged
+        out = subprocess.run(["skopeo", "copy", "--src-tls-verify=false", f"docker://{ref}",
+                              f"oci:{tmp_path / 'copy'}:v1"], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        copied = json.loads((tmp_path / "copy" / "index.json").read_text())["manifests"][0]["digest"]
+        assert copied == str(digest)
+
+
+def test_an_index_that_does_not_match_the_manifest_is_refused(registry, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    client = make_client()
+    directory, _ = model_dir(tmp_path)
+    ref = parse_reference(f"{registry.host}/chunks/tampered:v1")
+    push_directory(client, directory, ref)
+    resolved = client.resolve(ref)
+    forged = chunkindex.ChunkIndex(CHUNK, {str(resolved.manifest.layers[0].digest): (1, ("0" * 64,))}).to_json()
+    with pytest.raises(IntegrityError):
+        chunkindex.ChunkIndex.from_json(forged, resolved.manifest.layers, "forged index")
+
+
+@pytest.mark.parametrize("mirror", [False, True], ids=["upstream-only", "bad-mirror-then-upstream"])
+@needs_root
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse is missing")
+def test_lazy_reads_are_verified_before_they_are_served(registry, tmp_path: Path, mirror: bool) -> None:  # type: ignore[no-untyped-def]
+    client = make_client()
+    directory, weights = model_dir(tmp_path)
+    push_directory(client, directory, parse_reference(f"{registry.host}/chunks/lazy:v1"))
+    bad = ProxyProcess(registry.host, bytes_per_second=300_000, corrupt_ranges=True, log=str(tmp_path / "bad.log"))
+    extra: list[str] = []
+    if mirror:  # the cache in front answers ranges wrongly; the upstream answers right
+        config = tmp_path / "node.yaml"
+        config.write_text(json.dumps({"registries": {registry.host: {"mirrors": [f"http://{bad.host}"]}}}))
+        extra = ["--config", str(config)]
+        reference = f"{registry.host}/chunks/lazy:v1"
+    else:
+        reference = f"{bad.host}/chunks/lazy:v1"
+    csi = CsiProcess(tmp_path / "driver", *extra)
+    target = tmp_path / "mnt"
+    try:
+        csi.node.NodePublishVolume(publish_request("idx", target, reference, mount="lazy"))
+        with open(target / "weights.safetensors", "rb") as handle:
+            handle.seek(CHUNK)
+            if mirror:
+                assert handle.read(4096) == weights[CHUNK:CHUNK + 4096]  # fetched again from the upstream
+            else:
+                with pytest.raises(OSError) as info:
+                    handle.read(4096)
+                assert info.value.errno == errno.EIO  # never the wrong bytes
+        ranges = [json.loads(line) for line in (tmp_path / "bad.log").read_text().splitlines()]
+        assert any(r["range"].startswith(f"bytes={CHUNK}-") for r in ranges)  # the bad endpoint was asked
+        helper_logs = "".join(p.read_text() for p in (csi.root / "csi" / "lazy").glob("*.log"))
+        assert "failed its chunk-index hash" in helper_logs
+        csi.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id="idx", target_path=str(target)))
+    finally:
+        csi.stop()
+        bad.close()
