@@ -17,7 +17,7 @@ from modelcache.store import DEFAULT_ROOT, ContentStore
 from modelcache.transport import RetryPolicy, Transport
 
 KNOWN_KEYS = {"root", "registries", "plainHTTP", "dockerConfig", "pullWorkers", "maxExpandRatio",
-              "highWatermark", "lowWatermark", "warmMemoryShare", "readTimeoutSeconds"}
+              "highWatermark", "lowWatermark", "warmMemoryShare", "readTimeoutSeconds", "verifyIntervalHours"}
 
 
 @dataclass
@@ -33,6 +33,7 @@ class Settings:
     low_watermark: float = 0.70
     warm_memory_share: float = 0.5
     read_timeout: float = 30.0
+    verify_interval_hours: float = 0.0  # the agent re-hashes the cache this often (0: never)
 
     @classmethod
     def load(cls, path: Path | None) -> Settings:
@@ -65,10 +66,13 @@ class Settings:
             settings.low_watermark = float(data.get("lowWatermark", settings.low_watermark))
             settings.warm_memory_share = float(data.get("warmMemoryShare", settings.warm_memory_share))
             settings.read_timeout = float(data.get("readTimeoutSeconds", settings.read_timeout))
+            settings.verify_interval_hours = float(data.get("verifyIntervalHours", settings.verify_interval_hours))
         except (TypeError, ValueError) as exc:
             raise ModelCacheError(f"{source}: {exc}", kind=Kind.INVALID_ARGUMENT) from None
         if not 0 < settings.low_watermark < settings.high_watermark <= 1:
             raise ModelCacheError(f"{source}: need 0 < lowWatermark < highWatermark <= 1", kind=Kind.INVALID_ARGUMENT)
+        if settings.verify_interval_hours < 0:
+            raise ModelCacheError(f"{source}: verifyIntervalHours must be >= 0", kind=Kind.INVALID_ARGUMENT)
         if not 0 < settings.warm_memory_share <= 1 or settings.pull_workers < 1 or settings.max_expand_ratio < 1:
             raise ModelCacheError(f"{source}: warmMemoryShare must be in (0, 1], pullWorkers and maxExpandRatio >= 1",
                                   kind=Kind.INVALID_ARGUMENT)
@@ -86,6 +90,7 @@ class Settings:
             "pullWorkers": self.pull_workers, "maxExpandRatio": self.max_expand_ratio,
             "highWatermark": self.high_watermark, "lowWatermark": self.low_watermark,
             "warmMemoryShare": self.warm_memory_share, "readTimeoutSeconds": self.read_timeout,
+            "verifyIntervalHours": self.verify_interval_hours,
         }
 
     def credentials(self) -> CredentialStore:

@@ -29,6 +29,7 @@ from modelcache.progress import Progress
 from modelcache.records import PullResult
 from modelcache.settings import Settings
 from modelcache.singleflight import PullFlights
+from modelcache.verify import verify_cache
 from modelcache.warmrequests import WarmRequests
 from node_agent import GROUP, KIND, PLURAL, VERSION
 from node_agent.metrics import AgentMetrics
@@ -104,6 +105,9 @@ class Agent:
                 self._nursery = nursery
                 await nursery.start(self._serve_metrics)
                 nursery.start_soon(self._every, self.config.evict_interval, self.evict_once)
+                if self.config.settings.verify_interval_hours:
+                    nursery.start_soon(self._every, self.config.settings.verify_interval_hours * 3600,
+                                       self.verify_once)
                 nursery.start_soon(self._every, self.config.gauge_interval, self.update_gauges)
                 nursery.start_soon(self._every, self.config.warm_poll, self.serve_warm_requests)
                 if self.kube is not None:
@@ -414,6 +418,16 @@ class Agent:
                                                   low=settings.low_watermark, protected=protected))
         if result.evicted:
             self.metrics.evictions.inc(len(result.evicted))
+
+    async def verify_once(self) -> None:
+        """Hash the cache again; take models with a changed blob out of use (mounted ones are reported)."""
+        report = await self._thread(lambda: verify_cache(self.cache, repair=True))
+        self.metrics.corrupt_blobs.inc(len(report.bad))
+        for bad in report.bad:
+            log.error("cache verification: blob %s changed on disk; removed %s, kept (in use) %s%s", bad.digest,
+                      bad.removed_models or "no model", bad.kept_models or "none",
+                      f", quarantined at {bad.quarantined}" if bad.quarantined else "")
+        log.info("cache verification: %d blobs, %d bytes, %d changed", report.blobs, report.bytes, len(report.bad))
 
     async def update_gauges(self) -> None:
         """Refresh the cache, mount and page-cache gauges."""

@@ -19,6 +19,8 @@ class AgentMetrics:
         self.cache_blobs = Gauge("ocimodel_cache_blobs", "Blobs in the cache", registry=r)
         self.pulls = PullMetrics(r)
         self.evictions = Counter("ocimodel_evictions", "Models evicted by the watermark", registry=r)
+        self.corrupt_blobs = Counter("ocimodel_cache_corrupt_blobs", "Cached blobs found changed by a scheduled "
+                                     "verification (bit rot, tampering)", registry=r)
         self.resident_bytes = Gauge("ocimodel_page_cache_resident_bytes",
                                     "Bytes of warmed or pinned models in page cache", registry=r)
         self.locked_bytes = Gauge("ocimodel_page_cache_locked_bytes", "Bytes mlocked by the agent", registry=r)

@@ -10,12 +10,10 @@ import sys
 from collections.abc import Callable, Sequence
 
 from modelcache import __version__
-from modelcache.errors import Kind, ModelCacheError
+from modelcache.errors import ModelCacheError
 from ocimodel.cli import agent, cache, csi, models
+from ocimodel.cli.options import EXIT_CODES
 
-EXIT_CODES = {Kind.INVALID_ARGUMENT: 2, Kind.NOT_FOUND: 3, Kind.UNAUTHENTICATED: 4, Kind.PERMISSION_DENIED: 4,
-              Kind.UNAVAILABLE: 5, Kind.INTEGRITY: 6, Kind.UNSAFE_CONTENT: 6, Kind.RESOURCE_EXHAUSTED: 7,
-              Kind.UNSUPPORTED: 8, Kind.INTERNAL: 1}
 Handler = Callable[[argparse.Namespace], int]
 
 

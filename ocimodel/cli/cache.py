@@ -1,13 +1,17 @@
-"""``ocimodel cache ls|rm|du|gc``."""
+"""``ocimodel cache ls|rm|du|gc|verify``."""
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
 from typing import Any
 
 from modelcache.errors import Kind, ModelCacheError
 from modelcache.gc import collect_garbage, find, remove_model, usage
-from ocimodel.cli.options import add_common, emit, settings_from_args
+from modelcache.progress import Progress
+from modelcache.verify import verify_cache
+from ocimodel.cli.options import EXIT_INTEGRITY, add_common, emit, settings_from_args
+from ocimodel.progress import ProgressLine
 
 
 def cmd_cache_ls(args: argparse.Namespace) -> int:
@@ -59,6 +63,24 @@ def cmd_cache_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache_verify(args: argparse.Namespace) -> int:
+    """Hash every blob again; report (and with --repair, take out of use) those that no longer match."""
+    cache = settings_from_args(args).cache()
+    progress = Progress()
+    with ProgressLine(progress, "verify"):
+        report = verify_cache(cache, repair=args.repair, workers=args.workers, progress=progress)
+    data = {"blobs": report.blobs, "bytes": report.bytes, "bad": [asdict(b) for b in report.bad]}
+    lines = [f"verified {report.blobs} blobs ({report.bytes:,} bytes): {len(report.bad)} do not match their digest"]
+    for bad in report.bad:
+        lines.append(f"  {bad.digest}: used by {', '.join(bad.models) or 'no model'}")
+        if args.repair:
+            lines.append(f"    removed {', '.join(bad.removed_models) or 'nothing'}; "
+                         f"kept (in use) {', '.join(bad.kept_models) or 'nothing'}; "
+                         f"{'quarantined at ' + bad.quarantined if bad.quarantined else 'blob left in place'}")
+    emit(args, data, "\n".join(lines))
+    return EXIT_INTEGRITY if report.bad else 0
+
+
 def register(sub: Any) -> None:
     """Add ``cache`` and its subcommands."""
     cache = sub.add_parser("cache", help="inspect and clean the node cache")
@@ -78,3 +100,9 @@ def register(sub: Any) -> None:
     gc.add_argument("--dry-run", action="store_true")
     add_common(gc, registry=False)
     gc.set_defaults(handler=cmd_cache_gc)
+    verify = cache_sub.add_parser("verify", help="hash every blob again; report (or --repair) those that changed")
+    verify.add_argument("--repair", action="store_true",
+                        help="remove the models that use a bad blob (not mounted ones) and quarantine it")
+    verify.add_argument("--workers", type=int, default=4, help="blobs hashed in parallel")
+    add_common(verify, registry=False)
+    verify.set_defaults(handler=cmd_cache_verify)

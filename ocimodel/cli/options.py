@@ -11,8 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from modelcache.credentials import Credentials, CredentialStore
+from modelcache.errors import Kind
 from modelcache.reference import parse_reference
 from modelcache.settings import Settings
+
+EXIT_CODES = {Kind.INVALID_ARGUMENT: 2, Kind.NOT_FOUND: 3, Kind.UNAUTHENTICATED: 4, Kind.PERMISSION_DENIED: 4,
+              Kind.UNAVAILABLE: 5, Kind.INTEGRITY: 6, Kind.UNSAFE_CONTENT: 6, Kind.RESOURCE_EXHAUSTED: 7,
+              Kind.UNSUPPORTED: 8, Kind.INTERNAL: 1}
+EXIT_INTEGRITY = EXIT_CODES[Kind.INTEGRITY]
 
 
 def add_node_options(parser: argparse.ArgumentParser, *, registry: bool = True) -> None:
