@@ -20,10 +20,9 @@ import fcntl
 import logging
 import os
 import stat
-import tarfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,12 +38,12 @@ from modelcache.paths import PathFilter, safe_relpath
 from modelcache.progress import Progress
 from modelcache.records import PullResult
 from modelcache.registry import Resolved
+from modelcache.safetar import OPAQUE, WHITEOUT, checked_members, open_tar, tar_errors
 
 log = logging.getLogger(__name__)
 
 RANGE_CHUNK = 4 << 20  # a lazy read fetches whole chunks of this size by HTTP Range
 READAHEAD_CHUNKS = 4
-MAX_TAR_ENTRIES = 100_000
 STRICT_WAIT = 3600.0
 LOCAL_READAHEAD = 8 << 20
 
@@ -189,11 +188,9 @@ class LazyModel:
             if step.compression is Compression.RAW:
                 self._add_file(step.dest, Source(descriptor.digest, descriptor.size, 0, descriptor.size), 0o444)
             elif step.compression is Compression.TAR:
-                for name, node in self._index_tar(descriptor.digest, descriptor.size):
-                    full = f"{step.dest}/{name}" if step.dest else name
-                    if node.kind != "dir" and not path_filter.accepts(full):
-                        continue
-                    self._place(full, node)
+                layer = self._index_tar(descriptor.digest, descriptor.size)
+                base = _ensure_dir(self.root, step.dest.split("/")) if step.dest else self.root
+                _merge_layer(base, layer, step.dest, path_filter)
             else:
                 self.pending = True
         if self.plan.subpath:
@@ -227,66 +224,39 @@ class LazyModel:
             node = child
         return node
 
-    def _index_tar(self, digest: Digest, size: int) -> Iterator[tuple[str, Node]]:
-        """Entries of an uncompressed tar blob, from its headers (read with range requests)."""
-        offset = 0
-        long_name: str | None = None
-        pax: dict[str, str] = {}
-        links: dict[str, Source] = {}
-        count = 0
-        while offset + 512 <= size:
-            count += 1
-            if count > MAX_TAR_ENTRIES:
-                raise UnsafeContent(f"layer {digest}: more than {MAX_TAR_ENTRIES} entries")
-            header = self.read_blob(digest, size, offset, 512)
-            if header == b"\0" * 512:
-                break
-            try:
-                info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
-            except tarfile.HeaderError as exc:
-                raise IntegrityError(f"layer {digest}: bad tar header at {offset}: {exc}") from None
-            data_offset = offset + 512
-            padded = (info.size + 511) // 512 * 512
-            if info.type in (tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.XGLTYPE):
-                if info.size > 1 << 20:
-                    raise UnsafeContent(f"layer {digest}: tar header of {info.size} bytes exceeds the limit")
-                data = self.read_blob(digest, size, data_offset, info.size)
-                if info.type == tarfile.GNUTYPE_LONGNAME:
-                    long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
-                elif info.type == tarfile.XHDTYPE:
-                    pax = _parse_pax(data)
-                offset = data_offset + padded
-                continue
-            name = pax.get("path") or long_name or info.name
-            if "size" in pax:
-                info.size = int(pax["size"])
-                padded = (info.size + 511) // 512 * 512
-            linkname = pax.get("linkpath") or info.linkname
-            long_name, pax = None, {}
-            offset = data_offset + padded
-            if name.startswith("/") or ".." in name.split("/"):
-                raise UnsafeContent(f"layer {digest}: member {name!r} escapes the tree")
-            clean = "/".join(p for p in name.split("/") if p not in ("", "."))
-            if not clean:
-                continue
-            if info.mode & (stat.S_ISUID | stat.S_ISGID):
-                raise UnsafeContent(f"layer {digest}: {name!r} has the setuid/setgid bit")
-            if info.isdir():
-                yield clean, Node("dir", 0o555)
-            elif info.isreg():
-                source = Source(digest, size, data_offset, info.size)
-                links[clean] = source
-                yield clean, Node("file", (info.mode & 0o555) | 0o444, info.size, source=source)
-            elif info.issym():
-                _check_symlink(clean, linkname, digest)
-                yield clean, Node("symlink", 0o777, len(linkname), target=linkname)
-            elif info.islnk():
-                target = "/".join(p for p in linkname.split("/") if p not in ("", "."))
-                if target not in links:
-                    raise UnsafeContent(f"layer {digest}: hard link {name!r} points outside the tree ({linkname!r})")
-                yield clean, Node("file", 0o444, links[target].size, source=links[target])
-            else:
-                raise UnsafeContent(f"layer {digest}: {name!r} is a device, FIFO or unsupported type")
+    def _index_tar(self, digest: Digest, size: int) -> Node:
+        """The tree of an uncompressed tar blob, from its headers only (read with range requests), checked
+        by the same rules as extraction (:func:`modelcache.safetar.checked_members`)."""
+        what = f"layer {digest}"
+        layer = Node("dir", 0o555)
+        files: dict[str, Source] = {}
+        with tar_errors(what, Compression.TAR), open_tar(_BlobReader(self, digest, size), streaming=False) as archive:
+            for member in checked_members(archive, prefix="", dest=VIRTUAL_ROOT, max_bytes=size, what=what):
+                info = member.info
+                if member.opaque_root:
+                    layer.children[OPAQUE] = Node("file", 0o444)
+                    continue
+                parts = info.name.split("/")
+                parent = _ensure_dir(layer, parts[:-1])
+                if info.isdir():
+                    existing = parent.children.get(parts[-1])
+                    if existing is None or existing.kind != "dir":
+                        parent.children[parts[-1]] = Node("dir", 0o555)
+                elif info.isreg():
+                    files[info.name] = Source(digest, size, info.offset_data, info.size)
+                    parent.children[parts[-1]] = Node("file", (info.mode & 0o555) | 0o444, info.size,
+                                                      source=files[info.name])
+                elif info.issym():
+                    _check_symlink(info.name, info.linkname, digest)
+                    parent.children[parts[-1]] = Node("symlink", 0o777, len(info.linkname), target=info.linkname)
+                else:  # a hard link, to a file earlier in this layer (checked_members kept it inside)
+                    source = files.get(info.linkname)
+                    if source is None:
+                        raise UnsafeContent(f"{what}: hard link {info.name!r} points to {info.linkname!r}, "
+                                            f"which is not a file of this layer")
+                    files[info.name] = source
+                    parent.children[parts[-1]] = Node("file", 0o444, source.size, source=source)
+        return layer
 
     # -- the background pull ----------------------------------------------------------------------------
     def start_background(self) -> threading.Thread:
@@ -514,24 +484,6 @@ class LazyModel:
             threading.Thread(target=fetch, daemon=True, name="readahead").start()
 
 
-def _parse_pax(data: bytes) -> dict[str, str]:
-    result: dict[str, str] = {}
-    position = 0
-    while position < len(data):
-        space = data.find(b" ", position)
-        if space < 0:
-            break
-        try:
-            length = int(data[position:space])
-        except ValueError:
-            break
-        record = data[space + 1: position + length - 1]
-        key, _, value = record.partition(b"=")
-        result[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
-        position += max(length, 1)
-    return result
-
-
 def _check_symlink(name: str, target: str, digest: Digest) -> None:
     if target.startswith("/"):
         raise UnsafeContent(f"layer {digest}: symlink {name!r} has an absolute link target")
@@ -543,3 +495,54 @@ def _check_symlink(name: str, target: str, digest: Digest) -> None:
                 raise UnsafeContent(f"layer {digest}: symlink {name!r} points outside the tree")
         elif part not in ("", "."):
             depth += 1
+
+
+VIRTUAL_ROOT = "/ocimodel-lazy-tree"  # what tarfile's data filter checks lazy members against
+
+
+class _BlobReader:
+    """A read-only, seekable file over a blob read through :meth:`LazyModel.read_blob` (so tarfile can read
+    the headers of an uncompressed tar layer and seek over the data it never reads)."""
+
+    def __init__(self, model: LazyModel, digest: Digest, size: int) -> None:
+        self.model, self.digest, self.size, self.position = model, digest, size, 0
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.size - self.position if n is None or n < 0 else min(n, self.size - self.position)
+        if n <= 0:
+            return b""
+        data = self.model.read_blob(self.digest, self.size, self.position, n)
+        self.position += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self.position, os.SEEK_END: self.size}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def seekable(self) -> bool:
+        return True
+
+
+def _merge_layer(target: Node, layer: Node, relbase: str, path_filter: PathFilter) -> None:
+    """Lay ``layer`` over ``target`` as the tree assembler does: an opaque marker clears what lower layers
+    put in that directory, a ``.wh.<name>`` removes ``<name>``, files outside the filter are left out."""
+    if OPAQUE in layer.children:
+        target.children.clear()
+    for name in layer.children:
+        if name.startswith(WHITEOUT) and name != OPAQUE:
+            target.children.pop(name[len(WHITEOUT):], None)
+    for name, child in sorted(layer.children.items()):
+        if name.startswith(WHITEOUT):
+            continue
+        relpath = f"{relbase}/{name}" if relbase else name
+        if child.kind == "dir":
+            existing = target.children.get(name)
+            if existing is None or existing.kind != "dir":
+                existing = target.children[name] = Node("dir", 0o555)
+            _merge_layer(existing, child, relpath, path_filter)
+        elif path_filter.accepts(relpath):
+            target.children[name] = child

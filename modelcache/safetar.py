@@ -14,6 +14,8 @@ import shutil
 import stat
 import tarfile
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -105,6 +107,73 @@ def _refuse_special(member: tarfile.TarInfo, what: str) -> None:
         raise UnsafeContent(f"{what}: {member.name!r} has unsupported tar type {member.type!r}")
 
 
+@dataclass(frozen=True)
+class Member:
+    """A tar member that passed every check, renamed into the exposed sub-tree and through tarfile's data
+    filter. ``opaque_root``: a whiteout of the sub-tree or an ancestor (what lower layers hold is gone)."""
+
+    info: tarfile.TarInfo
+    opaque_root: bool = False
+
+
+def open_tar(stream: IO[bytes] | Any, *, streaming: bool) -> tarfile.TarFile:
+    """A tarfile reader with bounded pax/GNU headers: ``streaming`` for a pipe (extraction), else over a
+    seekable file whose data is never read (the lazy index reads only headers)."""
+    return tarfile.open(fileobj=stream, mode="r|" if streaming else "r:",  # type: ignore[call-overload, no-any-return]
+                        tarinfo=_BoundedTarInfo, copybufsize=1 << 20)
+
+
+def checked_members(archive: tarfile.TarFile, *, prefix: str, dest: str, max_bytes: int, what: str
+                    ) -> Iterator[Member]:
+    """The members of ``archive`` under ``prefix``, each checked (no escapes, devices, FIFOs, setuid or
+    unknown types; links inside; at most ``max_bytes`` of file data) and renamed relative to the prefix;
+    ``dest`` is the directory tarfile's data filter checks against (real or not). One set of rules for
+    extraction and for the lazy index."""
+    total = 0
+    for count, member in enumerate(archive):
+        if count >= MAX_MEMBERS:
+            raise UnsafeContent(f"{what}: more than {MAX_MEMBERS} entries")
+        if member.name.startswith("/") or ".." in member.name.split("/"):
+            raise UnsafeContent(f"{what}: member {member.name!r} escapes the tree")
+        name = "/".join(p for p in member.name.split("/") if p not in ("", "."))
+        mapped, clears_all = _strip_prefix(name, prefix)
+        if clears_all:
+            yield Member(tarfile.TarInfo(OPAQUE), opaque_root=True)
+            continue
+        if mapped is None or mapped == "":
+            continue
+        _refuse_special(member, what)
+        mapped = safe_relpath(mapped, what)
+        if member.islnk():
+            link = "/".join(p for p in member.linkname.split("/") if p not in ("", "."))
+            target, _ = _strip_prefix(link, prefix)
+            if target is None or target == "" or target.startswith("..") or member.linkname.startswith("/"):
+                raise UnsafeContent(f"{what}: hard link {member.name!r} points outside the tree ({member.linkname!r})")
+            member = member.replace(linkname=target, deep=False)
+        member = tarfile.data_filter(member.replace(name=mapped, deep=False), dest)
+        total += member.size if member.isreg() else 0
+        if total > max_bytes:
+            raise UnsafeContent(f"{what}: expands to more than {max_bytes} bytes (decompression bomb?)")
+        yield Member(member)
+
+
+@contextmanager
+def tar_errors(what: str, compression: Compression) -> Iterator[None]:
+    """Map what reading a hostile tar can raise to this package's errors."""
+    try:
+        yield
+    except UnsafeContent:
+        raise
+    except tarfile.FilterError as exc:
+        raise UnsafeContent(f"{what}: {exc}") from None
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError) as exc:
+        raise IntegrityError(f"{what}: not a valid {compression.value} archive ({exc})") from None
+    except OSError as exc:
+        if exc.errno in (36,):  # ENAMETOOLONG
+            raise UnsafeContent(f"{what}: a name is too long for the filesystem") from None
+        raise
+
+
 def extract_tar(blob: Path, compression: Compression, dest: Path, *, max_bytes: int, prefix: str = "",
                 what: str = "layer") -> ExtractStats:
     """Extract the tar ``blob`` into the empty directory ``dest``; only members under ``prefix``.
@@ -116,62 +185,31 @@ def extract_tar(blob: Path, compression: Compression, dest: Path, *, max_bytes: 
     dest.mkdir(parents=True, exist_ok=True)
     stats = ExtractStats()
     real_dest = os.path.realpath(dest)
-    try:
-        with open(blob, "rb") as raw:
-            stream = _LimitedReader(_open_decompressed(raw, compression), max_bytes, what)
-            with tarfile.open(fileobj=stream, mode="r|", tarinfo=_BoundedTarInfo,  # type: ignore[call-overload]
-                              copybufsize=1 << 20) as archive:
-                for count, member in enumerate(archive):
-                    if count >= MAX_MEMBERS:
-                        raise UnsafeContent(f"{what}: more than {MAX_MEMBERS} entries")
-                    _extract_member(archive, member, dest, real_dest, prefix, stats, max_bytes, what)
-    except UnsafeContent:
-        raise
-    except tarfile.FilterError as exc:
-        raise UnsafeContent(f"{what}: {exc}") from None
-    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError) as exc:
-        raise IntegrityError(f"{what}: not a valid {compression.value} archive ({exc})") from None
-    except OSError as exc:
-        if exc.errno in (36,):  # ENAMETOOLONG
-            raise UnsafeContent(f"{what}: a name is too long for the filesystem") from None
-        raise
+    with tar_errors(what, compression), open(blob, "rb") as raw:
+        stream = _LimitedReader(_open_decompressed(raw, compression), max_bytes, what)
+        with open_tar(stream, streaming=True) as archive:
+            for member in checked_members(archive, prefix=prefix, dest=real_dest, max_bytes=max_bytes, what=what):
+                _extract_member(archive, member, dest, real_dest, stats)
     _drop_write_bits(dest)
     return stats
 
 
-def _extract_member(archive: tarfile.TarFile, member: tarfile.TarInfo, dest: Path, real_dest: str, prefix: str,
-                    stats: ExtractStats, max_bytes: int, what: str) -> None:
-    if member.name.startswith("/") or ".." in member.name.split("/"):
-        raise UnsafeContent(f"{what}: member {member.name!r} escapes the tree")
-    name = "/".join(p for p in member.name.split("/") if p not in ("", "."))
-    mapped, clears_all = _strip_prefix(name, prefix)
-    if clears_all:
+def _extract_member(archive: tarfile.TarFile, member: Member, dest: Path, real_dest: str,
+                    stats: ExtractStats) -> None:
+    if member.opaque_root:
         (dest / OPAQUE).touch()
         return
-    if mapped is None or mapped == "":
-        return
-    _refuse_special(member, what)
-    mapped = safe_relpath(mapped, what)
-    if member.islnk():
-        link = "/".join(p for p in member.linkname.split("/") if p not in ("", "."))
-        target, _ = _strip_prefix(link, prefix)
-        if target is None or target == "" or target.startswith("..") or member.linkname.startswith("/"):
-            raise UnsafeContent(f"{what}: hard link {member.name!r} points outside the tree ({member.linkname!r})")
-        member = member.replace(linkname=target, deep=False)
-    member = member.replace(name=mapped, deep=False)
-    member = tarfile.data_filter(member, real_dest)
-    stats.bytes += member.size if member.isreg() else 0
-    if stats.bytes > max_bytes:
-        raise UnsafeContent(f"{what}: expands to more than {max_bytes} bytes (decompression bomb?)")
-    target_path = dest / mapped
-    if os.path.lexists(target_path) and not (member.isdir() and target_path.is_dir() and
+    info = member.info
+    stats.bytes += info.size if info.isreg() else 0
+    target_path = dest / info.name
+    if os.path.lexists(target_path) and not (info.isdir() and target_path.is_dir() and
                                               not target_path.is_symlink()):
         if target_path.is_dir() and not target_path.is_symlink():
             shutil.rmtree(target_path)
         else:
             target_path.unlink()
-    archive.extract(member, real_dest, set_attrs=member.isdir() is False, filter="fully_trusted")
-    if member.isreg() or member.islnk():
+    archive.extract(info, real_dest, set_attrs=info.isdir() is False, filter="fully_trusted")
+    if info.isreg() or info.islnk():
         stats.files += 1
 
 
