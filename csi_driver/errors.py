@@ -16,6 +16,7 @@ CODES: dict[Kind, grpc.StatusCode] = {
     Kind.UNSAFE_CONTENT: grpc.StatusCode.FAILED_PRECONDITION,
     Kind.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Kind.UNSUPPORTED: grpc.StatusCode.INVALID_ARGUMENT,
+    Kind.REFUSED: grpc.StatusCode.FAILED_PRECONDITION,
     Kind.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 

@@ -185,6 +185,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         with self._waiting_slot(f"starting a lazy mount of {spec.reference}"):
             pinned = spec.reference if spec.reference.digest else self.pulls.pin(spec.reference, spec.options,
                                                                                    credentials)
+            self.pulls.authorize(pinned, credentials)  # before the helper shows a single file
             hit = self.pulls.cached(pinned, spec.options)
             if hit is not None:
                 self.pulls.check_access(hit, credentials)

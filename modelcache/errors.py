@@ -17,6 +17,7 @@ class Kind(enum.Enum):
     UNSAFE_CONTENT = "unsafe content"
     RESOURCE_EXHAUSTED = "resource exhausted"
     UNSUPPORTED = "unsupported"
+    REFUSED = "refused by policy"
     INTERNAL = "internal"
 
 

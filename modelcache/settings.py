@@ -13,11 +13,13 @@ from modelcache.credentials import CredentialStore, default_docker_config_path
 from modelcache.errors import Kind, ModelCacheError
 from modelcache.hosts import HostsConfig
 from modelcache.registry import RegistryClient
+from modelcache.signatures import SignaturePolicy
 from modelcache.store import DEFAULT_ROOT, ContentStore
 from modelcache.transport import RetryPolicy, Transport
 
 KNOWN_KEYS = {"root", "registries", "plainHTTP", "dockerConfig", "pullWorkers", "maxExpandRatio",
-              "highWatermark", "lowWatermark", "warmMemoryShare", "readTimeoutSeconds", "verifyIntervalHours"}
+              "highWatermark", "lowWatermark", "warmMemoryShare", "readTimeoutSeconds", "verifyIntervalHours",
+              "signaturePolicy"}
 
 
 @dataclass
@@ -34,6 +36,7 @@ class Settings:
     warm_memory_share: float = 0.5
     read_timeout: float = 30.0
     verify_interval_hours: float = 0.0  # the agent re-hashes the cache this often (0: never)
+    signature_policy: SignaturePolicy = field(default_factory=SignaturePolicy)
 
     @classmethod
     def load(cls, path: Path | None) -> Settings:
@@ -44,11 +47,11 @@ class Settings:
             data: Any = yaml.safe_load(path.read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:
             raise ModelCacheError(f"config {path}: {exc}", kind=Kind.INVALID_ARGUMENT) from None
-        return cls.from_mapping(data, str(path))
+        return cls.from_mapping(data, str(path), base=path.parent)
 
     @classmethod
-    def from_mapping(cls, data: Any, source: str = "config") -> Settings:
-        """Validate a parsed configuration mapping."""
+    def from_mapping(cls, data: Any, source: str = "config", base: Path | None = None) -> Settings:
+        """Validate a parsed configuration mapping (relative key paths are relative to ``base``)."""
         if not isinstance(data, dict):
             raise ModelCacheError(f"{source}: must be a mapping", kind=Kind.INVALID_ARGUMENT)
         unknown = sorted(set(data) - KNOWN_KEYS)
@@ -67,6 +70,7 @@ class Settings:
             settings.warm_memory_share = float(data.get("warmMemoryShare", settings.warm_memory_share))
             settings.read_timeout = float(data.get("readTimeoutSeconds", settings.read_timeout))
             settings.verify_interval_hours = float(data.get("verifyIntervalHours", settings.verify_interval_hours))
+            settings.signature_policy = SignaturePolicy.from_mapping(data.get("signaturePolicy"), source, base)
         except (TypeError, ValueError) as exc:
             raise ModelCacheError(f"{source}: {exc}", kind=Kind.INVALID_ARGUMENT) from None
         if not 0 < settings.low_watermark < settings.high_watermark <= 1:

@@ -68,7 +68,7 @@ class PullFlights:
         """The flight that makes ``reference`` available: a finished one for a cached digest, the running
         one for this model, or a new one. Never blocks on the network: pinning a tag to its digest, the
         cache check and the pull all run in the flight."""
-        if reference.digest:
+        if reference.digest and self.settings.signature_policy.already_verified(reference):
             hit = self.cached(reference, options)
             if hit:
                 done: Future[PullResult] = Future()
@@ -91,6 +91,7 @@ class PullFlights:
         reference = flight.reference
         pinned = reference if reference.digest else self.pin(reference, options, credentials)
         cache = self._cache_for(credentials)
+        self.settings.signature_policy.check(cache.client, pinned)  # before anything is cached or mounted
         hit = cache.cached(pinned, options)
         if hit:
             return hit
@@ -105,6 +106,11 @@ class PullFlights:
                 if not make_room(cache, exc.needed, self.settings.low_watermark).evicted:
                     raise StoreFull(f"{exc}; nothing can be evicted (every cached model is mounted, pinned or in "
                                     f"use)", needed=exc.needed) from None
+
+    def authorize(self, reference: Reference, credentials: CredentialStore | None) -> None:
+        """Check digest-pinned ``reference`` against the signature policy (for paths that do not pull
+        through a flight, such as a lazy mount)."""
+        self.settings.signature_policy.check(self._cache_for(credentials).client, reference)
 
     def pin(self, reference: Reference, options: PullOptions, credentials: CredentialStore | None) -> Reference:
         """Pin a tag to its digest; if the registry is unreachable, fall back to the newest cached copy

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from csi_driver import DEFAULT_PUBLISH_WAIT, MODES
-from ocimodel.cli.options import add_node_options, exit_now, settings_from_args
+from ocimodel.cli.options import add_node_options, add_policy_options, exit_now, settings_from_args
 
 
 def cmd_csi(args: argparse.Namespace) -> int:
@@ -110,6 +110,7 @@ def register(sub: Any) -> None:
     mount.add_argument("--path")
     mount.add_argument("--username", help="registry user (password from $OCIMODEL_PASSWORD)")
     add_node_options(mount)
+    add_policy_options(mount)
     mount.set_defaults(handler=cmd_mount)
 
     helper = sub.add_parser("fuse-serve", help="(internal) serve one lazy mount; reads its job on stdin")

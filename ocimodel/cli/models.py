@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,8 @@ from modelcache.progress import Progress
 from modelcache.push import push_directory
 from modelcache.reference import parse_reference
 from modelcache.registry import RegistryClient
-from ocimodel.cli.options import add_common, emit, explicit_credentials, settings_from_args
+from modelcache.signatures import load_private_key, sign_cosign
+from ocimodel.cli.options import add_common, add_policy_options, emit, explicit_credentials, settings_from_args
 from ocimodel.progress import ProgressLine
 
 
@@ -22,9 +24,13 @@ def cmd_pull(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     cache = settings.cache(explicit_credentials(args, args.reference))
     options = PullOptions(tuple(args.include or ()), tuple(args.exclude or ()), args.path)
+    ref = parse_reference(args.reference)
+    if settings.signature_policy.requires_signature(ref):  # verified before anything is cached
+        ref = ref if ref.digest else ref.with_digest(cache.client.head_digest(ref))
+        settings.signature_policy.check(cache.client, ref)
     progress = Progress()
     with ProgressLine(progress, args.reference):
-        result = cache.pull(args.reference, options, progress)
+        result = cache.pull(ref, options, progress)
     data = result.to_json()
     if args.list_files:
         data["file_list"] = sorted(str(p.relative_to(result.path)) for p in result.path.rglob("*") if p.is_file())
@@ -38,9 +44,31 @@ def cmd_push(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     ref = parse_reference(args.reference)
     client = RegistryClient(settings.transport(explicit_credentials(args, args.reference)))
+    key = load_private_key(Path(args.sign_key), _key_password()) if args.sign_key else None
     digest = push_directory(client, Path(args.directory), ref, compression=Compression(args.layer_format),
                             progress=(lambda m: print(m, file=sys.stderr)) if sys.stderr.isatty() else None)
+    if key is not None:
+        signature = sign_cosign(client, ref.by_digest(digest), key)
+        print(f"signed {ref.repository}@{digest} (signature manifest {signature})", file=sys.stderr)
     emit(args, {"reference": str(ref), "digest": str(digest)}, f"pushed {ref}@{digest}")
+    return 0
+
+
+def _key_password() -> bytes | None:
+    password = os.environ.get("OCIMODEL_KEY_PASSWORD")
+    return password.encode() if password else None
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    """Sign what REF names (cosign's key-based tag scheme)."""
+    settings = settings_from_args(args)
+    ref = parse_reference(args.reference)
+    client = RegistryClient(settings.transport(explicit_credentials(args, args.reference)))
+    key = load_private_key(Path(args.key), _key_password())
+    digest = ref.digest or client.head_digest(ref)
+    signature = sign_cosign(client, ref.by_digest(digest), key)
+    emit(args, {"reference": str(ref), "digest": str(digest), "signature_manifest": str(signature)},
+         f"signed {ref.registry}/{ref.repository}@{digest}")
     return 0
 
 
@@ -53,6 +81,7 @@ def register(sub: Any) -> None:
     pull.add_argument("--path", help="sub-path to expose (container images: default /models)")
     pull.add_argument("--list-files", action="store_true", help="include the file list")
     add_common(pull)
+    add_policy_options(pull)
     pull.set_defaults(handler=cmd_pull)
 
     push = sub.add_parser("push", help="push a directory as a ModelPack artifact")
@@ -60,5 +89,14 @@ def register(sub: Any) -> None:
     push.add_argument("reference")
     push.add_argument("--layer-format", choices=[c.value for c in Compression], default="raw",
                       help="how each file is stored (model-spec recommends raw)")
+    push.add_argument("--sign-key", metavar="PATH",
+                      help="sign the pushed model with this PEM private key (password from $OCIMODEL_KEY_PASSWORD)")
     add_common(push)
     push.set_defaults(handler=cmd_push)
+
+    sign = sub.add_parser("sign", help="sign a model in the registry (cosign's key-based tag scheme)")
+    sign.add_argument("reference")
+    sign.add_argument("--key", required=True, metavar="PATH",
+                      help="PEM private key: ECDSA P-256/P-384, Ed25519 or RSA (password from $OCIMODEL_KEY_PASSWORD)")
+    add_common(sign)
+    sign.set_defaults(handler=cmd_sign)

@@ -10,14 +10,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from modelcache.credentials import Credentials, CredentialStore
-from modelcache.errors import Kind
+from modelcache.errors import Kind, ModelCacheError
 from modelcache.reference import parse_reference
 from modelcache.settings import Settings
+from modelcache.signatures import SignaturePolicy
 
 EXIT_CODES = {Kind.INVALID_ARGUMENT: 2, Kind.NOT_FOUND: 3, Kind.UNAUTHENTICATED: 4, Kind.PERMISSION_DENIED: 4,
               Kind.UNAVAILABLE: 5, Kind.INTEGRITY: 6, Kind.UNSAFE_CONTENT: 6, Kind.RESOURCE_EXHAUSTED: 7,
-              Kind.UNSUPPORTED: 8, Kind.INTERNAL: 1}
+              Kind.UNSUPPORTED: 8, Kind.REFUSED: 9, Kind.INTERNAL: 1}
 EXIT_INTEGRITY = EXIT_CODES[Kind.INTEGRITY]
 
 
@@ -39,9 +42,26 @@ def add_common(parser: argparse.ArgumentParser, *, registry: bool = True) -> Non
         parser.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
 
 
+def add_policy_options(parser: argparse.ArgumentParser) -> None:
+    """``--verify-key`` (repeatable) and ``--policy``: a signature policy for this command."""
+    parser.add_argument("--verify-key", action="append", metavar="PATH",
+                        help="require a cosign signature by this PEM public key or certificate (repeatable)")
+    parser.add_argument("--policy", metavar="FILE", help="signature policy file (YAML: a signaturePolicy list)")
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """The settings file named by ``--config`` with the command-line overrides applied."""
     settings = Settings.load(Path(args.config) if args.config else None)
+    if getattr(args, "verify_key", None):
+        settings.signature_policy = SignaturePolicy.requiring([Path(k) for k in args.verify_key])
+    elif getattr(args, "policy", None):
+        path = Path(args.policy)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ModelCacheError(f"policy {path}: {exc}", kind=Kind.INVALID_ARGUMENT) from None
+        rules = data.get("signaturePolicy") if isinstance(data, dict) else data
+        settings.signature_policy = SignaturePolicy.from_mapping(rules, str(path), path.parent)
     if getattr(args, "root", None):
         settings.root = Path(args.root)
     if getattr(args, "plain_http", False):

@@ -1,0 +1,289 @@
+"""Signature policy: which models must be signed by which keys, checked before anything is mounted.
+
+Format verified (and written by ``ocimodel sign``): cosign's key-based tag scheme. The signatures of a
+manifest ``sha256:<hex>`` are the layers of the manifest tagged ``sha256-<hex>.sig`` in the same
+repository: each layer (``application/vnd.dev.cosign.simplesigning.v1+json``) is a payload
+``{"critical": {"identity": {"docker-reference": <repository>}, "image": {"docker-manifest-digest":
+<digest>}, "type": "cosign container image signature"}, "optional": ...}`` and carries the base64
+signature of those payload bytes in the annotation ``dev.cosignproject.cosign/signature``. Keys: ECDSA
+P-256/P-384, Ed25519 and RSA, as PEM public keys (or X.509 certificates, whose key is used).
+"""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+
+from modelcache import mediatypes as mt
+from modelcache.digest import Digest
+from modelcache.errors import Kind, ModelCacheError
+from modelcache.manifest import Descriptor
+from modelcache.reference import Reference
+from modelcache.registry import RegistryClient
+
+log = logging.getLogger(__name__)
+
+SIMPLESIGNING = "application/vnd.dev.cosign.simplesigning.v1+json"
+SIGNATURE_ANNOTATION = "dev.cosignproject.cosign/signature"
+SIGNATURE_TYPE = "cosign container image signature"
+MAX_PAYLOAD = 1 << 20
+PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
+PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
+
+
+class SignatureRefused(ModelCacheError):
+    """The policy requires a signature this model does not have."""
+
+    kind = Kind.REFUSED
+
+
+@dataclass(frozen=True)
+class TrustedKey:
+    """A public key a policy accepts, with the name it is known by in messages (its file name)."""
+
+    name: str
+    key: PublicKey
+
+
+def load_public_key(path: Path) -> TrustedKey:
+    """A PEM public key, or the key of a PEM X.509 certificate."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelCacheError(f"signature key {path}: {exc.strerror}", kind=Kind.INVALID_ARGUMENT) from None
+    try:
+        if b"BEGIN CERTIFICATE" in data:
+            key: Any = x509.load_pem_x509_certificate(data).public_key()
+        else:
+            key = serialization.load_pem_public_key(data)
+    except ValueError as exc:
+        raise ModelCacheError(f"signature key {path}: not a PEM public key or certificate ({exc})",
+                              kind=Kind.INVALID_ARGUMENT) from None
+    if not isinstance(key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey):
+        raise ModelCacheError(f"signature key {path}: unsupported key type", kind=Kind.INVALID_ARGUMENT)
+    return TrustedKey(path.name, key)
+
+
+def _verifies(key: PublicKey, signature: bytes, payload: bytes) -> bool:
+    try:
+        if isinstance(key, ed25519.Ed25519PublicKey):
+            key.verify(signature, payload)
+        elif isinstance(key, rsa.RSAPublicKey):
+            key.verify(signature, payload, padding.PKCS1v15(), hashes.SHA256())
+        else:
+            algorithms = [hashes.SHA256()] + ([hashes.SHA384()] if key.curve.key_size >= 384 else [])
+            for algorithm in algorithms:
+                try:
+                    key.verify(signature, payload, ec.ECDSA(algorithm))
+                    return True
+                except InvalidSignature:
+                    continue
+            return False
+    except InvalidSignature:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Models whose ``registry/repository`` matches one of ``match`` need a signature by one of ``keys``
+    (``requirement`` ``keys``), or nothing (``none``)."""
+
+    name: str
+    match: tuple[str, ...]
+    requirement: str = "none"
+    keys: tuple[TrustedKey, ...] = ()
+
+    def applies_to(self, ref: Reference) -> bool:
+        """True when ``ref``'s repository matches one of the patterns."""
+        name = f"{ref.registry}/{ref.repository}"
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.match)
+
+
+@dataclass
+class SignaturePolicy:
+    """Ordered rules (the first that matches decides; none matching: no requirement) and the verdicts
+    already reached, per manifest digest, so a verified cached model is not checked again."""
+
+    rules: tuple[Rule, ...] = ()
+    fingerprint: str = ""
+    _verdicts: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def from_mapping(cls, data: Sequence[Mapping[str, Any]] | None, source: str, base: Path | None = None
+                     ) -> SignaturePolicy:
+        """Parse the ``signaturePolicy`` list of the node settings (key paths relative to ``base``)."""
+        rules = []
+        for i, entry in enumerate(data or ()):
+            where = f"{source}: signaturePolicy[{i}]"
+            if not isinstance(entry, Mapping):
+                raise ModelCacheError(f"{where} is not an object", kind=Kind.INVALID_ARGUMENT)
+            unknown = sorted(set(entry) - {"name", "match", "require", "keys", "certificates"})
+            if unknown:
+                raise ModelCacheError(f"{where}: unknown keys {unknown}", kind=Kind.INVALID_ARGUMENT)
+            match = entry.get("match") or []
+            if isinstance(match, str):
+                match = [match]
+            requirement = str(entry.get("require", "keys" if entry.get("keys") or entry.get("certificates")
+                                        else "none"))
+            if requirement == "keyless":
+                raise ModelCacheError(f"{where}: keyless (Fulcio/Rekor) identities are not supported yet; "
+                                      f"name keys or certificates", kind=Kind.INVALID_ARGUMENT)
+            if requirement not in ("none", "keys"):
+                raise ModelCacheError(f"{where}: require must be none or keys", kind=Kind.INVALID_ARGUMENT)
+            paths = [Path(str(p)) for p in [*(entry.get("keys") or []), *(entry.get("certificates") or [])]]
+            keys = tuple(load_public_key(p if p.is_absolute() or base is None else base / p) for p in paths)
+            if requirement == "keys" and not keys:
+                raise ModelCacheError(f"{where}: require: keys needs at least one key or certificate",
+                                      kind=Kind.INVALID_ARGUMENT)
+            if not match:
+                raise ModelCacheError(f"{where}: match needs at least one pattern", kind=Kind.INVALID_ARGUMENT)
+            rules.append(Rule(str(entry.get("name") or f"rule-{i}"), tuple(str(m) for m in match), requirement,
+                              keys))
+        digest = hashlib.sha256(json.dumps([[r.name, r.match, r.requirement, [
+            k.key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo).hex()
+            for k in r.keys]] for r in rules]).encode()).hexdigest()[:16]
+        return cls(tuple(rules), digest)
+
+    @classmethod
+    def requiring(cls, keys: Sequence[Path]) -> SignaturePolicy:
+        """Every model must be signed by one of ``keys`` (``--verify-key``)."""
+        return cls.from_mapping([{"name": "--verify-key", "match": ["*"], "require": "keys",
+                                  "keys": [str(k) for k in keys]}], "command line")
+
+    def rule_for(self, ref: Reference) -> Rule | None:
+        """The rule that decides for ``ref``, or None."""
+        return next((r for r in self.rules if r.applies_to(ref)), None)
+
+    def requires_signature(self, ref: Reference) -> bool:
+        """True when ``ref`` must be verified before use."""
+        rule = self.rule_for(ref)
+        return rule is not None and rule.requirement == "keys"
+
+    def already_verified(self, ref: Reference) -> bool:
+        """True when ``ref`` (pinned) needs nothing, or was verified under this policy already."""
+        if not self.requires_signature(ref):
+            return True
+        with self._lock:
+            return (str(ref.digest), self.fingerprint) in self._verdicts
+
+    def check(self, client: RegistryClient, ref: Reference) -> None:
+        """Verify digest-pinned ``ref`` against the policy; raise :class:`SignatureRefused` with the reason,
+        or the registry's error (UNAVAILABLE for an unreachable signature store, never a pass)."""
+        rule = self.rule_for(ref)
+        if rule is None or rule.requirement == "none" or self.already_verified(ref):
+            return
+        assert ref.digest is not None
+        found = verify_cosign(client, ref, rule.keys)
+        if found is None:
+            names = ", ".join(k.name for k in rule.keys)
+            raise SignatureRefused(f"signature required by policy {rule.name!r}: no signature by key {names} for "
+                                   f"{ref.digest} ({ref.registry}/{ref.repository})")
+        with self._lock:
+            self._verdicts[(str(ref.digest), self.fingerprint)] = found
+        log.info("%s: signed by %s (policy %s)", ref, found, rule.name)
+
+
+def signature_tag(ref: Reference, digest: Digest) -> Reference:
+    """Where cosign's tag scheme keeps the signatures of ``digest``."""
+    return ref.with_tag(f"{digest.algorithm}-{digest.hex}.sig")
+
+
+def verify_cosign(client: RegistryClient, ref: Reference, keys: Sequence[TrustedKey]) -> str | None:
+    """The name of the key whose cosign signature covers ``ref``'s digest and repository, or None."""
+    assert ref.digest is not None
+    layers = _signature_layers(client, ref)
+    for layer in layers:
+        encoded = layer.annotations.get(SIGNATURE_ANNOTATION, "")
+        try:
+            signature = base64.b64decode(encoded, validate=True)
+        except ValueError:
+            continue
+        payload = client.get_small_blob(signature_tag(ref, ref.digest), layer, limit=MAX_PAYLOAD)
+        if not _payload_names(payload, ref):
+            continue
+        for trusted in keys:
+            if _verifies(trusted.key, signature, payload):
+                return trusted.name
+    return None
+
+
+def _signature_layers(client: RegistryClient, ref: Reference) -> list[Descriptor]:
+    assert ref.digest is not None
+    try:
+        resolved = client.resolve(signature_tag(ref, ref.digest))
+    except ModelCacheError as exc:
+        if exc.kind is Kind.NOT_FOUND:
+            return []
+        raise
+    return [d for d in resolved.manifest.layers if d.media_type == SIMPLESIGNING]
+
+
+def _payload_names(payload: bytes, ref: Reference) -> bool:
+    """True when a simple-signing payload names exactly ``ref``'s digest and repository."""
+    try:
+        critical = json.loads(payload)["critical"]
+        digest = critical["image"]["docker-manifest-digest"]
+        identity = critical["identity"]["docker-reference"]
+        kind = critical["type"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    repository = f"{ref.registry}/{ref.repository}"
+    return bool(digest == str(ref.digest) and kind == SIGNATURE_TYPE and
+                (identity == repository or identity.split("@")[0].rsplit(":", 1)[0] == repository))
+
+
+def load_private_key(path: Path, password: bytes | None = None) -> PrivateKey:
+    """A PEM private key (PKCS#8 or traditional; encrypted when ``password`` is given)."""
+    try:
+        key: Any = serialization.load_pem_private_key(path.read_bytes(), password)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelCacheError(f"signing key {path}: {exc}", kind=Kind.INVALID_ARGUMENT) from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey):
+        raise ModelCacheError(f"signing key {path}: unsupported key type", kind=Kind.INVALID_ARGUMENT)
+    return key
+
+
+def sign_cosign(client: RegistryClient, ref: Reference, key: PrivateKey) -> Digest:
+    """Sign digest-pinned ``ref`` in cosign's tag scheme (adding to the signatures already there); return
+    the digest of the signature manifest."""
+    assert ref.digest is not None
+    payload = json.dumps({"critical": {"identity": {"docker-reference": f"{ref.registry}/{ref.repository}"},
+                                       "image": {"docker-manifest-digest": str(ref.digest)},
+                                       "type": SIGNATURE_TYPE}, "optional": None}, separators=(",", ":")).encode()
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        signature = key.sign(payload)
+    elif isinstance(key, rsa.RSAPrivateKey):
+        signature = key.sign(payload, padding.PKCS1v15(), hashes.SHA256())
+    else:
+        signature = key.sign(payload, ec.ECDSA(hashes.SHA256()))
+    tag = signature_tag(ref, ref.digest)
+    payload_digest = Digest.of_bytes(payload)
+    client.upload_blob(tag, payload_digest, len(payload), payload)
+    ours = {"mediaType": SIMPLESIGNING, "digest": str(payload_digest), "size": len(payload),
+            "annotations": {SIGNATURE_ANNOTATION: base64.b64encode(signature).decode()}}
+    # every signer's layer names the same payload; they differ by their signature annotation
+    layers = [{"mediaType": d.media_type, "digest": str(d.digest), "size": d.size, "annotations": d.annotations}
+              for d in _signature_layers(client, ref)]
+    layers = [layer for layer in layers if layer != ours] + [ours]
+    config = json.dumps({"architecture": "", "os": "", "config": {}, "rootfs": {
+        "type": "layers", "diff_ids": [layer["digest"] for layer in layers]}}, sort_keys=True).encode()
+    client.upload_blob(tag, Digest.of_bytes(config), len(config), config)
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": mt.OCI_MANIFEST, "config": {
+        "mediaType": mt.OCI_IMAGE_CONFIG, "digest": str(Digest.of_bytes(config)), "size": len(config)},
+        "layers": layers}, sort_keys=True).encode()
+    return client.put_manifest(tag, manifest, mt.OCI_MANIFEST)

@@ -1,0 +1,209 @@
+"""Signed models only: cosign key-based signatures made here with the cryptography package (independently
+of ocimodel's own signer), checked by ``ocimodel pull``/``mount``, the CSI plugin (bind and lazy) and the
+agent, against a real registry."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+
+from csi_driver.proto import csi_pb2
+from modelcache import mediatypes as mt
+from modelcache.digest import Digest
+from tests.conftest import needs_root
+from tests.helpers.csi import CsiProcess, code_of, publish_request
+from tests.helpers.oci import Fixtures
+from tests.helpers.proxy import ProxyBehaviour
+
+CLI = [sys.executable, "-m", "ocimodel.cli"]
+KEY_MAKERS: dict[str, Callable[[], object]] = {
+    "ecdsa-p256": lambda: ec.generate_private_key(ec.SECP256R1()),
+    "ecdsa-p384": lambda: ec.generate_private_key(ec.SECP384R1()),
+    "ed25519": ed25519.Ed25519PrivateKey.generate,
+    "rsa": lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048),
+}
+
+
+def write_keys(directory: Path, name: str, kind: str = "ecdsa-p256") -> tuple[object, Path, Path]:
+    """A key pair as PEM files: (private key object, private path, public path)."""
+    key = KEY_MAKERS[kind]()
+    private, public = directory / f"{name}.key", directory / f"{name}.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,  # type: ignore[attr-defined]
+                                          serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,  # type: ignore[attr-defined]
+                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    return key, private, public
+
+
+def cosign_signature(fixtures: Fixtures, repository: str, digest: str, key: object, *, signed_digest: str = "",
+                     identity: str = "") -> None:
+    """What ``cosign sign --key`` leaves in a registry (tag scheme), built by hand."""
+    payload = json.dumps({"critical": {
+        "identity": {"docker-reference": identity or f"{fixtures.host}/{repository}"},
+        "image": {"docker-manifest-digest": signed_digest or digest},
+        "type": "cosign container image signature"}, "optional": None}).encode()
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        signature = key.sign(payload)
+    elif isinstance(key, rsa.RSAPrivateKey):
+        signature = key.sign(payload, padding.PKCS1v15(), hashes.SHA256())
+    else:
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        signature = key.sign(payload, ec.ECDSA(hashes.SHA256()))
+    tag = f"{repository}:{digest.replace(':', '-')}.sig"
+    layer = fixtures.layer(tag, payload, "application/vnd.dev.cosign.simplesigning.v1+json",
+                           {"dev.cosignproject.cosign/signature": base64.b64encode(signature).decode()})
+    fixtures.manifest(tag, [layer], config=b'{"architecture":"","os":""}', config_type=mt.OCI_IMAGE_CONFIG,
+                      artifact_type=None)
+
+
+def model(fixtures: Fixtures, name: str) -> str:
+    return fixtures.raw_model(name, {"weights.bin": os.urandom(20_000) + name.encode()})
+
+
+def pull(ref: str, root: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, "pull", ref, "--root", str(root), "--plain-http", "--json", *extra],
+                          capture_output=True, text=True, timeout=60)
+
+
+def nothing_cached(root: Path) -> bool:
+    trees = root / "trees"
+    return not trees.exists() or not [p for p in trees.iterdir() if not p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("kind", sorted(KEY_MAKERS))
+def test_each_key_type_verifies(fixtures: Fixtures, tmp_path: Path, kind: str) -> None:
+    key, _, public = write_keys(tmp_path, "release", kind)
+    digest = model(fixtures, f"sig/{kind}:v1")
+    cosign_signature(fixtures, f"sig/{kind}", digest, key)
+    out = pull(fixtures.ref(f"sig/{kind}:v1"), tmp_path / "root", "--verify-key", str(public))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["digest"] == digest
+
+
+def test_refusals_name_the_policy_and_leave_nothing(fixtures: Fixtures, tmp_path: Path) -> None:
+    key, _, public = write_keys(tmp_path, "release")
+    other, _, _ = write_keys(tmp_path, "other")
+    root = tmp_path / "root"
+    cases = {}
+    cases["unsigned"] = model(fixtures, "sig/unsigned:v1")
+    cases["other-key"] = model(fixtures, "sig/other-key:v1")
+    cosign_signature(fixtures, "sig/other-key", cases["other-key"], other)
+    cases["other-digest"] = model(fixtures, "sig/other-digest:v1")
+    cosign_signature(fixtures, "sig/other-digest", cases["other-digest"], key,
+                     signed_digest=str(Digest.of_bytes(b"some other manifest")))
+    cases["other-repository"] = model(fixtures, "sig/other-repository:v1")
+    cosign_signature(fixtures, "sig/other-repository", cases["other-repository"], key,
+                     identity=f"{fixtures.host}/sig/elsewhere")
+    for case, digest in cases.items():
+        out = pull(fixtures.ref(f"sig/{case}:v1"), root, "--verify-key", str(public))
+        assert out.returncode == 9, (case, out.stderr)
+        assert "signature required by policy '--verify-key': no signature by key release.pub for " \
+               f"{digest}" in out.stderr, out.stderr
+        assert nothing_cached(root), case
+
+
+def test_a_policy_applies_only_where_it_matches(fixtures: Fixtures, tmp_path: Path) -> None:
+    key, _, public = write_keys(tmp_path, "release")
+    model(fixtures, "dev/free:v1")
+    model(fixtures, "prod/locked:v1")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(json.dumps({"signaturePolicy": [
+        {"name": "prod", "match": [f"{fixtures.host}/prod/*"], "keys": [public.name]}]}))
+    root = tmp_path / "root"
+    assert pull(fixtures.ref("dev/free:v1"), root, "--policy", str(policy)).returncode == 0
+    refused = pull(fixtures.ref("prod/locked:v1"), root, "--policy", str(policy))
+    assert refused.returncode == 9 and "policy 'prod'" in refused.stderr
+
+
+def test_tampered_layer_under_a_valid_signature_fails(fixtures: Fixtures, tmp_path: Path, proxy_factory) -> None:  # type: ignore[no-untyped-def]
+    key, _, public = write_keys(tmp_path, "release")
+    digest = model(fixtures, "sig/tampered:v1")
+    cosign_signature(fixtures, "sig/tampered", digest, key)
+    proxy = proxy_factory(ProxyBehaviour(corrupt_blobs=True))
+    out = pull(f"{proxy.host}/sig/tampered@{digest}", tmp_path / "root", "--verify-key", str(public))
+    assert out.returncode in (6, 9), out.stderr  # the payload blob or the layer fails its digest
+    assert nothing_cached(tmp_path / "root")
+
+
+def test_an_unreachable_signature_store_is_never_a_pass(fixtures: Fixtures, tmp_path: Path, proxy_factory) -> None:  # type: ignore[no-untyped-def]
+    _, _, public = write_keys(tmp_path, "release")
+    digest = model(fixtures, "sig/unreachable:v1")
+    proxy = proxy_factory(ProxyBehaviour(fail_status=503, fail_times=1000))
+    out = pull(f"{proxy.host}/sig/unreachable@{digest}", tmp_path / "root", "--verify-key", str(public))
+    assert out.returncode == 5, out.stderr  # UNAVAILABLE
+    assert nothing_cached(tmp_path / "root")
+
+
+def test_ocimodel_signs_what_it_pushes(registry, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _, first_key, first_pub = write_keys(tmp_path, "first", "ed25519")
+    _, second_key, second_pub = write_keys(tmp_path, "second", "ecdsa-p384")
+    source = tmp_path / "model"
+    source.mkdir()
+    (source / "w.bin").write_bytes(os.urandom(10_000))
+    ref = f"{registry.host}/sig/pushed:v1"
+    push = subprocess.run([*CLI, "push", str(source), ref, "--plain-http", "--sign-key", str(first_key)],
+                          capture_output=True, text=True, timeout=60)
+    assert push.returncode == 0, push.stderr
+    sign = subprocess.run([*CLI, "sign", ref, "--key", str(second_key), "--plain-http"], capture_output=True,
+                          text=True, timeout=60)
+    assert sign.returncode == 0, sign.stderr
+    for public in (first_pub, second_pub):  # both signatures are kept
+        out = pull(ref, tmp_path / f"root-{public.stem}", "--verify-key", str(public))
+        assert out.returncode == 0, out.stderr
+
+
+@needs_root
+def test_csi_publish_and_agent_enforce_the_node_policy(fixtures: Fixtures, tmp_path: Path) -> None:
+    from tests.test_agent import Cluster, modelcache, status_patches
+    key, _, public = write_keys(tmp_path, "release")
+    signed = model(fixtures, "prod/signed:v1")
+    cosign_signature(fixtures, "prod/signed", signed, key)
+    model(fixtures, "prod/unsigned:v1")
+    config = tmp_path / "node.yaml"
+    config.write_text(json.dumps({"signaturePolicy": [
+        {"name": "prod", "match": [f"{fixtures.host}/prod/*"], "keys": [str(public)]}]}))
+    csi = CsiProcess(tmp_path / "driver", "--config", str(config))
+    try:
+        target = tmp_path / "pods" / "a" / "mnt"
+        assert code_of(csi.node.NodePublishVolume, publish_request("s", target, fixtures.ref("prod/signed:v1"))) == \
+            grpc.StatusCode.OK
+        csi.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id="s", target_path=str(target)))
+        for mount in ("bind", "lazy"):
+            with pytest.raises(grpc.RpcError) as info:
+                csi.node.NodePublishVolume(publish_request(f"u-{mount}", tmp_path / "pods" / mount / "mnt",
+                                                           fixtures.ref("prod/unsigned:v1"), mount=mount), timeout=60)
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "signature required by policy 'prod'" in (info.value.details() or "")
+            assert not (tmp_path / "pods" / mount / "mnt").exists()
+        trees = [p.name for p in (csi.root / "trees").iterdir()]
+        assert trees == [f"sha256-{signed.split(':')[1]}"]  # the refused model left nothing
+    finally:
+        csi.stop()
+    cluster = Cluster([modelcache("unsigned", fixtures.ref("prod/unsigned:v1"))], {})
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": cluster.api.url}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}], "users": [{"name": "u", "user": {}}]}))
+    agent = subprocess.Popen([*CLI, "agent", "--node-name", "node-a", "--kubeconfig", str(kubeconfig), "--root",
+                              str(tmp_path / "agent-root"), "--config", str(config), "--plain-http",
+                              "--metrics-address", "127.0.0.1:0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        failed = cluster.wait_for(lambda: [s for s in status_patches(cluster, "unsigned")
+                                           if s.get("phase") == "Failed"])
+        assert "signature required by policy 'prod'" in failed[0]["message"]
+        assert nothing_cached(tmp_path / "agent-root")
+    finally:
+        agent.terminate()
+        agent.wait(20)
+        cluster.api.close()
