@@ -98,6 +98,28 @@ class RegistryClient:
         return [{"mediaType": d.media_type, "digest": str(d.digest), "size": d.size,
                  **({"artifactType": d.artifact_type} if d.artifact_type else {})} for d in found.manifests]
 
+    def referrers(self, ref: Reference, artifact_type: str) -> list[Descriptor]:
+        """Manifests whose subject is digest-pinned ``ref`` and whose artifactType is ``artifact_type``: from
+        the referrers API, or, on registries without one, the referrers tag schema (``sha256-<hex>``)."""
+        assert ref.digest is not None
+        what = f"referrers of {ref.repository}@{ref.digest}"
+        response = self._request("GET", ref, f"/referrers/{ref.digest}", what, stream=True,
+                                 headers={"Accept": mt.OCI_INDEX}, params={"artifactType": artifact_type},
+                                 ok=lambda s: s in (200, 400, 404, 405))  # no referrers API: the tag schema
+        with closing_response(response):
+            found = response.status_code == 200 and \
+                response.headers.get("Content-Type", "").split(";")[0].strip() == mt.OCI_INDEX
+            raw = read_limited(response, MAX_MANIFEST_BYTES, what) if found else b""
+        if found:
+            parsed = parse_manifest(raw, mt.OCI_INDEX, Digest.of_bytes(raw), what)
+            if not isinstance(parsed, Index):
+                raise IntegrityError(f"{what}: the registry answered something that is not an index")
+            listed = list(parsed.manifests)
+        else:
+            tag = ref.with_tag(f"{ref.digest.algorithm}-{ref.digest.hex}")
+            listed = [Descriptor.from_json(d, what) for d in self.referrers_tag_index(tag)]
+        return [d for d in listed if d.artifact_type == artifact_type]
+
     def head_digest(self, ref: Reference) -> Digest:
         """The digest ``ref`` points at, by a HEAD request (cheap tag resolution)."""
         what = f"manifest {ref.repository}:{ref.selector}"

@@ -1,6 +1,7 @@
 """Signature policy: which models must be signed by which keys, checked before anything is mounted.
 
-Format verified (and written by ``ocimodel sign``): cosign's key-based tag scheme. The signatures of a
+Formats verified: Sigstore bundles (v0.3, DSSE envelope) stored as referrers of the model, and (also
+written by ``ocimodel sign``) cosign's key-based tag scheme. The signatures of a
 manifest ``sha256:<hex>`` are the layers of the manifest tagged ``sha256-<hex>.sig`` in the same
 repository: each layer (``application/vnd.dev.cosign.simplesigning.v1+json``) is a payload
 ``{"critical": {"identity": {"docker-reference": <repository>}, "image": {"docker-manifest-digest":
@@ -188,7 +189,7 @@ class SignaturePolicy:
         if rule is None or rule.requirement == "none" or self.already_verified(ref):
             return
         assert ref.digest is not None
-        found = verify_cosign(client, ref, rule.keys)
+        found = verify_cosign(client, ref, rule.keys) or verify_bundles(client, ref, rule.keys)
         if found is None:
             names = ", ".join(k.name for k in rule.keys)
             raise SignatureRefused(f"signature required by policy {rule.name!r}: no signature by key {names} for "
@@ -243,8 +244,15 @@ def _payload_names(payload: bytes, ref: Reference) -> bool:
     except (ValueError, KeyError, TypeError):
         return False
     repository = f"{ref.registry}/{ref.repository}"
-    return bool(digest == str(ref.digest) and kind == SIGNATURE_TYPE and
-                (identity == repository or identity.split("@")[0].rsplit(":", 1)[0] == repository))
+    return bool(digest == str(ref.digest) and kind == SIGNATURE_TYPE and _repository_of(str(identity)) == repository)
+
+
+def _repository_of(name: str) -> str:
+    """``registry/repository`` of a reference written with or without a tag or digest (a registry port's
+    colon is not a tag)."""
+    name = name.split("@", 1)[0]
+    head, _, tail = name.rpartition(":")
+    return head if head and "/" not in tail else name
 
 
 def load_private_key(path: Path, password: bytes | None = None) -> PrivateKey:
@@ -287,3 +295,52 @@ def sign_cosign(client: RegistryClient, ref: Reference, key: PrivateKey) -> Dige
         "mediaType": mt.OCI_IMAGE_CONFIG, "digest": str(Digest.of_bytes(config)), "size": len(config)},
         "layers": layers}, sort_keys=True).encode()
     return client.put_manifest(tag, manifest, mt.OCI_MANIFEST)
+
+
+BUNDLE_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
+IN_TOTO = "application/vnd.in-toto+json"
+MAX_BUNDLE = 1 << 20
+
+
+def _pae(payload_type: str, payload: bytes) -> bytes:
+    """DSSE's pre-authentication encoding: what a DSSE signature signs."""
+    kind = payload_type.encode()
+    return b"DSSEv1 %d %s %d %s" % (len(kind), kind, len(payload), payload)
+
+
+def _statement_names(statement: bytes, ref: Reference) -> bool:
+    """True when an in-toto statement's subjects include ``ref``'s digest (and, when named, repository)."""
+    assert ref.digest is not None
+    try:
+        subjects = json.loads(statement)["subject"]
+        matches = [s for s in subjects if s.get("digest", {}).get(ref.digest.algorithm) == ref.digest.hex]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return False
+    repository = f"{ref.registry}/{ref.repository}"
+    return any(not s.get("name") or _repository_of(str(s["name"])) == repository for s in matches)
+
+
+def verify_bundles(client: RegistryClient, ref: Reference, keys: Sequence[TrustedKey]) -> str | None:
+    """The name of the key that signed a Sigstore bundle (v0.3, DSSE envelope with an in-toto statement
+    whose subject is ``ref``'s digest) stored as a referrer of ``ref``, or None. Key-based: the
+    transparency-log entries a bundle may carry are not consulted."""
+    assert ref.digest is not None
+    for referrer in client.referrers(ref, BUNDLE_TYPE):
+        manifest = client.resolve(ref.by_digest(referrer.digest)).manifest
+        for layer in manifest.layers:
+            if layer.media_type != BUNDLE_TYPE:
+                continue
+            try:
+                envelope = json.loads(client.get_small_blob(ref, layer, limit=MAX_BUNDLE))["dsseEnvelope"]
+                payload = base64.b64decode(envelope["payload"], validate=True)
+                payload_type = str(envelope["payloadType"])
+                signatures = [base64.b64decode(s["sig"], validate=True) for s in envelope["signatures"]]
+            except (ValueError, KeyError, TypeError):
+                log.warning("%s: referrer %s holds a bundle this verifier cannot read", ref, referrer.digest)
+                continue
+            if payload_type != IN_TOTO or not _statement_names(payload, ref):
+                continue
+            for trusted in keys:
+                if any(_verifies(trusted.key, signature, _pae(payload_type, payload)) for signature in signatures):
+                    return trusted.name
+    return None

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from csi_driver.proto import csi_pb2
 from modelcache import mediatypes as mt
 from modelcache.digest import Digest
+from modelcache.reference import parse_reference
 from tests.conftest import needs_root
 from tests.helpers.csi import CsiProcess, code_of, publish_request
 from tests.helpers.oci import Fixtures
@@ -207,3 +208,50 @@ def test_csi_publish_and_agent_enforce_the_node_policy(fixtures: Fixtures, tmp_p
         agent.terminate()
         agent.wait(20)
         cluster.api.close()
+
+
+def sigstore_bundle_referrer(fixtures: Fixtures, repository: str, digest: str, key: object, *,
+                             subject_digest: str = "") -> None:
+    """A Sigstore bundle (v0.3, DSSE + in-toto statement) stored as a referrer of the model, listed only
+    under the referrers tag schema (the test registry has no referrers API)."""
+    statement = json.dumps({"_type": "https://in-toto.io/Statement/v1",
+                            "subject": [{"name": f"{fixtures.host}/{repository}",
+                                         "digest": {"sha256": (subject_digest or digest).split(":")[1]}}],
+                            "predicateType": "https://sigstore.dev/cosign/sign/v1", "predicate": {}}).encode()
+    payload_type = b"application/vnd.in-toto+json"
+    pae = b"DSSEv1 %d %s %d %s" % (len(payload_type), payload_type, len(statement), statement)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    bundle = json.dumps({"mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json",
+                         "verificationMaterial": {"publicKey": {"hint": "release"}, "tlogEntries": []},
+                         "dsseEnvelope": {"payload": base64.b64encode(statement).decode(),
+                                          "payloadType": payload_type.decode(),
+                                          "signatures": [{"sig": base64.b64encode(
+                                              key.sign(pae, ec.ECDSA(hashes.SHA256()))).decode(), "keyid": ""}]}}
+                        ).encode()
+    bundle_type = "application/vnd.dev.sigstore.bundle.v0.3+json"
+    layer = fixtures.layer(f"{repository}:x", bundle, bundle_type)
+    empty = {"mediaType": mt.OCI_EMPTY, **fixtures.blob(f"{repository}:x", b"{}")}
+    manifest_raw = fixtures.client.resolve(parse_reference(f"{fixtures.host}/{repository}@{digest}")).manifest.raw
+    referrer = json.dumps({"schemaVersion": 2, "mediaType": mt.OCI_MANIFEST, "artifactType": bundle_type,
+                           "config": empty, "layers": [layer],
+                           "subject": {"mediaType": mt.OCI_MANIFEST, "digest": digest, "size": len(manifest_raw)}}
+                          ).encode()
+    repo_ref = parse_reference(f"{fixtures.host}/{repository}")
+    referrer_digest = fixtures.client.put_manifest(repo_ref.by_digest(Digest.of_bytes(referrer)), referrer,
+                                                   mt.OCI_MANIFEST)
+    index = json.dumps({"schemaVersion": 2, "mediaType": mt.OCI_INDEX, "manifests": [
+        {"mediaType": mt.OCI_MANIFEST, "digest": str(referrer_digest), "size": len(referrer),
+         "artifactType": bundle_type}]}).encode()
+    fixtures.client.put_manifest(repo_ref.with_tag(digest.replace(":", "-")), index, mt.OCI_INDEX)
+
+
+def test_sigstore_bundle_found_through_the_referrers_tag_schema(fixtures: Fixtures, tmp_path: Path) -> None:
+    key, _, public = write_keys(tmp_path, "release")
+    good = model(fixtures, "bundle/good:v1")
+    sigstore_bundle_referrer(fixtures, "bundle/good", good, key)
+    out = pull(fixtures.ref("bundle/good:v1"), tmp_path / "root", "--verify-key", str(public))
+    assert out.returncode == 0, out.stderr
+    wrong = model(fixtures, "bundle/wrong:v1")
+    sigstore_bundle_referrer(fixtures, "bundle/wrong", wrong, key, subject_digest=str(Digest.of_bytes(b"other")))
+    refused = pull(fixtures.ref("bundle/wrong:v1"), tmp_path / "root2", "--verify-key", str(public))
+    assert refused.returncode == 9 and "no signature by key release.pub" in refused.stderr
