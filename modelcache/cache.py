@@ -24,17 +24,22 @@ from modelcache.store import ContentStore, blob_lease
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPAND_RATIO = 100
+DEFAULT_CONNECTIONS = 4  # concurrent Range requests per large blob
+DEFAULT_RANGED_MIN_SIZE = 64 << 20  # blobs at least this large are fetched in ranges
 
 
 class ModelCache:
     """The node's model cache: pulls references into ``store`` through ``client``."""
 
     def __init__(self, store: ContentStore, client: RegistryClient | None = None, *, workers: int = 4,
-                 expand_ratio: int = DEFAULT_EXPAND_RATIO) -> None:
+                 expand_ratio: int = DEFAULT_EXPAND_RATIO, connections_per_blob: int = DEFAULT_CONNECTIONS,
+                 ranged_min_size: int = DEFAULT_RANGED_MIN_SIZE) -> None:
         self.store = store
         self.client = client or RegistryClient()
         self.workers = workers
         self.expand_ratio = expand_ratio
+        self.connections_per_blob = connections_per_blob
+        self.ranged_min_size = ranged_min_size
         store.ensure()
 
     # -- lookups ----------------------------------------------------------------------------------------
@@ -137,7 +142,7 @@ class ModelCache:
             if not self.store.has_blob(manifest.config.digest, manifest.config.size):
                 self.store.put_bytes(manifest.config.digest, self.client.get_small_blob(ref, manifest.config))
             download_blobs(self.store, self.client, ref, [s.descriptor for s in steps], progress, self.workers,
-                           cancel)
+                           cancel, connections=self.connections_per_blob, ranged_min_size=self.ranged_min_size)
             layer_dirs = extract_layers(self.store, steps, progress, self.expand_ratio)
             progress.set("assembling")
             stats_record = assemble_tree(self.store, key, plan, steps, layer_dirs, options)

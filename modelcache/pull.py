@@ -4,10 +4,12 @@ and assemble its tree from hardlinks, published atomically. :class:`modelcache.c
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO
@@ -19,19 +21,23 @@ from modelcache.layout import Plan, Step
 from modelcache.manifest import Descriptor
 from modelcache.options import PullOptions
 from modelcache.progress import Progress
+from modelcache.rangedingest import RangesUnsupported
 from modelcache.reference import Reference
 from modelcache.registry import RegistryClient
 from modelcache.safetar import extract_tar
 from modelcache.store import ContentStore
 from modelcache.tree import TreeBuilder
 
+log = logging.getLogger(__name__)
 EXPAND_SLACK = 64 << 20
 
 
 def download_blobs(store: ContentStore, client: RegistryClient, ref: Reference, descriptors: list[Descriptor],
-                   progress: Progress, workers: int, cancel: threading.Event | None = None) -> None:
-    """Download every blob of ``descriptors`` the store lacks (verified, resumable, in parallel); once
-    ``cancel`` is set, each download stops at its next read, its partial file kept for resuming."""
+                   progress: Progress, workers: int, cancel: threading.Event | None = None, *,
+                   connections: int = 1, ranged_min_size: int = 0) -> None:
+    """Download every blob of ``descriptors`` the store lacks (verified, resumable, ``workers`` blobs at a
+    time; a blob of at least ``ranged_min_size`` bytes over ``connections`` concurrent Range requests).
+    Once ``cancel`` is set, each download stops at its next read, its partial file kept for resuming."""
 
     def on_bytes(n: int) -> None:
         if cancel is not None and cancel.is_set():
@@ -52,6 +58,16 @@ def download_blobs(store: ContentStore, client: RegistryClient, ref: Reference, 
         return
 
     def fetch_one(descriptor: Descriptor) -> None:
+        if connections > 1 and descriptor.size >= ranged_min_size and not _partial_size(store, descriptor.digest):
+            try:
+                def fetch_range(start: int, length: int, write: Callable[[int, memoryview], None]) -> None:
+                    client.download_range(ref, descriptor, start, length, write)
+                progress.skip(store.ingest_ranged(descriptor.digest, descriptor.size, fetch_range,
+                                                  workers=connections, on_bytes=on_bytes))
+                return
+            except RangesUnsupported:
+                log.info("%s: no Range support; fetching blob %s as one stream", ref, descriptor.digest)
+
         def fetch(out: IO[bytes], verifier: Verifier) -> None:
             progress.skip(verifier.count)
             client.download_blob(ref, descriptor, out, verifier, on_bytes)

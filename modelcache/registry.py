@@ -13,6 +13,7 @@ from modelcache import mediatypes as mt
 from modelcache.digest import Digest, Verifier
 from modelcache.errors import IntegrityError, Kind, RegistryError
 from modelcache.manifest import MAX_MANIFEST_BYTES, Descriptor, Index, Manifest, parse_manifest, select_from_index
+from modelcache.rangedingest import RangesUnsupported
 from modelcache.reference import Reference
 from modelcache.transport import STREAM_ERRORS, Transport, closing_response, read_limited, scope_for
 
@@ -175,14 +176,13 @@ class RegistryClient:
                     verifier.reset()
                 try:
                     raw = response.raw
-                    while True:
-                        chunk = raw.read(READ_SIZE)
-                        if not chunk:
-                            break
-                        verifier.update(chunk)
-                        out.write(chunk)
+                    buffer = bytearray(READ_SIZE)  # one buffer for the whole stream: no allocation per read
+                    view = memoryview(buffer)
+                    while n := raw.readinto(buffer):
+                        verifier.update(view[:n])
+                        out.write(view[:n])
                         if progress:
-                            progress(len(chunk))
+                            progress(n)
                 except STREAM_ERRORS as exc:
                     failures += 1
                     if failures >= policy.attempts:
@@ -198,6 +198,42 @@ class RegistryClient:
                 raise RegistryError(f"{what}: stream ended early at byte {verifier.count} of {descriptor.size}",
                                     kind=Kind.UNAVAILABLE)
         verifier.verify()
+
+    def download_range(self, ref: Reference, descriptor: Descriptor, start: int, length: int,
+                       write: Callable[[int, memoryview], None]) -> None:
+        """Stream bytes ``[start, start+length)`` of a blob to ``write(offset, data)``, resuming within the
+        range after a broken stream; :class:`RangesUnsupported` when the registry answers with the whole blob.
+        The bytes are verified by the caller (with the whole blob's digest)."""
+        what = f"blob {descriptor.digest} range {start}+{length}"
+        end, position, failures = start + length - 1, start, 0
+        buffer = bytearray(READ_SIZE)
+        view = memoryview(buffer)
+        while position <= end:
+            response = self._request("GET", ref, f"/blobs/{descriptor.digest}", what, stream=True,
+                                     headers={"Range": f"bytes={position}-{end}"}, ok=lambda s: s in (200, 206))
+            with closing_response(response):
+                if response.status_code == 200:
+                    raise RangesUnsupported(f"{what}: the registry answered with the whole blob",
+                                            kind=Kind.UNSUPPORTED)
+                answered = response.headers.get("Content-Range", "")
+                if answered not in (f"bytes {position}-{end}/{descriptor.size}", f"bytes {position}-{end}/*"):
+                    raise IntegrityError(f"{what}: the registry answered {answered or 'no Content-Range'} instead")
+                try:
+                    while position <= end and (n := response.raw.readinto(buffer)):
+                        n = min(n, end + 1 - position)
+                        write(position, view[:n])
+                        position += n
+                except STREAM_ERRORS as exc:
+                    failures += 1
+                    if failures >= self.transport.retry.attempts:
+                        raise RegistryError(f"{what}: download kept failing at byte {position} "
+                                            f"({type(exc).__name__})", kind=Kind.UNAVAILABLE) from None
+                    time.sleep(self.transport.retry.delay(failures))
+                    continue
+            if position <= end:
+                failures += 1
+                if failures >= self.transport.retry.attempts:
+                    raise RegistryError(f"{what}: stream ended early at byte {position}", kind=Kind.UNAVAILABLE)
 
     def read_range(self, ref: Reference, digest: Digest, start: int, length: int, blob_size: int,
                    expected_sha256: str | None = None) -> bytes:

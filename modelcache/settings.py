@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from modelcache.cache import DEFAULT_EXPAND_RATIO, ModelCache
+from modelcache.cache import DEFAULT_CONNECTIONS, DEFAULT_EXPAND_RATIO, DEFAULT_RANGED_MIN_SIZE, ModelCache
 from modelcache.credentials import CredentialStore, default_docker_config_path
 from modelcache.errors import Kind, ModelCacheError
 from modelcache.hosts import HostsConfig
@@ -19,7 +19,7 @@ from modelcache.transport import RetryPolicy, Transport
 
 KNOWN_KEYS = {"root", "registries", "plainHTTP", "dockerConfig", "pullWorkers", "maxExpandRatio",
               "highWatermark", "lowWatermark", "warmMemoryShare", "readTimeoutSeconds", "verifyIntervalHours",
-              "signaturePolicy"}
+              "signaturePolicy", "connectionsPerBlob", "rangedMinSizeMiB"}
 
 
 @dataclass
@@ -36,6 +36,8 @@ class Settings:
     warm_memory_share: float = 0.5
     read_timeout: float = 30.0
     verify_interval_hours: float = 0.0  # the agent re-hashes the cache this often (0: never)
+    connections_per_blob: int = DEFAULT_CONNECTIONS
+    ranged_min_size: int = DEFAULT_RANGED_MIN_SIZE
     signature_policy: SignaturePolicy = field(default_factory=SignaturePolicy)
 
     @classmethod
@@ -70,11 +72,17 @@ class Settings:
             settings.warm_memory_share = float(data.get("warmMemoryShare", settings.warm_memory_share))
             settings.read_timeout = float(data.get("readTimeoutSeconds", settings.read_timeout))
             settings.verify_interval_hours = float(data.get("verifyIntervalHours", settings.verify_interval_hours))
+            settings.connections_per_blob = int(data.get("connectionsPerBlob", settings.connections_per_blob))
+            ranged_mib = float(data.get("rangedMinSizeMiB", settings.ranged_min_size / (1 << 20)))
+            settings.ranged_min_size = int(ranged_mib * (1 << 20))
             settings.signature_policy = SignaturePolicy.from_mapping(data.get("signaturePolicy"), source, base)
         except (TypeError, ValueError) as exc:
             raise ModelCacheError(f"{source}: {exc}", kind=Kind.INVALID_ARGUMENT) from None
         if not 0 < settings.low_watermark < settings.high_watermark <= 1:
             raise ModelCacheError(f"{source}: need 0 < lowWatermark < highWatermark <= 1", kind=Kind.INVALID_ARGUMENT)
+        if settings.connections_per_blob < 1 or settings.ranged_min_size < 1:
+            raise ModelCacheError(f"{source}: connectionsPerBlob and rangedMinSizeMiB must be positive",
+                                  kind=Kind.INVALID_ARGUMENT)
         if settings.verify_interval_hours < 0:
             raise ModelCacheError(f"{source}: verifyIntervalHours must be >= 0", kind=Kind.INVALID_ARGUMENT)
         if not 0 < settings.warm_memory_share <= 1 or settings.pull_workers < 1 or settings.max_expand_ratio < 1:
@@ -94,7 +102,8 @@ class Settings:
             "pullWorkers": self.pull_workers, "maxExpandRatio": self.max_expand_ratio,
             "highWatermark": self.high_watermark, "lowWatermark": self.low_watermark,
             "warmMemoryShare": self.warm_memory_share, "readTimeoutSeconds": self.read_timeout,
-            "verifyIntervalHours": self.verify_interval_hours,
+            "verifyIntervalHours": self.verify_interval_hours, "connectionsPerBlob": self.connections_per_blob,
+            "rangedMinSizeMiB": self.ranged_min_size / (1 << 20),
         }
 
     def credentials(self) -> CredentialStore:
@@ -109,4 +118,5 @@ class Settings:
     def cache(self, extra: CredentialStore | None = None, retry: RetryPolicy | None = None) -> ModelCache:
         """A :class:`ModelCache` on ``root`` talking through :meth:`transport`."""
         return ModelCache(ContentStore(self.root), RegistryClient(self.transport(extra, retry)),
-                          workers=self.pull_workers, expand_ratio=self.max_expand_ratio)
+                          workers=self.pull_workers, expand_ratio=self.max_expand_ratio,
+                          connections_per_blob=self.connections_per_blob, ranged_min_size=self.ranged_min_size)

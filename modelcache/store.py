@@ -8,8 +8,6 @@ place and stripped of write bits.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import os
 import shutil
@@ -19,7 +17,9 @@ from typing import IO
 
 from modelcache.digest import Digest, Verifier
 from modelcache.errors import IntegrityError, StoreFull
-from modelcache.fsutil import file_lock, fsync_dir, raise_if_full
+from modelcache.fsutil import file_lock, fsync_dir, raise_if_full, start_writeback, wait_writeback
+from modelcache.rangedingest import MIN_PIECE, PIECE_SIZE, RangedIngest, RangeFetch, RangesUnsupported
+from modelcache.rangedingest import clear as clear_ranged
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +27,6 @@ DEFAULT_ROOT = Path("/var/lib/ocimodel")
 Fetcher = Callable[[IO[bytes], Verifier], None]
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE, SYNC_FILE_RANGE_WAIT_AFTER = 1, 2, 4
 WRITE_BEHIND_WINDOW = 16 << 20
 
 
@@ -51,10 +48,9 @@ class WriteBehind:
             view = view[written:]
             self.position += written
         while self.position - self.flushed >= WRITE_BEHIND_WINDOW:
-            _libc.sync_file_range(self.fd, self.flushed, WRITE_BEHIND_WINDOW, SYNC_FILE_RANGE_WRITE)
+            start_writeback(self.fd, self.flushed, WRITE_BEHIND_WINDOW)
             if self.flushed >= WRITE_BEHIND_WINDOW:
-                _libc.sync_file_range(self.fd, self.flushed - WRITE_BEHIND_WINDOW, WRITE_BEHIND_WINDOW,
-                                      SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER)
+                wait_writeback(self.fd, self.flushed - WRITE_BEHIND_WINDOW, WRITE_BEHIND_WINDOW)
             self.flushed += WRITE_BEHIND_WINDOW
         return len(data)
 
@@ -195,6 +191,32 @@ class ContentStore:
                 break
             verifier.update(view[:n])
         log.info("resuming blob %s at byte %d of %d", verifier.expected, verifier.count, size)
+
+    def ingest_ranged(self, digest: Digest, size: int, fetch: RangeFetch, *, workers: int,
+                      on_bytes: Callable[[int], None]) -> int:
+        """Like :meth:`ingest`, with ``workers`` concurrent Range requests (see :mod:`modelcache.rangedingest`);
+        return the bytes a killed earlier attempt had already fetched. :class:`RangesUnsupported` leaves
+        nothing behind, for the caller to fall back to one stream."""
+        target = self.blob_path(digest)
+        if self.has_blob(digest, size):
+            return size
+        with self.lock(f"blob-{digest.algorithm}-{digest.hex}"):
+            if self.has_blob(digest, size):
+                return size
+            partial = self.ingest_dir / f"{digest.algorithm}-{digest.hex}.ranged"
+            state = self.ingest_dir / f"{digest.algorithm}-{digest.hex}.ranged.json"
+            try:
+                piece = min(PIECE_SIZE, max(MIN_PIECE, -(-size // (workers * 2)) // MIN_PIECE * MIN_PIECE))
+                already = RangedIngest(digest, size, partial, state, fetch, workers=workers, on_bytes=on_bytes,
+                                       piece_size=piece).run()
+            except RangesUnsupported:
+                clear_ranged(partial, state)
+                raise
+            os.chmod(partial, 0o444)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(partial, target)
+            fsync_dir(target.parent)
+            return already
 
     def put_bytes(self, digest: Digest, data: bytes) -> Path:
         """Commit a small, already-fetched blob after verifying it."""

@@ -1,0 +1,103 @@
+"""Parallel ranged downloads of large blobs: concurrent Range requests written at their offsets, verified
+in order, resumed piece by piece after kill -9, and one stream where a registry ignores Range."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from modelcache.cache import ModelCache
+from modelcache.digest import Digest
+from modelcache.errors import ModelCacheError
+from modelcache.store import ContentStore
+from tests.conftest import make_client
+from tests.helpers.oci import Fixtures
+from tests.helpers.proxy import ProxyBehaviour, ProxyProcess
+
+SIZE = 20 << 20
+
+
+def ranged_cache(root: Path, connections: int = 4) -> ModelCache:
+    return ModelCache(ContentStore(root), make_client(), connections_per_blob=connections, ranged_min_size=1 << 20)
+
+
+@pytest.fixture
+def big(fixtures: Fixtures) -> tuple[str, bytes]:
+    data = os.urandom(SIZE)
+    fixtures.raw_model("ranged/model:v1", {"shard.bin": data})
+    return "ranged/model:v1", data
+
+
+def ranges_of(requests: list[tuple[str, str, dict[str, str]]], digest: str) -> list[str]:
+    return [h.get("range", "") for method, path, h in requests if method == "GET" and path.endswith(digest)]
+
+
+def test_a_large_blob_comes_in_concurrent_ranges(big, proxy_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    name, data = big
+    proxy = proxy_factory(ProxyBehaviour(bytes_per_second=20_000_000))
+    result = ranged_cache(tmp_path / "root").pull(f"{proxy.host}/{name}")
+    assert (result.path / "shard.bin").read_bytes() == data
+    ranges = ranges_of(proxy.stats.requests, str(Digest.of_bytes(data)))
+    starts = sorted(int(r.split("=")[1].split("-")[0]) for r in ranges)
+    assert len(starts) >= 4 and starts[0] == 0 and len(set(starts)) == len(starts)  # distinct pieces
+    assert not list((tmp_path / "root" / "ingest").iterdir())  # nothing left behind
+
+
+def test_a_registry_that_ignores_range_gets_one_stream(big, proxy_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    name, data = big
+    proxy = proxy_factory(ProxyBehaviour(ignore_range=True))
+    result = ranged_cache(tmp_path / "root").pull(f"{proxy.host}/{name}")
+    assert (result.path / "shard.bin").read_bytes() == data
+    assert not list((tmp_path / "root" / "ingest").iterdir())
+
+
+def test_wrong_bytes_in_a_range_are_never_committed(big, proxy_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    name, data = big
+    proxy = proxy_factory(ProxyBehaviour(corrupt_ranges=True))
+    with pytest.raises(ModelCacheError) as info:
+        ranged_cache(tmp_path / "root").pull(f"{proxy.host}/{name}")
+    assert info.value.kind.name == "INTEGRITY"
+    assert not (tmp_path / "root" / "blobs" / "sha256" / Digest.of_bytes(data).hex).exists()
+    assert not list((tmp_path / "root" / "ingest").iterdir())
+
+
+def test_kill_9_resumes_with_the_pieces_already_on_disk(big, registry, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    name, data = big
+    root = tmp_path / "root"
+    config = tmp_path / "node.yaml"
+    config.write_text(json.dumps({"connectionsPerBlob": 4, "rangedMinSizeMiB": 1}))
+    slow = ProxyProcess(registry.host, bytes_per_second=2_000_000, log=str(tmp_path / "slow.log"))
+    state = root / "ingest" / f"sha256-{Digest.of_bytes(data).hex}.ranged.json"
+    pull = subprocess.Popen([sys.executable, "-m", "ocimodel.cli", "pull", f"{slow.host}/{name}", "--root", str(root),
+                             "--plain-http", "--config", str(config)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (state.exists() and json.loads(state.read_text())["done"]):
+            assert time.monotonic() < deadline and pull.poll() is None
+            time.sleep(0.05)
+        pull.send_signal(signal.SIGKILL)
+        pull.wait(10)
+    finally:
+        slow.close()
+    saved = json.loads(state.read_text())
+    fast = ProxyProcess(registry.host, log=str(tmp_path / "fast.log"))
+    try:
+        out = subprocess.run([sys.executable, "-m", "ocimodel.cli", "pull", f"{fast.host}/{name}", "--root", str(root),
+                              "--plain-http", "--config", str(config), "--json"], capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert (Path(json.loads(out.stdout)["path"]) / "shard.bin").read_bytes() == data
+        asked = {int(r["range"].split("=")[1].split("-")[0]) for r in fast.requests() if r["range"]}
+    finally:
+        fast.close()
+    piece = saved["piece"]
+    assert not asked & {i * piece for i in saved["done"]}  # the pieces on disk were not fetched again
+    assert not state.exists()
