@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 RANGE_CHUNK = 4 << 20  # a lazy read fetches whole chunks of this size by HTTP Range
 READAHEAD_CHUNKS = 4
 STRICT_WAIT = 3600.0
-LOCAL_READAHEAD = 8 << 20
+LOCAL_READAHEAD = 32 << 20  # how far ahead of a sequential reader the committed blob is read
+LOCAL_READ_SIZE = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,8 @@ class LazyModel:
         self._chunks_lock = threading.Lock()
         self._last_end: dict[Digest, int] = {}
         self._fds: dict[Digest, int] = {}
+        self._local_ahead: dict[Digest, int] = {}  # read ahead of the reader up to here
+        self._local_busy: set[Digest] = set()
         self._readahead = threading.Semaphore(4)
         self.lazy_dir = cache.store.root / "lazy"
         self.on_broken: Callable[[str], None] | None = None  # told once when verification fails
@@ -385,10 +388,38 @@ class LazyModel:
         if fd is None:
             return self._read_chunked(digest, blob_size, offset, size)
         if self._last_end.get(digest) == offset:
-            # FUSE asks for 128 KiB at a time; keep the kernel's readahead of the backing file well ahead
-            os.posix_fadvise(fd, offset + size, LOCAL_READAHEAD, os.POSIX_FADV_WILLNEED)
+            # FUSE asks for 128 KiB at a time, one after another: read the backing file ahead of the
+            # reader in a thread, so that its requests find the pages in page cache
+            self._read_ahead_local(digest, fd, offset + size, blob_size)
         self._last_end[digest] = offset + size
         return os.pread(fd, size, offset)
+
+    def _read_ahead_local(self, digest: Digest, fd: int, offset: int, blob_size: int) -> None:
+        with self._chunks_lock:
+            ahead = self._local_ahead.get(digest, 0)
+            if ahead >= min(offset + LOCAL_READAHEAD, blob_size) or digest in self._local_busy:
+                return
+            start = max(ahead, offset)
+            end = min(offset + 2 * LOCAL_READAHEAD, blob_size)
+            self._local_ahead[digest] = end
+            self._local_busy.add(digest)
+
+        def run() -> None:
+            buffer = bytearray(LOCAL_READ_SIZE)
+            try:
+                position = start
+                while position < end:
+                    n = os.preadv(fd, [memoryview(buffer)[:min(LOCAL_READ_SIZE, end - position)]], position)
+                    if n <= 0:
+                        break
+                    position += n
+            except OSError as exc:
+                log.debug("read-ahead of %s failed: %s", digest, exc)
+            finally:
+                with self._chunks_lock:
+                    self._local_busy.discard(digest)
+
+        threading.Thread(target=run, name="local-readahead", daemon=True).start()
 
     def _committed_fd(self, digest: Digest, path: Path) -> int | None:
         """An open descriptor of a committed blob, kept for the life of the model."""
