@@ -245,7 +245,7 @@ def helper_main(argv: Sequence[str] | None = None) -> int:
     try:
         serve(model, target, ready=announce)
     finally:
-        model.close()
+        model.discard()
     return 0
 
 

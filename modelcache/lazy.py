@@ -149,6 +149,13 @@ class ChunkCache:
         os.close(self.fd)
         self.path.unlink(missing_ok=True)
 
+    def discard(self) -> None:
+        """At process exit: let no reader in and delete the file without waiting for fetches in flight (the
+        descriptor stays open for them and ends with the process)."""
+        with self.lock:
+            self.retired = True
+        self.path.unlink(missing_ok=True)
+
 
 class LazyModel:
     """The tree of ``resolved`` and the logic to read it before, during and after the pull."""
@@ -175,6 +182,7 @@ class LazyModel:
         self._readahead = threading.Semaphore(4)
         self.lazy_dir = cache.store.root / "lazy"
         self.on_broken: Callable[[str], None] | None = None  # told once when verification fails
+        self.stopping = threading.Event()
         self.index: ChunkIndex | None = None  # with one, each chunk is verified before it is served
 
     # -- the tree -------------------------------------------------------------------------------------
@@ -266,7 +274,8 @@ class LazyModel:
         """Run the ordinary pull in a thread; when it is done every read is local."""
         def run() -> None:
             try:
-                self.final = self.cache.materialise(self.resolved, self.options, self.progress)
+                self.final = self.cache.materialise(self.resolved, self.options, self.progress,
+                                                    cancel=self.stopping)
                 self._compare_served_chunks()
             except ModelCacheError as exc:
                 self.failure = exc
@@ -311,6 +320,15 @@ class LazyModel:
         self.failure = None
         self.complete.clear()
         return self.start_background()
+
+    def discard(self) -> None:
+        """At process exit (the mount is gone): stop the background pull at its next read (it resumes from
+        its partial download next time) and delete the chunk files without waiting for fetches in flight."""
+        self.stopping.set()
+        with self._chunks_lock:
+            for chunks in self._chunks.values():
+                chunks.discard()
+            self._chunks.clear()
 
     def close(self) -> None:
         """Delete the partial chunk files (the background pull keeps its own resumable ingest)."""

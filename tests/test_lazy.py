@@ -278,7 +278,10 @@ def test_helpers_hosted_by_a_launcher_outlive_the_driver(tmp_path: Path, big, pr
         csi.node.NodePublishVolume(request)
         csi.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id="lazy-7", target_path=str(target)))
         assert not is_mounted(target)
-        wait_until(lambda: not Path(f"/proc/{helper}").exists(), 20)  # exited and reaped by the launcher
+        try:
+            wait_until(lambda: not Path(f"/proc/{helper}").exists(), 20)  # exited and reaped by the launcher
+        except AssertionError:
+            raise AssertionError(f"helper {helper} still there: " + _process_state(helper)) from None
     finally:
         csi.stop()
         launcher.terminate()
@@ -375,3 +378,15 @@ def test_cli_mount_lazy_strict(tmp_path: Path, big, proxy_factory) -> None:
     bad = subprocess.run([*cli, "mount", "--lazy-verify", "strict", f"{proxy.host}/{name}", str(target), "--root",
                           str(root), "--plain-http"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--lazy-verify needs --lazy" in bad.stderr
+
+
+def _process_state(pid: int) -> str:
+    """State, wait channel and threads of a process (for a failure message)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        threads = [f"{t.name}:{(t / 'comm').read_text().strip()}:{(t / 'wchan').read_text()}"
+                   for t in Path(f"/proc/{pid}/task").iterdir()]
+        mounts = [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if "fuse" in line]
+    except OSError as exc:
+        return f"unreadable ({exc})"
+    return f"{[s for s in status if s.startswith(('State', 'PPid'))]} threads={threads} fuse mounts={mounts}"
