@@ -165,8 +165,7 @@ def bind_via_private_staging(source: Path | str, target: Path | str) -> None:
             _check(_libc.mount(stage, os.fsencode(str(target)), None, MS_BIND, None),
                    f"bind mount {source} on {target}")
         finally:
-            while _libc.umount2(stage, MNT_DETACH) == 0:
-                pass
+            unmount_all(staging, lazy=True)
     finally:
         os.rmdir(staging)
 

@@ -69,6 +69,14 @@ class WriteBehind:
         return self.position
 
 
+def _commit(partial: Path, target: Path) -> None:
+    """Publish a verified, synced ingest as a read-only blob with one durable rename."""
+    os.chmod(partial, 0o444)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(partial, target)
+    fsync_dir(target.parent)
+
+
 def blob_lease(digest: Digest | str) -> str:
     """The lease name of a blob."""
     algorithm, _, hexpart = str(digest).partition(":")
@@ -157,10 +165,7 @@ class ContentStore:
                     out = WriteBehind(raw)
                     fetch(out, verifier)  # type: ignore[arg-type]
                     os.fdatasync(raw.fileno())
-                os.chmod(partial, 0o444)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(partial, target)
-                fsync_dir(target.parent)
+                _commit(partial, target)
             except IntegrityError:
                 with contextlib.suppress(FileNotFoundError):
                     partial.unlink()
@@ -212,10 +217,7 @@ class ContentStore:
             except RangesUnsupported:
                 clear_ranged(partial, state)
                 raise
-            os.chmod(partial, 0o444)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(partial, target)
-            fsync_dir(target.parent)
+            _commit(partial, target)
             return already
 
     def put_bytes(self, digest: Digest, data: bytes) -> Path:

@@ -92,3 +92,20 @@ def proxy_factory(registry: RunningRegistry) -> Iterator[object]:
     yield make
     for proxy in proxies:
         proxy.close()
+
+
+@pytest.fixture
+def proxy_process(registry: RunningRegistry, tmp_path: Path) -> Iterator[object]:
+    """Registry proxies in their own processes (throttled, corrupting, ...), logging each request."""
+    from tests.helpers.proxy import ProxyProcess
+    proxies: list[ProxyProcess] = []
+
+    def make(bytes_per_second: float = 0, corrupt: bool = False, **behaviour: object) -> ProxyProcess:
+        proxy = ProxyProcess(registry.host, bytes_per_second=bytes_per_second, corrupt=corrupt,
+                             log=str(tmp_path / f"proxy-{len(proxies)}.log"), **behaviour)  # type: ignore[arg-type]
+        proxies.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in proxies:
+        proxy.close()

@@ -15,7 +15,6 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -40,18 +39,8 @@ def big(fixtures: Fixtures) -> tuple[str, bytes]:
 
 
 @pytest.fixture
-def proxy_factory(registry, tmp_path: Path) -> Iterator[object]:
-    proxies: list[ProxyProcess] = []
-
-    def make(bytes_per_second: float = 0, corrupt: bool = False, **behaviour: Any) -> ProxyProcess:
-        proxy = ProxyProcess(registry.host, bytes_per_second=bytes_per_second, corrupt=corrupt,
-                             log=str(tmp_path / f"proxy-{len(proxies)}.log"), **behaviour)
-        proxies.append(proxy)
-        return proxy
-
-    yield make
-    for proxy in proxies:
-        proxy.close()
+def proxy_factory(proxy_process):  # type: ignore[no-untyped-def]
+    return proxy_process
 
 
 @pytest.fixture

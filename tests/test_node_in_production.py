@@ -33,25 +33,14 @@ from modelcache.store import ContentStore
 from tests.conftest import make_client, needs_root
 from tests.helpers.csi import CsiProcess, code_of, is_mounted, publish_request
 from tests.helpers.oci import Fixtures
-from tests.helpers.proxy import ProxyProcess
 
 pytestmark = needs_root
 ABORTED, OK = grpc.StatusCode.ABORTED, grpc.StatusCode.OK
 
 
 @pytest.fixture
-def slow_proxy(registry, tmp_path: Path) -> Iterator[object]:  # type: ignore[no-untyped-def]
-    proxies: list[ProxyProcess] = []
-
-    def make(bytes_per_second: float) -> ProxyProcess:
-        proxy = ProxyProcess(registry.host, bytes_per_second=bytes_per_second,
-                             log=str(tmp_path / f"proxy-{len(proxies)}.log"))
-        proxies.append(proxy)
-        return proxy
-
-    yield make
-    for proxy in proxies:
-        proxy.close()
+def slow_proxy(proxy_process):  # type: ignore[no-untyped-def]
+    return proxy_process
 
 
 @pytest.fixture
@@ -81,9 +70,10 @@ def fill(directory: Path) -> Path:
     fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         for size in (1 << 20, 4096, 1):
+            block, written = b"\0" * size, size
             try:
-                while os.write(fd, b"\0" * size):
-                    pass
+                while written:
+                    written = os.write(fd, block)
             except OSError:
                 continue
     finally:

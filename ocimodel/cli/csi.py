@@ -7,6 +7,8 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,6 @@ def cmd_csi(args: argparse.Namespace) -> int:
 
 def cmd_mount(args: argparse.Namespace) -> int:
     """Mount REF read-only at TARGET through the Node service's publish path."""
-    from csi_driver.errors import CsiError
     from csi_driver.localmount import mount_model
     attributes = {"reference": args.reference, "mount": "lazy" if args.lazy else "bind"}
     if args.lazy_verify:
@@ -45,27 +46,30 @@ def cmd_mount(args: argparse.Namespace) -> int:
     secrets: dict[str, str] = {}
     if args.username:
         secrets = {"username": args.username, "password": os.environ.get("OCIMODEL_PASSWORD", "")}
-    try:
+    with _csi_errors():
         target = mount_model(settings_from_args(args), args.target, attributes, secrets,
                              on_wait=lambda message: print(message, file=sys.stderr))
-    except CsiError as exc:
-        print(f"ocimodel: {exc.code.name}: {exc.message}", file=sys.stderr)
-        return 1
-    print(f"mounted {args.reference} at {target}")
+        print(f"mounted {args.reference} at {target}")
     return 0
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
     """Unmount TARGET through the Node service's unpublish path."""
-    from csi_driver.errors import CsiError
     from csi_driver.localmount import unmount_model
+    with _csi_errors():
+        print(f"unmounted {unmount_model(settings_from_args(args), args.target)}")
+    return 0
+
+
+@contextmanager
+def _csi_errors() -> Iterator[None]:
+    """Turn a CSI error of the local mount path into one line on stderr and exit status 1."""
+    from csi_driver.errors import CsiError
     try:
-        target = unmount_model(settings_from_args(args), args.target)
+        yield
     except CsiError as exc:
         print(f"ocimodel: {exc.code.name}: {exc.message}", file=sys.stderr)
-        return 1
-    print(f"unmounted {target}")
-    return 0
+        raise SystemExit(1) from None
 
 
 def cmd_fuse_launcher(args: argparse.Namespace) -> int:
