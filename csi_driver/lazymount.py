@@ -93,16 +93,21 @@ def _first_line(process: subprocess.Popen[bytes], timeout: float) -> str:
     return buffer.decode(errors="replace").strip().splitlines()[0] if buffer.strip() else ""
 
 
+def _helper_file(root: Path | str, target: str, suffix: str) -> Path:
+    """A file of the helper serving ``target``, under ``<root>/csi/lazy``."""
+    directory = Path(root) / "csi" / "lazy"
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory / f"{hashlib.sha256(target.encode()).hexdigest()[:16]}{suffix}"
+
+
 def helper_log(job: dict[str, Any]) -> Path:
     """Where the helper of ``job`` writes its log (under the cache root)."""
-    directory = Path(job["settings"]["root"]) / "csi" / "lazy"
-    directory.mkdir(parents=True, exist_ok=True)
-    return directory / f"{hashlib.sha256(job['target'].encode()).hexdigest()[:16]}.log"
+    return _helper_file(job["settings"]["root"], job["target"], ".log")
 
 
 def verdict_path(root: Path | str, target: str) -> Path:
     """Where the helper serving ``target`` reports that its model failed verification."""
-    return Path(root) / "csi" / "lazy" / f"{hashlib.sha256(target.encode()).hexdigest()[:16]}.verdict.json"
+    return _helper_file(root, target, ".verdict.json")
 
 
 def write_verdict(path: Path | str, reason: str) -> None:

@@ -142,6 +142,23 @@ class ContentStore:
         """Where an ingest of ``digest`` accumulates."""
         return self.ingest_dir / f"{digest.algorithm}-{digest.hex}"
 
+    @contextlib.contextmanager
+    def _fetching(self, digest: Digest, size: int) -> Iterator[bool]:
+        """True when the blob is already committed; else hold its fetch lock (one fetcher per digest across
+        threads and processes), having removed a committed copy of the wrong size."""
+        if self.has_blob(digest, size):
+            yield True
+            return
+        with self.lock(f"blob-{digest.algorithm}-{digest.hex}"):
+            if self.has_blob(digest, size):
+                yield True
+                return
+            target = self.blob_path(digest)
+            if target.exists():
+                log.warning("blob %s has the wrong size on disk; fetching it again", digest)
+                target.unlink()
+            yield False
+
     # -- writing ----------------------------------------------------------------------------------------
     def ingest(self, digest: Digest, size: int, fetch: Fetcher) -> Path:
         """Make sure blob ``digest`` of ``size`` bytes is committed, calling ``fetch`` to stream it.
@@ -149,14 +166,9 @@ class ContentStore:
         Only one process or thread fetches a digest at a time; others wait and reuse the result.
         """
         target = self.blob_path(digest)
-        if self.has_blob(digest, size):
-            return target
-        with self.lock(f"blob-{digest.algorithm}-{digest.hex}"):
-            if self.has_blob(digest, size):
+        with self._fetching(digest, size) as present:
+            if present:
                 return target
-            if target.exists():
-                log.warning("blob %s has the wrong size on disk; fetching it again", digest)
-                target.unlink()
             partial = self.partial_path(digest)
             verifier = Verifier(digest, size, f"blob {digest}")
             try:
@@ -203,10 +215,8 @@ class ContentStore:
         return the bytes a killed earlier attempt had already fetched. :class:`RangesUnsupported` leaves
         nothing behind, for the caller to fall back to one stream."""
         target = self.blob_path(digest)
-        if self.has_blob(digest, size):
-            return size
-        with self.lock(f"blob-{digest.algorithm}-{digest.hex}"):
-            if self.has_blob(digest, size):
+        with self._fetching(digest, size) as present:
+            if present:
                 return size
             partial = self.ingest_dir / f"{digest.algorithm}-{digest.hex}.ranged"
             state = self.ingest_dir / f"{digest.algorithm}-{digest.hex}.ranged.json"

@@ -22,7 +22,7 @@ import requests
 
 from modelcache.pins import Pins
 from tests.conftest import PASSWORD, USER
-from tests.helpers.fakekube import FakeKubeAPI, Recorded
+from tests.helpers.fakekube import FakeKubeAPI, Recorded, write_kubeconfig
 from tests.helpers.oci import Fixtures
 
 BASE = "/apis/ocimodel.csi.dev/v1alpha1"
@@ -247,11 +247,7 @@ def test_pins_and_locks_follow_the_objects_across_restarts_and_changes(tmp_path:
     config = tmp_path / "config.yaml"
     available = psutil.virtual_memory().available
     config.write_text(f"warmMemoryShare: {100_000 / available:.12f}\n")  # room to lock ~100 kB, not 400 kB
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "c",
-        "clusters": [{"name": "c", "cluster": {"server": cluster.api.url}}],
-        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}], "users": [{"name": "u", "user": {}}]}))
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", cluster.api.url)
     log = tmp_path / "agent.log"
     process = subprocess.Popen([sys.executable, "-m", "ocimodel.cli", "agent", "--node-name", "node-a", "--kubeconfig",
                                 str(kubeconfig), "--root", str(root), "--config", str(config), "--plain-http",

@@ -32,6 +32,7 @@ from modelcache.singleflight import PullFlights
 from modelcache.store import ContentStore
 from tests.conftest import make_client, needs_root
 from tests.helpers.csi import CsiProcess, code_of, is_mounted, publish_request
+from tests.helpers.fakekube import write_kubeconfig
 from tests.helpers.oci import Fixtures
 
 pytestmark = needs_root
@@ -198,11 +199,7 @@ def test_sigterm_stops_the_agent_and_the_fuse_launcher_fast(tmp_path: Path, fixt
     fixtures.raw_model("term/agent:v1", {"weights.bin": os.urandom(32 << 20)})
     slow = slow_proxy(1_000_000)
     cluster = Cluster([modelcache("big", f"{slow.host}/term/agent:v1")], {})
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "c",
-        "clusters": [{"name": "c", "cluster": {"server": cluster.api.url}}],
-        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}], "users": [{"name": "u", "user": {}}]}))
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", cluster.api.url)
     agent = subprocess.Popen([sys.executable, "-m", "ocimodel.cli", "agent", "--node-name", "node-a", "--kubeconfig",
                               str(kubeconfig), "--root", str(tmp_path / "root"), "--plain-http", "--metrics-address",
                               "127.0.0.1:0"], stdout=(tmp_path / "agent.log").open("wb"), stderr=subprocess.STDOUT)

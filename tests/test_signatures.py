@@ -23,6 +23,7 @@ from modelcache.digest import Digest
 from modelcache.reference import parse_reference
 from tests.conftest import needs_root
 from tests.helpers.csi import CsiProcess, code_of, publish_request
+from tests.helpers.fakekube import write_kubeconfig
 from tests.helpers.oci import Fixtures
 from tests.helpers.proxy import ProxyBehaviour
 
@@ -191,11 +192,7 @@ def test_csi_publish_and_agent_enforce_the_node_policy(fixtures: Fixtures, tmp_p
     finally:
         csi.stop()
     cluster = Cluster([modelcache("unsigned", fixtures.ref("prod/unsigned:v1"))], {})
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "c",
-        "clusters": [{"name": "c", "cluster": {"server": cluster.api.url}}],
-        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}], "users": [{"name": "u", "user": {}}]}))
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", cluster.api.url)
     agent = subprocess.Popen([*CLI, "agent", "--node-name", "node-a", "--kubeconfig", str(kubeconfig), "--root",
                               str(tmp_path / "agent-root"), "--config", str(config), "--plain-http",
                               "--metrics-address", "127.0.0.1:0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -15,6 +15,7 @@ import requests
 
 from modelcache.digest import Digest
 from tests.conftest import needs_root
+from tests.helpers.fakekube import write_kubeconfig
 from tests.helpers.oci import Fixtures
 
 CLI = [sys.executable, "-m", "ocimodel.cli"]
@@ -71,11 +72,7 @@ def test_agent_verifies_on_schedule(tmp_path: Path, fixtures: Fixtures) -> None:
     cluster = Cluster([modelcache("m", fixtures.ref("verify/agent:v1"))], {})
     config = tmp_path / "config.yaml"
     config.write_text("verifyIntervalHours: 0.0005\n")  # every 1.8 s
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "c",
-        "clusters": [{"name": "c", "cluster": {"server": cluster.api.url}}],
-        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}], "users": [{"name": "u", "user": {}}]}))
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", cluster.api.url)
     root, log = tmp_path / "root", tmp_path / "agent.log"
     process = subprocess.Popen([*CLI, "agent", "--node-name", "node-a", "--kubeconfig", str(kubeconfig), "--root",
                                 str(root), "--config", str(config), "--plain-http", "--metrics-address",
