@@ -16,7 +16,8 @@ from tests.helpers.registry import RunningRegistry, start_registry  # noqa: E402
 
 OCIMODEL = [sys.executable, "-m", "ocimodel.cli"]
 
-__all__ = ["OCIMODEL", "RunningRegistry", "drop_caches", "make_shards", "start_registry", "timed", "warm"]
+__all__ = ["OCIMODEL", "RunningRegistry", "drop_caches", "make_shards", "prefault", "start_registry", "timed",
+           "warm"]
 
 
 def drop_caches() -> bool:
@@ -27,6 +28,17 @@ def drop_caches() -> bool:
         return True
     except OSError:
         return False
+
+
+def prefault(size: int, directory: Path) -> None:
+    """Write and delete a file of ``size`` bytes, so that the free memory the next run's page cache takes
+    has been touched (see bench/pull.py)."""
+    path = directory / ".prefault"
+    block = bytes(4 << 20)
+    with open(path, "wb") as out:
+        for _ in range(-(-size // len(block))):
+            out.write(block)
+    path.unlink()
 
 
 def warm(path: Path) -> None:

@@ -1,8 +1,14 @@
-"""Lazy mounts: time from the publish call to the first 1 MiB read at the end of a large file (lazy vs a
-full pull then bind mount), and sequential reads once the model is complete (through the mount, through
-a FUSE handle opened before completion, and directly from the cache).
+"""Lazy mounts, two cases:
 
-Usage (root, /dev/fuse): python bench/lazy.py [--gib 2]
+- ``publish``: time from the publish call to the first 1 MiB read at the end of a large file (lazy vs a
+  full pull then bind mount), and sequential reads once the model is complete (through the mount, through
+  a FUSE handle opened before completion, and directly from the cache);
+- ``during-pull``: a whole shard read sequentially through the lazy mount right after publish, while the
+  background pull is still running, cold (nothing cached) and warm (read again), for a model with a chunk
+  index (each chunk verified before it is served) and without; the reference is a direct read of the same
+  file from the cache once complete, cold and warm, in the same run.
+
+Usage (root, /dev/fuse): python bench/lazy.py [--gib 2] [--cases publish,during-pull]
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import OCIMODEL, drop_caches, make_shards, start_registry, warm
+from common import OCIMODEL, RunningRegistry, drop_caches, make_shards, start_registry, warm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from csi_driver.proto import csi_pb2  # noqa: E402
@@ -44,74 +50,120 @@ def tail_read(path: Path) -> None:
         assert len(handle.read(1 << 20)) == 1 << 20
 
 
+def during_pull(registry: RunningRegistry, work: Path, model: Path, name: str, size: int) -> dict[str, object]:
+    results: dict[str, object] = {"file_bytes": size}
+    for label, extra in (("with_index", []), ("without_index", ["--no-chunk-index"])):
+        ref = f"{registry.host}/bench/during-{label.replace('_', '-')}:v1"
+        subprocess.run([*OCIMODEL, "push", str(model), ref, "--plain-http", *extra], check=True, capture_output=True)
+        drop_caches()
+        warm(registry.root / "data")
+        plugin = CsiProcess(work / f"during-{label}", verbose=False)
+        target = work / "pods" / f"during-{label}"
+        target.parent.mkdir(exist_ok=True)
+        plugin.node.NodePublishVolume(publish_request(label, target, ref, mount="lazy"))
+        handle = os.open(target / name, os.O_RDONLY)
+        cold = read_file(target / name, handle)
+        trees = plugin.root / "trees"
+        running_after = not any(trees.iterdir())
+        warm_seconds = read_file(target / name, handle)
+        os.close(handle)
+        deadline = time.monotonic() + 600
+        while not any(trees.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        cached_file = next(trees.iterdir()) / name
+        drop_caches()
+        direct_cold = read_file(cached_file)
+        direct_warm = read_file(cached_file)
+        results[label] = {
+            "cold_gb_s": size / cold / 1e9, "warm_gb_s": size / warm_seconds / 1e9,
+            "direct_cold_gb_s": size / direct_cold / 1e9, "direct_warm_gb_s": size / direct_warm / 1e9,
+            "cold_vs_direct": direct_cold / cold, "warm_vs_direct": direct_warm / warm_seconds,
+            "pull_still_running_when_read_ended": running_after}
+        plugin.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id=label, target_path=str(target)))
+        plugin.stop()
+    with_index, without = results["with_index"], results["without_index"]
+    assert isinstance(with_index, dict) and isinstance(without, dict)
+    results["index_verification_cost_cold"] = 1 - with_index["cold_gb_s"] / without["cold_gb_s"]
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--gib", type=float, default=2.0)
+    parser.add_argument("--cases", default="publish,during-pull")
     args = parser.parse_args()
+    cases = set(args.cases.split(","))
     results: dict[str, object] = {}
     with tempfile.TemporaryDirectory(prefix="bench-lazy-", dir="/var/tmp") as tmp:
         work = Path(tmp)
         registry = start_registry(work / "registry")
         try:
             model = make_shards(work / "model", 1, int(args.gib * (1 << 30)))
-            ref = f"{registry.host}/bench/lazy:v1"
-            subprocess.run([*OCIMODEL, "push", str(model), ref, "--plain-http"], check=True, capture_output=True)
             name = next(p.name for p in model.iterdir() if p.suffix == ".safetensors")
             size = (model / name).stat().st_size
-            for p in model.iterdir():
-                p.unlink()
-            drop_caches()
-            warm(registry.root / "data")
-
-            lazy = CsiProcess(work / "lazy", verbose=False)
-            target = work / "pods" / "lazy"
-            target.parent.mkdir()
-            start = time.perf_counter()
-            lazy.node.NodePublishVolume(publish_request("lazy", target, ref, mount="lazy"))
-            mounted = time.perf_counter() - start
-            tail_read(target / name)
-            results["lazy_first_tail_MiB_seconds"] = time.perf_counter() - start
-            results["lazy_mount_seconds"] = mounted
-            early = os.open(target / name, os.O_RDONLY)  # a handle on the FUSE layer itself
-
-            drop_caches()
-            warm(registry.root / "data")
-            bind = CsiProcess(work / "bind", verbose=False)
-            bind_target = work / "pods" / "bind"
-            start = time.perf_counter()
-            publish_until_done(bind, publish_request("bind", bind_target, ref))
-            tail_read(bind_target / name)
-            results["bind_first_tail_MiB_seconds"] = time.perf_counter() - start
-
-            blob_dir = lazy.root / "trees"
-            deadline = time.monotonic() + 600
-            while not any(blob_dir.iterdir()) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            while sum(1 for line in Path("/proc/self/mountinfo").read_text().splitlines()
-                      if line.split()[4] == str(target)) < 2 and time.monotonic() < deadline:
-                time.sleep(0.2)
-            cached_file = next(blob_dir.iterdir()) / name
-            rounds: dict[str, list[float]] = {"direct": [], "through_mount": [], "fuse_handle": []}
-            for _ in range(2):
-                drop_caches()
-                rounds["direct"].append(size / read_file(cached_file) / 1e9)
-                drop_caches()
-                rounds["through_mount"].append(size / read_file(target / name) / 1e9)
-                drop_caches()
-                rounds["fuse_handle"].append(size / read_file(target / name, early) / 1e9)
-            os.close(early)
-            for key, values in rounds.items():
-                results[f"complete_read_gb_s_{key}"] = max(values)
-            results["through_mount_vs_direct"] = max(rounds["through_mount"]) / max(rounds["direct"])
-            results["fuse_handle_vs_direct"] = max(rounds["fuse_handle"]) / max(rounds["direct"])
-            results["file_bytes"] = size
-            for process, volume, path in ((lazy, "lazy", target), (bind, "bind", bind_target)):
-                process.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume,
-                                                                                    target_path=str(path)))
-                process.stop()
+            if "during-pull" in cases:
+                results["during_pull"] = during_pull(registry, work, model, name, size)
+            if "publish" in cases:
+                results["publish"] = publish_case(registry, work, model, name, size)
         finally:
             registry.stop()
     print(json.dumps(results, indent=2))
+
+
+def publish_case(registry: RunningRegistry, work: Path, model: Path, name: str, size: int) -> dict[str, object]:
+    results: dict[str, object] = {}
+    ref = f"{registry.host}/bench/lazy:v1"
+    subprocess.run([*OCIMODEL, "push", str(model), ref, "--plain-http"], check=True, capture_output=True)
+    drop_caches()
+    warm(registry.root / "data")
+
+    lazy = CsiProcess(work / "lazy", verbose=False)
+    target = work / "pods" / "lazy"
+    target.parent.mkdir(exist_ok=True)
+    start = time.perf_counter()
+    lazy.node.NodePublishVolume(publish_request("lazy", target, ref, mount="lazy"))
+    mounted = time.perf_counter() - start
+    tail_read(target / name)
+    results["lazy_first_tail_MiB_seconds"] = time.perf_counter() - start
+    results["lazy_mount_seconds"] = mounted
+    early = os.open(target / name, os.O_RDONLY)  # a handle on the FUSE layer itself
+
+    drop_caches()
+    warm(registry.root / "data")
+    bind = CsiProcess(work / "bind", verbose=False)
+    bind_target = work / "pods" / "bind"
+    start = time.perf_counter()
+    publish_until_done(bind, publish_request("bind", bind_target, ref))
+    tail_read(bind_target / name)
+    results["bind_first_tail_MiB_seconds"] = time.perf_counter() - start
+
+    blob_dir = lazy.root / "trees"
+    deadline = time.monotonic() + 600
+    while not any(blob_dir.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    while sum(1 for line in Path("/proc/self/mountinfo").read_text().splitlines()
+              if line.split()[4] == str(target)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    cached_file = next(blob_dir.iterdir()) / name
+    rounds: dict[str, list[float]] = {"direct": [], "through_mount": [], "fuse_handle": []}
+    for _ in range(2):
+        drop_caches()
+        rounds["direct"].append(size / read_file(cached_file) / 1e9)
+        drop_caches()
+        rounds["through_mount"].append(size / read_file(target / name) / 1e9)
+        drop_caches()
+        rounds["fuse_handle"].append(size / read_file(target / name, early) / 1e9)
+    os.close(early)
+    for key, values in rounds.items():
+        results[f"complete_read_gb_s_{key}"] = max(values)
+    results["through_mount_vs_direct"] = max(rounds["through_mount"]) / max(rounds["direct"])
+    results["fuse_handle_vs_direct"] = max(rounds["fuse_handle"]) / max(rounds["direct"])
+    results["file_bytes"] = size
+    for process, volume, path in ((lazy, "lazy", target), (bind, "bind", bind_target)):
+        process.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume,
+                                                                            target_path=str(path)))
+        process.stop()
+    return results
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from modelcache.store import ContentStore, blob_lease
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPAND_RATIO = 100
-DEFAULT_CONNECTIONS = 4  # concurrent Range requests per large blob
+DEFAULT_CONNECTIONS = 8  # concurrent Range requests per large blob
 DEFAULT_RANGED_MIN_SIZE = 64 << 20  # blobs at least this large are fetched in ranges
 
 

@@ -122,3 +122,27 @@ def wait_writeback(fd: int, offset: int, length: int) -> None:
     """Start writeback of the range and wait until it is on disk."""
     _libc.sync_file_range(fd, offset, length,
                           SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER)
+
+
+WRITE_BEHIND_WINDOW = 16 << 20
+
+
+class WritebackWindows:
+    """For a file written front to back: start writeback of each finished window at once and wait for the
+    one before it, so dirty pages stay bounded and the final fsync has little left to do."""
+
+    def __init__(self, fd: int, position: int = 0) -> None:
+        self.fd = fd
+        self.restart(position)
+
+    def restart(self, position: int) -> None:
+        """The writer moved to ``position`` (a resumed or restarted file)."""
+        self.flushed = position - position % WRITE_BEHIND_WINDOW
+
+    def advance(self, position: int) -> None:
+        """The file is written up to ``position``."""
+        while position - self.flushed >= WRITE_BEHIND_WINDOW:
+            start_writeback(self.fd, self.flushed, WRITE_BEHIND_WINDOW)
+            if self.flushed >= WRITE_BEHIND_WINDOW:
+                wait_writeback(self.fd, self.flushed - WRITE_BEHIND_WINDOW, WRITE_BEHIND_WINDOW)
+            self.flushed += WRITE_BEHIND_WINDOW

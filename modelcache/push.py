@@ -110,9 +110,10 @@ def _files(directory: Path) -> list[tuple[str, Path]]:
 
 
 def push_directory(client: RegistryClient, directory: Path, ref: Reference, *,
-                   compression: mt.Compression = mt.Compression.RAW,
+                   compression: mt.Compression = mt.Compression.RAW, chunk_index: bool = True,
                    progress: Callable[[str], None] | None = None) -> Digest:
-    """Pack every regular file under ``directory`` as one model-spec layer and push the artifact to ``ref``."""
+    """Pack every regular file under ``directory`` as one model-spec layer and push the artifact to ``ref``
+    (raw layers with a chunk index unless ``chunk_index`` is False)."""
     if not directory.is_dir():
         raise ModelCacheError(f"{directory} is not a directory", kind=Kind.INVALID_ARGUMENT)
     files = _files(directory)
@@ -162,7 +163,7 @@ def push_directory(client: RegistryClient, directory: Path, ref: Reference, *,
         "layers": [layer.descriptor for layer in layers],
     }
     index_raw = b""
-    if chunk_hashes:  # raw layers: a chunk index lets lazy reads verify each chunk before serving it
+    if chunk_hashes and chunk_index:  # raw layers: a chunk index lets lazy reads verify each chunk before serving it
         index_raw = chunkindex.ChunkIndex(chunkindex.DEFAULT_CHUNK_SIZE, chunk_hashes).to_json()
         client.upload_blob(ref, Digest.of_bytes(index_raw), len(index_raw), index_raw)
         manifest["annotations"] = chunkindex.annotations_for(Digest.of_bytes(index_raw), len(index_raw))

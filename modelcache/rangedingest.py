@@ -1,7 +1,10 @@
-"""Parallel ranged ingest of one large blob: fixed-size pieces fetched by concurrent Range requests (from
-mirrors or the upstream, whichever the transport picks for each), written at their offsets, hashed in
-order as the filled prefix grows (re-read from page cache), committed only once verified. The pieces
-already on disk are listed in a small state file, so a killed pull resumes with the pieces it has."""
+"""Ranged ingest of one large blob. A lead stream starts at byte 0 and is hashed as it arrives. If, after a
+short probe, the lead turns out to wait on the network rather than on this machine's CPU (a registry or CDN
+that limits each connection), the rest of the blob is cut into pieces fetched by concurrent Range requests
+(from mirrors or the upstream, whichever the transport picks for each) and written at their offsets; the
+lead stops where the pieces begin. Past the lead, a hashing thread re-reads from page cache, in order, what
+the pieces filled. Nothing is committed unverified. The byte ranges already on disk are listed in a small
+state file, so a killed pull resumes with the ranges it has."""
 
 from __future__ import annotations
 
@@ -11,50 +14,71 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from modelcache.digest import Digest
 from modelcache.errors import IntegrityError, ModelCacheError
-from modelcache.fsutil import raise_if_full, read_json, start_writeback
+from modelcache.fsutil import WritebackWindows, raise_if_full, read_json, start_writeback
 
 log = logging.getLogger(__name__)
 
-PIECE_SIZE = 32 << 20  # at most; a blob is cut into about two pieces per connection
+PIECE_SIZE = 32 << 20  # at most; the rest of a blob is cut into about two pieces per connection
 MIN_PIECE = 1 << 20
 HASH_BUFFER = 4 << 20
+PROBE_SECONDS = 0.5  # how long the lead stream runs alone before the split is decided
+BUSY_SHARE = 0.35  # a lead whose thread is busy more than this share of the probe is CPU-bound: no split
+STATE_EVERY = 64 << 20  # the lead's progress is written to the state file this often
+STATE_VERSION = 2
 # fetch(start, length, write): stream bytes [start, start+length) of the blob, calling write(offset, data)
-RangeFetch = Callable[[int, int, Callable[[int, bytes | memoryview], None]], None]
+RangeFetch = Callable[[int, int, Callable[[int, memoryview], None]], None]
+Slot = Callable[[], AbstractContextManager[object]]
 
 
 class RangesUnsupported(ModelCacheError):
     """The registry answered a Range request with the whole blob: fetch it as one stream instead."""
 
 
+class _LeadCut(Exception):
+    """The lead stream reached the first piece: it stops there."""
+
+
 class RangedIngest:
-    """Fills ``partial`` (the full size, sparse at first) piece by piece with ``workers`` threads; see
-    the module docstring. ``on_bytes`` hears every byte fetched."""
+    """Fills ``partial`` (the full size, sparse at first) with up to ``workers`` connections, each held
+    within a ``slot()`` (the node-wide connection limit); see the module docstring. ``on_bytes`` hears
+    every byte fetched."""
 
     def __init__(self, digest: Digest, size: int, partial: Path, state: Path, fetch: RangeFetch, *, workers: int,
-                 on_bytes: Callable[[int], None], piece_size: int = PIECE_SIZE) -> None:
+                 on_bytes: Callable[[int], None], slot: Slot = contextlib.nullcontext) -> None:
         self.digest, self.size, self.partial, self.state = digest, size, partial, state
-        self.fetch, self.workers, self.on_bytes, self.piece_size = fetch, workers, on_bytes, piece_size
-        self.pieces = max(1, -(-size // piece_size))
-        self.done: set[int] = set()
-        self.hashed = 0  # pieces hashed so far, in order
+        self.fetch, self.workers, self.on_bytes, self.slot = fetch, max(1, workers), on_bytes, slot
+        self.filled: list[list[int]] = []  # merged [start, end) ranges on disk, not counting the running lead
+        self.hashed = 0  # the hash covers bytes [0, hashed)
         self.hasher = hashlib.new(digest.algorithm)
         self.cond = threading.Condition()
         self.failed: BaseException | None = None
+        self.lead_active = False
+        self.lead_end = size  # the lead stops here (moved down when the blob is split)
+        self.lead_claimed = 0  # the lead has taken bytes [0, lead_claimed) for itself
+        self.lead_written = 0
+        self.lead_started: tuple[float, float] | None = None  # (wall, thread CPU) at the lead's first byte
+        self.lead_cpu = 0.0
+        self.split_into = 0  # how many pieces the rest of the blob was cut into (0: not split)
 
+    # -- the whole ingest -------------------------------------------------------------------------------
     def run(self) -> int:
         """Fetch what is missing and verify everything; return the bytes that were already there."""
         saved = read_json(self.state)
-        if isinstance(saved, dict) and saved.get("piece") == self.piece_size and self.partial.exists():
-            self.done = {int(i) for i in saved.get("done", []) if 0 <= int(i) < self.pieces}
+        if (isinstance(saved, dict) and saved.get("version") == STATE_VERSION and self.partial.exists()
+                and self.partial.stat().st_size == self.size):
+            self.filled = _merged([[int(s), int(e)] for s, e in saved.get("filled", [])
+                                   if 0 <= int(s) < int(e) <= self.size])
         else:
             self.partial.unlink(missing_ok=True)
-        already = sum(self._length(i) for i in self.done)
+        already = sum(e - s for s, e in self.filled)
         fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             try:
@@ -62,24 +86,26 @@ class RangedIngest:
             except OSError as exc:
                 raise_if_full(exc, f"blob {self.digest}")
                 raise
-            hasher = threading.Thread(target=self._hash_in_order, args=(fd,), name="ranged-hash", daemon=True)
+            hasher = threading.Thread(target=self._hash_filled, args=(fd,), name="ranged-hash", daemon=True)
             hasher.start()
-            missing = [i for i in range(self.pieces) if i not in self.done]
             try:
-                with ThreadPoolExecutor(max_workers=max(1, min(self.workers, len(missing))),
-                                        thread_name_prefix="range") as pool:
-                    for future in [pool.submit(self._fetch_piece, fd, i) for i in missing]:
+                with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="range") as pool:
+                    if self.filled:  # resuming: every gap in pieces, hashed from byte 0 by re-reading
+                        futures = [pool.submit(self._fetch_piece, fd, s, e) for s, e in self._gaps()]
+                    else:
+                        self.lead_active = True
+                        futures = [pool.submit(self._lead, fd)]
+                        futures += self._probe_then_split(pool, fd)
+                    for future in futures:
                         future.result()
             except BaseException as exc:
-                with self.cond:
-                    self.failed = exc
-                    self.cond.notify_all()
+                self._fail(exc)
                 raise
             finally:
                 hasher.join()
             if self.failed is not None:
                 raise self.failed
-            if self.hasher.hexdigest() != self.digest.hex:
+            if self.hashed != self.size or self.hasher.hexdigest() != self.digest.hex:
                 self.partial.unlink(missing_ok=True)
                 self.state.unlink(missing_ok=True)
                 raise IntegrityError(f"blob {self.digest}: content does not match its digest (fetched in ranges)")
@@ -87,67 +113,177 @@ class RangedIngest:
         finally:
             os.close(fd)
         self.state.unlink(missing_ok=True)
+        if self.split_into:
+            log.info("blob %s: the lead stream was network-bound; %d pieces fetched over %d connections",
+                     self.digest, self.split_into, self.workers)
         return already
 
-    def _length(self, index: int) -> int:
-        return min(self.piece_size, self.size - index * self.piece_size)
+    def _fail(self, exc: BaseException) -> None:
+        with self.cond:
+            if self.failed is None:
+                self.failed = exc
+            self.cond.notify_all()
 
-    def _fetch_piece(self, fd: int, index: int) -> None:
-        start, length = index * self.piece_size, self._length(index)
-        written = 0
-
-        def write(offset: int, data: bytes | memoryview) -> None:
-            nonlocal written
-            if self.failed is not None:
-                raise self.failed
-            view = memoryview(data)
-            while view:
-                n = os.pwrite(fd, view, offset)
-                view, offset = view[n:], offset + n
-                written += n
-            self.on_bytes(len(data))
-
+    # -- the lead stream --------------------------------------------------------------------------------
+    def _lead(self, fd: int) -> None:
+        windows = WritebackWindows(fd)
         try:
-            self.fetch(start, length, write)
+            with self.slot():
+                self.fetch(0, self.size, lambda offset, data: self._lead_write(fd, windows, offset, data))
+        except _LeadCut:
+            pass
         except OSError as exc:
             raise_if_full(exc, f"blob {self.digest}")
             raise
-        if written != length:
-            raise IntegrityError(f"blob {self.digest}: range {start}+{length} gave {written} bytes")
-        start_writeback(fd, start, length)  # no waiting: the final fdatasync before commit makes it durable
+        finally:
+            with self.cond:
+                self.lead_active = False
+                self.filled = _merged([*self.filled, [0, self.lead_written]])
+                self.cond.notify_all()
+        if self.lead_written != self.lead_end:
+            raise IntegrityError(f"blob {self.digest}: the stream ended at byte {self.lead_written}")
+
+    def _lead_write(self, fd: int, windows: WritebackWindows, offset: int, data: memoryview) -> None:
         with self.cond:
-            self.done.add(index)
-            _write_state(self.state, {"piece": self.piece_size, "done": sorted(self.done)})
+            if self.failed is not None:
+                raise self.failed
+            if self.lead_started is None:
+                self.lead_started = (time.monotonic(), time.thread_time())
+                self.cond.notify_all()
+            end = self.lead_end
+            if offset >= end:
+                raise _LeadCut
+            view = data[:end - offset]
+            self.lead_claimed = offset + len(view)
+        _write_all(fd, view, offset)
+        self.hasher.update(view)
+        self.on_bytes(len(view))
+        windows.advance(offset + len(view))
+        with self.cond:
+            self.hashed = self.lead_written = offset + len(view)
+            self.lead_cpu = time.thread_time()
+            if self.lead_written // STATE_EVERY != offset // STATE_EVERY:
+                self._save_state()
+        if self.lead_written >= end:
+            raise _LeadCut
+
+    def _probe_then_split(self, pool: ThreadPoolExecutor, fd: int) -> list[Future[None]]:
+        """Let the lead run alone for a moment; if its thread mostly waited on the network, cut the rest of
+        the blob into pieces and return their futures."""
+        if self.workers < 2:
+            return []
+        with self.cond:
+            while self.lead_started is None and self.lead_active and self.failed is None:
+                self.cond.wait()
+            if self.lead_started is None:
+                return []
+            started_wall, started_cpu = self.lead_started
+            deadline = started_wall + PROBE_SECONDS
+            while self.lead_active and self.failed is None and (left := deadline - time.monotonic()) > 0:
+                self.cond.wait(left)
+            if not self.lead_active or self.failed is not None:
+                return []
+            busy = (self.lead_cpu - started_cpu) / max(time.monotonic() - started_wall, 1e-6)
+            rest = self.size - self.lead_claimed
+            piece = min(PIECE_SIZE, max(MIN_PIECE, -(-rest // (self.workers * 2)) // MIN_PIECE * MIN_PIECE))
+            cut = min(self.size, -(-(self.lead_claimed + piece) // MIN_PIECE) * MIN_PIECE)
+            log.info("blob %s: lead stream busy %.0f%% of the probe", self.digest, busy * 100)
+            if busy >= BUSY_SHARE or cut >= self.size:
+                return []
+            self.lead_end = cut
+            pieces = [(s, min(s + piece, self.size)) for s in range(cut, self.size, piece)]
+            self.split_into = len(pieces)
+        return [pool.submit(self._fetch_piece, fd, s, e) for s, e in pieces]
+
+    # -- pieces -----------------------------------------------------------------------------------------
+    def _gaps(self) -> list[tuple[int, int]]:
+        """The missing ranges of a resumed ingest, cut into pieces for all connections."""
+        missing, position = [], 0
+        for start, end in [*self.filled, [self.size, self.size]]:
+            if start > position:
+                missing.append((position, start))
+            position = max(position, end)
+        total = sum(e - s for s, e in missing)
+        piece = min(PIECE_SIZE, max(MIN_PIECE, -(-total // (self.workers * 2)) // MIN_PIECE * MIN_PIECE))
+        return [(s, min(s + piece, e)) for a, e in missing for s in range(a, e, piece)]
+
+    def _fetch_piece(self, fd: int, start: int, end: int) -> None:
+        written = 0
+
+        def write(offset: int, data: memoryview) -> None:
+            nonlocal written
+            if self.failed is not None:
+                raise self.failed
+            _write_all(fd, data, offset)
+            written += len(data)
+            self.on_bytes(len(data))
+
+        try:
+            with self.slot():
+                self.fetch(start, end - start, write)
+        except OSError as exc:
+            raise_if_full(exc, f"blob {self.digest}")
+            raise
+        if written != end - start:
+            raise IntegrityError(f"blob {self.digest}: range {start}+{end - start} gave {written} bytes")
+        start_writeback(fd, start, end - start)  # no waiting: the final fdatasync before commit makes it durable
+        with self.cond:
+            self.filled = _merged([*self.filled, [start, end]])
+            self._save_state()
             self.cond.notify_all()
 
-    def _hash_in_order(self, fd: int) -> None:
+    # -- hashing what the pieces filled -----------------------------------------------------------------
+    def _covered_from(self, position: int) -> int:
+        for start, end in self.filled:
+            if start <= position < end:
+                return end
+        return position
+
+    def _hash_filled(self, fd: int) -> None:
         buffer = bytearray(HASH_BUFFER)
         view = memoryview(buffer)
-        while self.hashed < self.pieces:
+        while True:
             with self.cond:
-                while self.hashed not in self.done and self.failed is None:
+                while (self.failed is None and self.hashed < self.size
+                       and (self.lead_active or self._covered_from(self.hashed) == self.hashed)):
                     self.cond.wait()
-                if self.failed is not None:
+                if self.failed is not None or self.hashed >= self.size:
                     return
-            start, remaining = self.hashed * self.piece_size, self._length(self.hashed)
-            while remaining:
-                n = os.preadv(fd, [view[:min(remaining, HASH_BUFFER)]], start)
+                start, upto = self.hashed, self._covered_from(self.hashed)
+            while start < upto:
+                n = os.preadv(fd, [view[:min(upto - start, HASH_BUFFER)]], start)
                 if n <= 0:
-                    with self.cond:
-                        self.failed = IntegrityError(f"blob {self.digest}: short read while hashing")
-                        self.cond.notify_all()
+                    self._fail(IntegrityError(f"blob {self.digest}: short read while hashing"))
                     return
                 self.hasher.update(view[:n])
-                start, remaining = start + n, remaining - n
-            self.hashed += 1
+                start += n
+            with self.cond:
+                self.hashed = upto
+
+    def _save_state(self) -> None:
+        """Replace the state file (caller holds the condition). Not fsynced: it only has to survive the
+        process, not the machine, because a resumed ingest hashes every byte again and a wrong one fails
+        the digest and starts over."""
+        filled = _merged([*self.filled, [0, self.lead_written]]) if self.lead_written else self.filled
+        temporary = self.state.with_name(self.state.name + ".tmp")
+        temporary.write_text(json.dumps({"version": STATE_VERSION, "filled": filled}))
+        os.replace(temporary, self.state)
 
 
-def _write_state(path: Path, data: dict[str, object]) -> None:
-    """Replace the state file (not fsynced: it only has to survive the process, not the machine, because a
-    resumed ingest hashes every piece again and a wrong one fails the digest and starts over)."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(data))
-    os.replace(temporary, path)
+def _write_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+def _merged(ranges: list[list[int]]) -> list[list[int]]:
+    result: list[list[int]] = []
+    for start, end in sorted(r for r in ranges if r[1] > r[0]):
+        if result and start <= result[-1][1]:
+            result[-1][1] = max(result[-1][1], end)
+        else:
+            result.append([start, end])
+    return result
 
 
 def clear(partial: Path, state: Path) -> None:

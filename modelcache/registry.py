@@ -19,7 +19,7 @@ from modelcache.transport import STREAM_ERRORS, Transport, closing_response, rea
 
 log = logging.getLogger(__name__)
 
-READ_SIZE = 1 << 20  # bytes read from a blob response at a time
+READ_SIZE = 256 << 10
 MAX_CONFIG_BYTES = 4 << 20
 OnBytes = Callable[[int], None]  # told how many bytes just arrived
 

@@ -14,12 +14,13 @@ from modelcache.errors import Kind, ModelCacheError
 from modelcache.hosts import HostsConfig
 from modelcache.registry import RegistryClient
 from modelcache.signatures import SignaturePolicy
-from modelcache.store import DEFAULT_ROOT, ContentStore
+from modelcache.store import DEFAULT_MAX_CONNECTIONS, DEFAULT_ROOT, ContentStore
 from modelcache.transport import RetryPolicy, Transport
 
 KNOWN_KEYS = {"root", "registries", "plainHTTP", "dockerConfig", "pullWorkers", "maxExpandRatio",
               "highWatermark", "lowWatermark", "warmMemoryShare", "readTimeoutSeconds", "verifyIntervalHours",
-              "signaturePolicy", "connectionsPerBlob", "rangedMinSizeMiB"}
+              "signaturePolicy", "connectionsPerBlob", "rangedMinSizeMiB",
+              "maxConnections"}
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Settings:
     verify_interval_hours: float = 0.0  # the agent re-hashes the cache this often (0: never)
     connections_per_blob: int = DEFAULT_CONNECTIONS
     ranged_min_size: int = DEFAULT_RANGED_MIN_SIZE
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
     signature_policy: SignaturePolicy = field(default_factory=SignaturePolicy)
 
     @classmethod
@@ -73,6 +75,7 @@ class Settings:
             settings.read_timeout = float(data.get("readTimeoutSeconds", settings.read_timeout))
             settings.verify_interval_hours = float(data.get("verifyIntervalHours", settings.verify_interval_hours))
             settings.connections_per_blob = int(data.get("connectionsPerBlob", settings.connections_per_blob))
+            settings.max_connections = int(data.get("maxConnections", settings.max_connections))
             ranged_mib = float(data.get("rangedMinSizeMiB", settings.ranged_min_size / (1 << 20)))
             settings.ranged_min_size = int(ranged_mib * (1 << 20))
             settings.signature_policy = SignaturePolicy.from_mapping(data.get("signaturePolicy"), source, base)
@@ -80,8 +83,8 @@ class Settings:
             raise ModelCacheError(f"{source}: {exc}", kind=Kind.INVALID_ARGUMENT) from None
         if not 0 < settings.low_watermark < settings.high_watermark <= 1:
             raise ModelCacheError(f"{source}: need 0 < lowWatermark < highWatermark <= 1", kind=Kind.INVALID_ARGUMENT)
-        if settings.connections_per_blob < 1 or settings.ranged_min_size < 1:
-            raise ModelCacheError(f"{source}: connectionsPerBlob and rangedMinSizeMiB must be positive",
+        if settings.connections_per_blob < 1 or settings.ranged_min_size < 1 or settings.max_connections < 1:
+            raise ModelCacheError(f"{source}: connectionsPerBlob, maxConnections and rangedMinSizeMiB must be positive",
                                   kind=Kind.INVALID_ARGUMENT)
         if settings.verify_interval_hours < 0:
             raise ModelCacheError(f"{source}: verifyIntervalHours must be >= 0", kind=Kind.INVALID_ARGUMENT)
@@ -103,7 +106,7 @@ class Settings:
             "highWatermark": self.high_watermark, "lowWatermark": self.low_watermark,
             "warmMemoryShare": self.warm_memory_share, "readTimeoutSeconds": self.read_timeout,
             "verifyIntervalHours": self.verify_interval_hours, "connectionsPerBlob": self.connections_per_blob,
-            "rangedMinSizeMiB": self.ranged_min_size / (1 << 20),
+            "rangedMinSizeMiB": self.ranged_min_size / (1 << 20), "maxConnections": self.max_connections,
         }
 
     def credentials(self) -> CredentialStore:
@@ -117,6 +120,7 @@ class Settings:
 
     def cache(self, extra: CredentialStore | None = None, retry: RetryPolicy | None = None) -> ModelCache:
         """A :class:`ModelCache` on ``root`` talking through :meth:`transport`."""
-        return ModelCache(ContentStore(self.root), RegistryClient(self.transport(extra, retry)),
+        return ModelCache(ContentStore(self.root, max_connections=self.max_connections),
+                          RegistryClient(self.transport(extra, retry)),
                           workers=self.pull_workers, expand_ratio=self.max_expand_ratio,
                           connections_per_blob=self.connections_per_blob, ranged_min_size=self.ranged_min_size)

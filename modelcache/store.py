@@ -11,14 +11,15 @@ import contextlib
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
 from modelcache.digest import Digest, Verifier
 from modelcache.errors import IntegrityError, StoreFull
-from modelcache.fsutil import file_lock, fsync_dir, raise_if_full, start_writeback, wait_writeback
-from modelcache.rangedingest import MIN_PIECE, PIECE_SIZE, RangedIngest, RangeFetch, RangesUnsupported
+from modelcache.fsutil import WritebackWindows, file_lock, fsync_dir, raise_if_full
+from modelcache.rangedingest import RangedIngest, RangeFetch, RangesUnsupported
 from modelcache.rangedingest import clear as clear_ranged
 
 log = logging.getLogger(__name__)
@@ -27,18 +28,18 @@ DEFAULT_ROOT = Path("/var/lib/ocimodel")
 Fetcher = Callable[[IO[bytes], Verifier], None]
 
 
-WRITE_BEHIND_WINDOW = 16 << 20
+DEFAULT_MAX_CONNECTIONS = 32  # concurrent Range connections per node, all pulls together
+SLOT_POLL_SECONDS = 0.05
 
 
 class WriteBehind:
-    """A file writer that starts writeback of each finished window at once and waits for the one
-    before it, so dirty pages stay bounded and the final fsync has little left to do."""
+    """A file writer that keeps writeback going behind it (see :class:`WritebackWindows`)."""
 
     def __init__(self, raw: IO[bytes]) -> None:
         self.raw = raw
         self.fd = raw.fileno()
         self.position = raw.tell()
-        self.flushed = self.position - self.position % WRITE_BEHIND_WINDOW
+        self.windows = WritebackWindows(self.fd, self.position)
 
     def write(self, data: bytes | memoryview) -> int:
         """Write all of ``data`` and kick writeback when a window fills."""
@@ -47,17 +48,13 @@ class WriteBehind:
             written = os.write(self.fd, view)
             view = view[written:]
             self.position += written
-        while self.position - self.flushed >= WRITE_BEHIND_WINDOW:
-            start_writeback(self.fd, self.flushed, WRITE_BEHIND_WINDOW)
-            if self.flushed >= WRITE_BEHIND_WINDOW:
-                wait_writeback(self.fd, self.flushed - WRITE_BEHIND_WINDOW, WRITE_BEHIND_WINDOW)
-            self.flushed += WRITE_BEHIND_WINDOW
+        self.windows.advance(self.position)
         return len(data)
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         """Reposition (used when a registry ignores a Range request and the blob restarts)."""
         self.position = self.raw.seek(offset, whence)
-        self.flushed = self.position - self.position % WRITE_BEHIND_WINDOW
+        self.windows.restart(self.position)
         return self.position
 
     def truncate(self, size: int | None = None) -> int:
@@ -86,8 +83,9 @@ def blob_lease(digest: Digest | str) -> str:
 class ContentStore:
     """Blobs by digest under ``root``; the same root holds layers, trees and model records."""
 
-    def __init__(self, root: Path | str = DEFAULT_ROOT) -> None:
+    def __init__(self, root: Path | str = DEFAULT_ROOT, *, max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
         self.root = Path(root)
+        self.max_connections = max_connections
         self.blobs = self.root / "blobs"
         self.ingest_dir = self.root / "ingest"
         self.locks = self.root / "locks"
@@ -137,6 +135,18 @@ class ContentStore:
         while claimed, no one can take one). False: it is in use; leave it."""
         with file_lock(self.locks / f"lease-{name}.lock", blocking=False) as claimed:
             yield claimed
+
+    @contextlib.contextmanager
+    def connection_slot(self) -> Iterator[None]:
+        """Hold one of the node's :attr:`max_connections` range-connection slots (flocks under ``locks/``, so
+        the limit holds across the plugin, the agent and the CLI), waiting while all are taken."""
+        while True:
+            for index in range(self.max_connections):
+                with file_lock(self.locks / f"connection-{index}.lock", blocking=False) as got:
+                    if got:
+                        yield
+                        return
+            time.sleep(SLOT_POLL_SECONDS)
 
     def partial_path(self, digest: Digest) -> Path:
         """Where an ingest of ``digest`` accumulates."""
@@ -221,9 +231,8 @@ class ContentStore:
             partial = self.ingest_dir / f"{digest.algorithm}-{digest.hex}.ranged"
             state = self.ingest_dir / f"{digest.algorithm}-{digest.hex}.ranged.json"
             try:
-                piece = min(PIECE_SIZE, max(MIN_PIECE, -(-size // (workers * 2)) // MIN_PIECE * MIN_PIECE))
                 already = RangedIngest(digest, size, partial, state, fetch, workers=workers, on_bytes=on_bytes,
-                                       piece_size=piece).run()
+                                       slot=self.connection_slot).run()
             except RangesUnsupported:
                 clear_ranged(partial, state)
                 raise

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 from modelcache.cache import ModelCache
 from modelcache.digest import Digest
 from modelcache.errors import ModelCacheError
+from modelcache.rangedingest import RangedIngest
 from modelcache.store import ContentStore
 from tests.conftest import make_client
 from tests.helpers.oci import Fixtures
@@ -80,7 +82,7 @@ def test_kill_9_resumes_with_the_pieces_already_on_disk(big, registry, tmp_path:
                             stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
-        while not (state.exists() and json.loads(state.read_text())["done"]):
+        while not (state.exists() and sum(e - s for s, e in json.loads(state.read_text())["filled"]) >= 4 << 20):
             assert time.monotonic() < deadline and pull.poll() is None
             time.sleep(0.05)
         pull.send_signal(signal.SIGKILL)
@@ -98,6 +100,71 @@ def test_kill_9_resumes_with_the_pieces_already_on_disk(big, registry, tmp_path:
         asked = {int(r["range"].split("=")[1].split("-")[0]) for r in fast.requests() if r["range"]}
     finally:
         fast.close()
-    piece = saved["piece"]
-    assert not asked & {i * piece for i in saved["done"]}  # the pieces on disk were not fetched again
+    assert asked and not any(s <= a < e for a in asked for s, e in saved["filled"])  # what was on disk stays
     assert not state.exists()
+
+
+def _serve(data: bytes, calls: list[tuple[int, int]], *, busy: bool):  # type: ignore[no-untyped-def]
+    """A range source over ``data`` whose thread either computes (a CPU-bound stream) or waits (a registry
+    that limits each connection) for every 256 KiB it hands over."""
+    def fetch(start: int, length: int, write) -> None:  # type: ignore[no-untyped-def]
+        calls.append((start, length))
+        view = memoryview(data)
+        for offset in range(start, start + length, 256 << 10):
+            end = min(offset + (256 << 10), start + length)
+            if busy:
+                deadline = time.thread_time() + 0.004
+                while time.thread_time() < deadline:
+                    pass
+            else:
+                time.sleep(0.004)
+            write(offset, view[offset:end])
+    return fetch
+
+
+@pytest.mark.parametrize("busy", [True, False], ids=["cpu-bound lead: one stream", "waiting lead: split"])
+def test_the_lead_stream_splits_only_when_it_waits_on_the_network(busy: bool, tmp_path: Path) -> None:
+    data = os.urandom(48 << 20)
+    calls: list[tuple[int, int]] = []
+    ingest = RangedIngest(Digest.of_bytes(data), len(data), tmp_path / "partial", tmp_path / "state.json",
+                          _serve(data, calls, busy=busy), workers=4, on_bytes=lambda n: None)
+    assert ingest.run() == 0
+    assert (tmp_path / "partial").read_bytes() == data
+    assert calls[0] == (0, len(data))
+    if busy:
+        assert calls == [(0, len(data))] and ingest.split_into == 0
+    else:
+        assert ingest.split_into >= 4 and len(calls) == 1 + ingest.split_into
+        assert sorted(calls)[1][0] == ingest.lead_end  # the lead stopped where the pieces begin
+        assert sum(length for _, length in calls[1:]) == len(data) - ingest.lead_end
+
+
+def test_the_node_wide_connection_limit_holds_across_ingests(tmp_path: Path) -> None:
+    store = ContentStore(tmp_path / "root", max_connections=3)
+    store.ensure()
+    blobs = [os.urandom(48 << 20) for _ in range(2)]
+    active, peak, lock = 0, 0, threading.Lock()
+
+    def fetch_from(data: bytes):  # type: ignore[no-untyped-def]
+        inner = _serve(data, [], busy=False)
+
+        def fetch(start: int, length: int, write) -> None:  # type: ignore[no-untyped-def]
+            nonlocal active, peak
+            with lock:
+                active += 1
+                peak = max(peak, active)
+            try:
+                inner(start, length, write)
+            finally:
+                with lock:
+                    active -= 1
+        return fetch
+
+    threads = [threading.Thread(target=store.ingest_ranged, args=(Digest.of_bytes(data), len(data), fetch_from(data)),
+                                kwargs={"workers": 8, "on_bytes": lambda n: None}) for data in blobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert peak == 3  # 16 connections wanted, 3 allowed on the node
+    assert all(store.blob_path(Digest.of_bytes(data)).read_bytes() == data for data in blobs)

@@ -46,6 +46,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     client = RegistryClient(settings.transport(explicit_credentials(args, args.reference)))
     key = load_private_key(Path(args.sign_key), _key_password()) if args.sign_key else None
     digest = push_directory(client, Path(args.directory), ref, compression=Compression(args.layer_format),
+                            chunk_index=not args.no_chunk_index,
                             progress=(lambda m: print(m, file=sys.stderr)) if sys.stderr.isatty() else None)
     if key is not None:
         signature = sign_cosign(client, ref.by_digest(digest), key)
@@ -89,6 +90,8 @@ def register(sub: Any) -> None:
     push.add_argument("reference")
     push.add_argument("--layer-format", choices=[c.value for c in Compression], default="raw",
                       help="how each file is stored (model-spec recommends raw)")
+    push.add_argument("--no-chunk-index", action="store_true",
+                      help="do not record the chunk index that lets lazy mounts verify each chunk before serving it")
     push.add_argument("--sign-key", metavar="PATH",
                       help="sign the pushed model with this PEM private key (password from $OCIMODEL_KEY_PASSWORD)")
     add_common(push)
