@@ -5,8 +5,9 @@
   a FUSE handle opened before completion, and directly from the cache);
 - ``during-pull``: a whole shard read sequentially through the lazy mount right after publish, while the
   background pull is still running, cold (nothing cached) and warm (read again), for a model with a chunk
-  index (each chunk verified before it is served) and without; the reference is a direct read of the same
-  file from the cache once complete, cold and warm, in the same run.
+  index (each chunk verified before it is served) and without; the references are a direct read of the
+  same file from the cache once complete, cold and warm, and the registry's line rate (curl of the blob to
+  /dev/null, one connection), in the same run.
 
 Usage (root, /dev/fuse): python bench/lazy.py [--gib 2] [--cases publish,during-pull]
 """
@@ -22,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import OCIMODEL, RunningRegistry, drop_caches, make_shards, start_registry, warm
+from common import OCIMODEL, RunningRegistry, drop_caches, make_shards, prefault, start_registry, warm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from csi_driver.proto import csi_pb2  # noqa: E402
@@ -57,6 +58,18 @@ def during_pull(registry: RunningRegistry, work: Path, model: Path, name: str, s
         subprocess.run([*OCIMODEL, "push", str(model), ref, "--plain-http", *extra], check=True, capture_output=True)
         drop_caches()
         warm(registry.root / "data")
+        manifest = json.loads(subprocess.run(
+            ["curl", "-sf", "-H", "Accept: application/vnd.oci.image.manifest.v1+json",
+             f"http://{registry.host}/v2/bench/during-{label.replace('_', '-')}/manifests/v1"],
+            check=True, capture_output=True).stdout)
+        blob = max(manifest["layers"], key=lambda layer: layer["size"])["digest"]
+        started = time.perf_counter()
+        subprocess.run(["curl", "-sf", "-o", "/dev/null", f"http://{registry.host}/v2/bench/"
+                        f"during-{label.replace('_', '-')}/blobs/{blob}"], check=True)
+        line_rate = size / (time.perf_counter() - started) / 1e9
+        prefault(3 * size, work)  # the download, the FUSE page cache and the committed file (see bench/pull.py)
+        drop_caches()
+        warm(registry.root / "data")
         plugin = CsiProcess(work / f"during-{label}", verbose=False)
         target = work / "pods" / f"during-{label}"
         target.parent.mkdir(exist_ok=True)
@@ -77,6 +90,7 @@ def during_pull(registry: RunningRegistry, work: Path, model: Path, name: str, s
         results[label] = {
             "cold_gb_s": size / cold / 1e9, "warm_gb_s": size / warm_seconds / 1e9,
             "direct_cold_gb_s": size / direct_cold / 1e9, "direct_warm_gb_s": size / direct_warm / 1e9,
+            "registry_line_rate_gb_s": line_rate, "cold_vs_line_rate": size / cold / 1e9 / line_rate,
             "cold_vs_direct": direct_cold / cold, "warm_vs_direct": direct_warm / warm_seconds,
             "pull_still_running_when_read_ended": running_after}
         plugin.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id=label, target_path=str(target)))

@@ -11,7 +11,9 @@ import logging
 import os
 import signal
 import stat
+import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,11 +22,13 @@ import pyfuse3
 import trio
 
 from csi_driver.lazymount import write_verdict
+from modelcache.cache import ModelCache
 from modelcache.credentials import CredentialStore
-from modelcache.errors import Kind, ModelCacheError
-from modelcache.lazy import LazyModel, Node
+from modelcache.errors import Kind, ModelCacheError, PullCancelled
+from modelcache.lazy import Download, LazyModel, Node
 from modelcache.mounts import bind_mount_readonly, unmount_all
 from modelcache.options import PullOptions
+from modelcache.progress import Progress
 from modelcache.reference import parse_reference
 from modelcache.settings import Settings
 from modelcache.transport import RetryPolicy
@@ -34,6 +38,7 @@ log = logging.getLogger(__name__)
 ATTR_TIMEOUT = 300.0
 PENDING_WAIT = 3600.0
 LAZY_RETRY = RetryPolicy(attempts=3, base_delay=0.2, max_delay=2.0, connect_timeout=3.0, read_timeout=10.0)
+CHILD_POLL_SECONDS = 0.1
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
 
@@ -151,8 +156,9 @@ class LazyOperations(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         node = self._node(fh)
         try:
-            if self.model.is_local(node):
-                return self.model.read_node(node, off, size)  # a local pread: no thread hop
+            data = self.model.read_now(node, off, size)  # a pread from page cache or disk: no thread hop
+            if data is not None:
+                return data
             return await trio.to_thread.run_sync(self.model.read_node, node, off, size, limiter=self.limiter)
         except (ModelCacheError, OSError) as exc:
             log.warning("read of inode %d at %d failed: %s", fh, off, exc)
@@ -212,6 +218,58 @@ def serve(model: LazyModel, target: Path, *, ready: Any = None) -> None:
         pyfuse3.close(unmount=False)
 
 
+def _cache_for(job: dict[str, Any]) -> ModelCache:
+    settings = Settings.from_mapping(job["settings"], "lazy job")
+    credentials = CredentialStore()
+    credentials.add_docker_config(job.get("docker_config") or {"auths": {}}, source="lazy job credentials")
+    return settings.cache(credentials, LAZY_RETRY)
+
+
+def _options_for(job: dict[str, Any]) -> PullOptions:
+    return PullOptions(tuple(job.get("include", ())), tuple(job.get("exclude", ())), job.get("path"))
+
+
+def download_in_child(job: dict[str, Any]) -> Download:
+    """The background download of a lazy mount, run as ``ocimodel fuse-pull`` in a child process: FUSE
+    replies are written with the GIL held, so a download in the serving process would crawl while a pod
+    reads. The child's ranged downloads are visible to the helper through their state files."""
+    def download(stopping: threading.Event) -> None:
+        child = subprocess.Popen([sys.executable, "-m", "ocimodel.cli", "fuse-pull"], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE)
+        assert child.stdin is not None and child.stdout is not None
+        child.stdin.write(json.dumps(job).encode())
+        child.stdin.close()
+        while child.poll() is None:
+            if stopping.wait(CHILD_POLL_SECONDS):
+                child.terminate()
+                child.wait()
+                raise PullCancelled(f"{job['reference']}: pull stopped; it resumes on the next start")
+        reply = child.stdout.read().decode(errors="replace").strip()
+        child.stdout.close()
+        if child.returncode != 0:
+            kind_name, _, message = reply.removeprefix("ERROR ").partition(" ")
+            kind = Kind[kind_name] if kind_name in Kind.__members__ else Kind.INTERNAL
+            raise ModelCacheError(message or f"the download process exited with {child.returncode}", kind=kind)
+    return download
+
+
+def pull_main() -> int:
+    """``ocimodel fuse-pull``: download the model of a lazy-mount job (JSON on stdin) into the cache; print
+    ``ERROR <kind> <message>`` on failure. SIGTERM stops it at its next read (the download resumes later)."""
+    job = json.loads(sys.stdin.read())
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        cache = _cache_for(job)
+        cache.materialise(cache.client.resolve(parse_reference(job["reference"])), _options_for(job), Progress(),
+                          cancel=stop)
+    except ModelCacheError as exc:
+        print(f"ERROR {exc.kind.name} {exc}", flush=True)
+        return 1
+    return 0
+
+
 def helper_main(argv: Sequence[str] | None = None) -> int:
     """``ocimodel fuse-serve``: read the job (settings, credentials, reference) as JSON on stdin, mount,
     print ``READY <files> <bytes>`` on stdout, then serve until unmounted."""
@@ -219,13 +277,12 @@ def helper_main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     target = Path(job["target"])
     try:
-        settings = Settings.from_mapping(job["settings"], "lazy job")
-        credentials = CredentialStore()
-        credentials.add_docker_config(job.get("docker_config") or {"auths": {}}, source="lazy job credentials")
-        cache = settings.cache(credentials, LAZY_RETRY)
-        options = PullOptions(tuple(job.get("include", ())), tuple(job.get("exclude", ())), job.get("path"))
+        cache = _cache_for(job)
+        options = _options_for(job)
         resolved = cache.client.resolve(parse_reference(job["reference"]))
-        model = LazyModel(cache, resolved, options, strict=bool(job.get("strict")))
+        child_job = {**job, "reference": str(resolved.reference.by_digest(resolved.digest))}
+        model = LazyModel(cache, resolved, options, strict=bool(job.get("strict")),
+                          download=download_in_child(child_job))
         if job.get("verdict"):
             model.on_broken = functools.partial(write_verdict, job["verdict"])
         model.build()

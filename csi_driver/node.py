@@ -52,6 +52,10 @@ from modelcache.singleflight import PullFlights
 
 log = logging.getLogger(__name__)
 
+
+class _FilesFirst(Exception):
+    """A lazy mount whose model must have its files verified (a signature over the files) before any is shown."""
+
 DEADLINE_MARGIN = 5.0
 DEFAULT_PUBLISH_SLOTS = 8  # publishes that may wait at once (ocimodel mount uses one)
 MAX_ID_LENGTH = 4096
@@ -100,8 +104,12 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             if time_remaining is not None:
                 wait = min(wait, max(time_remaining - DEADLINE_MARGIN, 0.5))
             try:
+                result = None
                 if spec.mount == "lazy":
-                    result = self._lazy_or_cached(request, spec, credentials, target)
+                    try:
+                        result = self._lazy_or_cached(request, spec, credentials, target)
+                    except _FilesFirst:  # signed over its files: verified whole, then bind-mounted
+                        result = self._pull(request, spec, credentials, wait)
                     if result is None:
                         return
                 else:
@@ -185,7 +193,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         with self._waiting_slot(f"starting a lazy mount of {spec.reference}"):
             pinned = spec.reference if spec.reference.digest else self.pulls.pin(spec.reference, spec.options,
                                                                                    credentials)
-            self.pulls.authorize(pinned, credentials)  # before the helper shows a single file
+            if self.pulls.authorize(pinned, credentials) is not None:  # before the helper shows a single file
+                log.info("%s is signed over its files (OpenSSF model signing): pulled and verified whole before it "
+                         "is mounted, not lazily", pinned)
+                raise _FilesFirst
             hit = self.pulls.cached(pinned, spec.options)
             if hit is not None:
                 self.pulls.check_access(hit, credentials)

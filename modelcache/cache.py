@@ -8,10 +8,11 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from modelcache.fsutil import atomic_write_json, read_json
+from modelcache.fsutil import atomic_write_json, read_json, remove_tree
 from modelcache.layout import plan_for
 from modelcache.options import PullOptions
 from modelcache.progress import Progress
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 DEFAULT_EXPAND_RATIO = 100
 DEFAULT_CONNECTIONS = 8  # concurrent Range requests per large blob
 DEFAULT_RANGED_MIN_SIZE = 64 << 20  # blobs at least this large are fetched in ranges
+TreeCheck = Callable[[Path], object]  # run on a tree before it is used; raises to refuse it
 
 
 class ModelCache:
@@ -105,26 +107,32 @@ class ModelCache:
         return self._hit(tree_key(ref.digest, options), time.monotonic())
 
     def pull(self, reference: str | Reference, options: PullOptions = PullOptions(),
-             progress: Progress | None = None, cancel: threading.Event | None = None) -> PullResult:
+             progress: Progress | None = None, cancel: threading.Event | None = None,
+             check_tree: TreeCheck | None = None) -> PullResult:
         """Make ``reference`` available as a tree; pull what is missing. Safe to call concurrently. Setting
-        ``cancel`` stops the downloads at their next read (:class:`PullCancelled`), resumable later."""
+        ``cancel`` stops the downloads at their next read (:class:`PullCancelled`), resumable later.
+        ``check_tree`` (a signature over the files) runs on the tree before it is returned; a tree it
+        refuses is removed when this pull built it."""
         started = time.monotonic()
         ref = parse_reference(reference) if isinstance(reference, str) else reference
         progress = progress or Progress()
         hit = self.cached(ref, options)
-        if hit:
-            return hit
-        digest = ref.digest or self.client.head_digest(ref)
-        hit = self._hit(tree_key(digest, options), started)
-        if hit:
-            return hit
-        resolved = self.client.resolve(ref.with_digest(digest))
-        return self.materialise(resolved, options, progress, started, cancel)
+        if hit is None:
+            digest = ref.digest or self.client.head_digest(ref)
+            hit = self._hit(tree_key(digest, options), started)
+            if hit is None:
+                resolved = self.client.resolve(ref.with_digest(digest))
+                return self.materialise(resolved, options, progress, started, cancel, check_tree)
+        if check_tree is not None:
+            check_tree(self.store.trees / hit.record.key)
+        return hit
 
     def materialise(self, resolved: Resolved, options: PullOptions, progress: Progress,
-                    started: float | None = None, cancel: threading.Event | None = None) -> PullResult:
+                    started: float | None = None, cancel: threading.Event | None = None,
+                    check_tree: TreeCheck | None = None) -> PullResult:
         """Build the tree for an already resolved manifest. Leases on the tree, its blobs and layers keep
-        gc, eviction and ``cache rm`` away from them until the record is written (nothing else waits)."""
+        gc, eviction and ``cache rm`` away from them until the record is written (nothing else waits).
+        ``check_tree`` as for :meth:`pull`."""
         started = time.monotonic() if started is None else started
         key = tree_key(resolved.digest, options)
         plan = plan_for(resolved.manifest, options.subpath)
@@ -136,6 +144,8 @@ class ModelCache:
         with self.store.lease(*leases), self.store.lock(f"tree-{key}"):
             hit = self._hit(key, started)
             if hit:
+                if check_tree is not None:
+                    check_tree(self.store.trees / key)
                 return hit
             ref = resolved.reference
             self.store.put_bytes(manifest.digest, manifest.raw)
@@ -146,6 +156,13 @@ class ModelCache:
             layer_dirs = extract_layers(self.store, steps, progress, self.expand_ratio)
             progress.set("assembling")
             stats_record = assemble_tree(self.store, key, plan, steps, layer_dirs, options)
+            if check_tree is not None:
+                progress.set("verifying signature")
+                try:
+                    check_tree(self.store.trees / key)
+                except BaseException:
+                    remove_tree(self.store.trees / key)  # refused: nothing of it stays in the cache
+                    raise
             record = ModelRecord(
                 key=key, reference=str(ref), digest=str(resolved.digest), manifest_digest=str(manifest.digest),
                 layout=plan.layout, files=stats_record[0], total_bytes=stats_record[1],

@@ -17,6 +17,7 @@ fails. Strict mode serves a file only once its blob is verified and committed.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 import stat
@@ -47,6 +48,9 @@ READAHEAD_CHUNKS = 4
 STRICT_WAIT = 3600.0
 LOCAL_READAHEAD = 32 << 20  # how far ahead of a sequential reader the committed blob is read
 LOCAL_READ_SIZE = 4 << 20
+LIVE_UNIT = 4 << 20  # without a chunk index, what was served from a running download is compared in these
+LIVE_NEAR = 64 << 20  # a reader at most this far ahead of the background pull's stream waits for it ...
+LIVE_WAIT_SECONDS = 2.0  # ... at most this long, then fetches by range
 
 
 @dataclass(frozen=True)
@@ -157,12 +161,27 @@ class ChunkCache:
         self.path.unlink(missing_ok=True)
 
 
+# fetches every blob the model needs into the store (raising ModelCacheError), stopping once the event is set
+Download = Callable[[threading.Event], None]
+
+
+@dataclass
+class _LiveFile:
+    """A partial file of a ranged download under way, open for reading, and what was read from it."""
+
+    fd: int
+    inode: int
+    verified: set[int] = field(default_factory=set)  # chunks checked against the chunk index
+    served: set[int] = field(default_factory=set)  # LIVE_UNIT units served without an index (the floor)
+
+
 class LazyModel:
     """The tree of ``resolved`` and the logic to read it before, during and after the pull."""
 
     def __init__(self, cache: ModelCache, resolved: Resolved, options: PullOptions, *,
-                 strict: bool = False) -> None:
+                 strict: bool = False, download: Download | None = None) -> None:
         self.cache = cache
+        self.download = download
         self.resolved = resolved
         self.options = options
         self.strict = strict
@@ -177,6 +196,7 @@ class LazyModel:
         self._chunks_lock = threading.Lock()
         self._last_end: dict[Digest, int] = {}
         self._fds: dict[Digest, int] = {}
+        self._live: dict[Digest, list[_LiveFile]] = {}  # the background pull's partial files, kept open
         self._local_ahead: dict[Digest, int] = {}  # read ahead of the reader up to here
         self._local_busy: set[Digest] = set()
         self._readahead = threading.Semaphore(4)
@@ -274,6 +294,8 @@ class LazyModel:
         """Run the ordinary pull in a thread; when it is done every read is local."""
         def run() -> None:
             try:
+                if self.download is not None:
+                    self.download(self.stopping)
                 self.final = self.cache.materialise(self.resolved, self.options, self.progress,
                                                     cancel=self.stopping)
                 self._compare_served_chunks()
@@ -301,6 +323,8 @@ class LazyModel:
         pull finished must equal the verified blob; otherwise the model is broken (every read fails)."""
         with self._chunks_lock:
             caches = list(self._chunks.items())
+            lives = [(digest, live.fd, set(live.served)) for digest, files in self._live.items() for live in files
+                     if live.served]
         bad: list[str] = []
         for digest, chunks in caches:
             chunks.retire()
@@ -308,10 +332,14 @@ class LazyModel:
             mismatched = chunks.mismatches(committed) if committed.exists() else []
             if mismatched:
                 bad.append(f"blob {digest} chunks {mismatched[:8]}")
+        for digest, fd, served in lives:
+            differing = _differing_units(fd, self.cache.store.blob_path(digest), served)
+            if differing:
+                bad.append(f"blob {digest} read from the download under way, units {differing[:8]}")
         if bad:
-            raise IntegrityError("bytes served by range requests before the pull finished differ from the verified "
-                                 f"blob ({'; '.join(bad)}): the registry or a cache in front of it answered ranges "
-                                 "wrongly, and readers may have read wrong weights")
+            raise IntegrityError("bytes served before the pull finished differ from the verified blob "
+                                 f"({'; '.join(bad)}): the registry or a cache in front of it answered wrongly, "
+                                 "and readers may have read wrong weights")
 
     def retry_background(self) -> threading.Thread | None:
         """Start the pull again after a failure that was not an integrity error (the registry came back)."""
@@ -364,11 +392,35 @@ class LazyModel:
         self.root = root
         self.pending = False
 
-    def is_local(self, node: Node) -> bool:
-        """True when reading ``node`` needs no network and no waiting (its blob is committed)."""
-        if node.local:
-            return True
-        return node.source is not None and self.failure is None and node.source.digest in self._fds
+    def read_now(self, node: Node, offset: int, size: int) -> bytes | None:
+        """Read ``node`` at once when that needs no network, no waiting and no hashing (its blob is committed,
+        or the background pull has the bytes and, with a chunk index, their chunks are verified); None:
+        use :meth:`read_node` from a worker thread."""
+        source = node.source
+        if node.local or source is None or self.failure is not None:
+            return None
+        with self._chunks_lock:
+            committed = source.digest in self._fds
+            files = self._live.get(source.digest)
+            live = files[-1] if files else None
+        if committed:
+            return self.read_node(node, offset, size)  # with its read-ahead of the committed blob
+        if live is None or offset >= source.size or size <= 0:
+            return None
+        size = min(size, source.size - offset)
+        start = source.offset + offset
+        view = self.cache.store.live_ingest(source.digest)
+        if view is None or not view.on_disk(start, start + size):
+            return None
+        if self.index is not None and self.index.covers(source.digest):
+            unit = self.index.chunk_size
+            if not all(c in live.verified for c in range(start // unit, (start + size - 1) // unit + 1)):
+                return None
+        else:
+            with self._chunks_lock:
+                live.served.update(range(start // LIVE_UNIT, (start + size - 1) // LIVE_UNIT + 1))
+        data = os.pread(live.fd, size, start)
+        return data if len(data) == size else None
 
     def read_node(self, node: Node, offset: int, size: int) -> bytes:
         """Read a file node: a local file of the finished tree, or its blob source."""
@@ -404,7 +456,8 @@ class LazyModel:
                 self.complete.wait(0.05)
         fd = self._committed_fd(digest, committed)
         if fd is None:
-            return self._read_chunked(digest, blob_size, offset, size)
+            live = self._read_live(digest, blob_size, offset, size)
+            return live if live is not None else self._read_chunked(digest, blob_size, offset, size)
         if self._last_end.get(digest) == offset:
             # FUSE asks for 128 KiB at a time, one after another: read the backing file ahead of the
             # reader in a thread, so that its requests find the pages in page cache
@@ -438,6 +491,53 @@ class LazyModel:
                     self._local_busy.discard(digest)
 
         threading.Thread(target=run, name="local-readahead", daemon=True).start()
+
+    def _read_live(self, digest: Digest, blob_size: int, offset: int, size: int) -> bytes | None:
+        """Read from the background pull's download when it holds the bytes (or is about to: a reader just
+        behind the pull waits for it rather than fetching the same bytes again). With a chunk index each
+        chunk is verified first, once; without one, what was served is compared with the verified blob once
+        it commits, and a mismatch turns every later read into EIO (the floor). None: use range fetches."""
+        view = self.cache.store.live_ingest(digest)
+        if view is None:
+            return None
+        index = self.index if self.index is not None and self.index.covers(digest) else None
+        unit = index.chunk_size if index is not None else LIVE_UNIT
+        first, last = offset // unit, (offset + size - 1) // unit
+        span = (first * unit, min((last + 1) * unit, blob_size)) if index is not None else (offset, offset + size)
+        if not view.on_disk(*span) and not view.wait_on_disk(*span, LIVE_WAIT_SECONDS, LIVE_NEAR):
+            return None
+        live = self._live_file(digest, view.partial)
+        if live is None:
+            return None
+        if index is not None:
+            for chunk in range(first, last + 1):
+                if chunk not in live.verified:
+                    start = chunk * unit
+                    data = os.pread(live.fd, min(unit, blob_size - start), start)
+                    if hashlib.sha256(data).hexdigest() != index.expected(digest, chunk):
+                        log.warning("chunk %d of %s in the running download does not match the chunk index; "
+                                    "reading it by range instead", chunk, digest)
+                        return None
+                    live.verified.add(chunk)
+        else:
+            with self._chunks_lock:
+                live.served.update(range(first, last + 1))
+        data = os.pread(live.fd, size, offset)
+        return data if len(data) == size else None
+
+    def _live_file(self, digest: Digest, partial: Path) -> _LiveFile | None:
+        """The open partial file of ``digest`` (a new one when the ingest started over in a new file)."""
+        with self._chunks_lock:
+            files = self._live.setdefault(digest, [])
+            try:
+                inode = partial.stat().st_ino
+                if files and files[-1].inode == inode:
+                    return files[-1]
+                fd = os.open(partial, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return None
+            files.append(_LiveFile(fd, os.fstat(fd).st_ino))
+            return files[-1]
 
     def _committed_fd(self, digest: Digest, path: Path) -> int | None:
         """An open descriptor of a committed blob, kept for the life of the model."""
@@ -531,6 +631,21 @@ class LazyModel:
                     self._readahead.release()
 
             threading.Thread(target=fetch, daemon=True, name="readahead").start()
+
+
+def _differing_units(fd: int, committed: Path, units: set[int]) -> list[int]:
+    """The LIVE_UNIT units whose bytes in ``fd`` differ from the committed blob (all, if it is missing)."""
+    try:
+        blob = os.open(committed, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return sorted(units)
+    try:
+        if os.fstat(blob).st_ino == os.fstat(fd).st_ino:
+            return []  # the very file that was verified and committed (ranged downloads never rewrite bytes)
+        return [u for u in sorted(units)
+                if os.pread(fd, LIVE_UNIT, u * LIVE_UNIT) != os.pread(blob, LIVE_UNIT, u * LIVE_UNIT)]
+    finally:
+        os.close(blob)
 
 
 def _check_symlink(name: str, target: str, digest: Digest) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import IO
 
 from modelcache.digest import Digest, Verifier
-from modelcache.errors import Kind, ModelCacheError, PullCancelled, StoreFull
+from modelcache.errors import IntegrityError, Kind, ModelCacheError, PullCancelled, StoreFull
 from modelcache.fsutil import fsync_dir, remove_tree
 from modelcache.layout import Plan, Step
 from modelcache.manifest import Descriptor
@@ -67,6 +67,8 @@ def download_blobs(store: ContentStore, client: RegistryClient, ref: Reference, 
                 return
             except RangesUnsupported:
                 log.info("%s: no Range support; fetching blob %s as one stream", ref, descriptor.digest)
+            except IntegrityError as exc:  # a cache in front that answers ranges wrongly: whole GETs may be right
+                log.warning("%s: %s; fetching blob %s again as one stream", ref, exc, descriptor.digest)
 
         def fetch(out: IO[bytes], verifier: Verifier) -> None:
             progress.skip(verifier.count)

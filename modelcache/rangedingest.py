@@ -31,7 +31,8 @@ MIN_PIECE = 1 << 20
 HASH_BUFFER = 4 << 20
 PROBE_SECONDS = 0.5  # how long the lead stream runs alone before the split is decided
 BUSY_SHARE = 0.35  # a lead whose thread is busy more than this share of the probe is CPU-bound: no split
-STATE_EVERY = 64 << 20  # the lead's progress is written to the state file this often
+STATE_EVERY = 8 << 20  # the lead's progress is written to the state file this often (lazy mounts read it)
+VIEW_POLL_SECONDS = 0.005
 STATE_VERSION = 2
 # fetch(start, length, write): stream bytes [start, start+length) of the blob, calling write(offset, data)
 RangeFetch = Callable[[int, int, Callable[[int, memoryview], None]], None]
@@ -268,6 +269,37 @@ class RangedIngest:
         temporary = self.state.with_name(self.state.name + ".tmp")
         temporary.write_text(json.dumps({"version": STATE_VERSION, "filled": filled}))
         os.replace(temporary, self.state)
+
+
+class RangedView:
+    """A ranged ingest under way, seen from another thread or process through its state file: which bytes
+    of the partial file are written (not yet verified: the reader checks them)."""
+
+    def __init__(self, partial: Path, state: Path) -> None:
+        self.partial, self.state = partial, state
+
+    def filled(self) -> list[list[int]]:
+        """The written ``[start, end)`` ranges (empty when the state file is missing or unreadable)."""
+        saved = read_json(self.state)
+        if not isinstance(saved, dict) or saved.get("version") != STATE_VERSION:
+            return []
+        return [[int(s), int(e)] for s, e in saved.get("filled", [])]
+
+    def on_disk(self, start: int, end: int) -> bool:
+        """True when bytes ``[start, end)`` are written."""
+        return any(s <= start and end <= e for s, e in self.filled())
+
+    def wait_on_disk(self, start: int, end: int, timeout: float, near: int) -> bool:
+        """Wait up to ``timeout`` seconds for :meth:`on_disk`, while a written range ends at most ``near``
+        bytes before ``start`` (a stream is coming); else False at once."""
+        deadline = time.monotonic() + timeout
+        while True:
+            filled = self.filled() or [[0, 0]]  # just started: the lead is at byte 0
+            if any(s <= start and end <= e for s, e in filled):
+                return True
+            if time.monotonic() > deadline or not any(0 <= start - e < near for _, e in filled):
+                return False
+            time.sleep(VIEW_POLL_SECONDS)
 
 
 def _write_all(fd: int, data: memoryview, offset: int) -> None:

@@ -209,14 +209,17 @@ class RegistryClient:
         buffer = bytearray(READ_SIZE)
         view = memoryview(buffer)
         while position <= end:
+            whole = position == 0 and length == descriptor.size  # a plain GET: the answer is the whole blob
             response = self._request("GET", ref, f"/blobs/{descriptor.digest}", what, stream=True,
-                                     headers={"Range": f"bytes={position}-{end}"}, ok=lambda s: s in (200, 206))
+                                     headers={} if whole else {"Range": f"bytes={position}-{end}"},
+                                     ok=lambda s: s in (200, 206))
             with closing_response(response):
-                if response.status_code == 200:
+                if response.status_code == 200 and not whole:
                     raise RangesUnsupported(f"{what}: the registry answered with the whole blob",
                                             kind=Kind.UNSUPPORTED)
                 answered = response.headers.get("Content-Range", "")
-                if answered not in (f"bytes {position}-{end}/{descriptor.size}", f"bytes {position}-{end}/*"):
+                if response.status_code == 206 and answered not in (f"bytes {position}-{end}/{descriptor.size}",
+                                                                    f"bytes {position}-{end}/*"):
                     raise IntegrityError(f"{what}: the registry answered {answered or 'no Content-Range'} instead")
                 try:
                     while position <= end and (n := response.raw.readinto(buffer)):

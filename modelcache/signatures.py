@@ -1,9 +1,11 @@
 """Signature policy: which models must be signed by which keys, checked before anything is mounted.
 
-Formats verified: Sigstore bundles (v0.3, DSSE envelope) stored as referrers of the model, and (also
-written by ``ocimodel sign``) cosign's key-based tag scheme. The signatures of a
-manifest ``sha256:<hex>`` are the layers of the manifest tagged ``sha256-<hex>.sig`` in the same
-repository: each layer (``application/vnd.dev.cosign.simplesigning.v1+json``) is a payload
+Formats verified: Sigstore bundles (v0.3, DSSE envelope) stored as referrers of the model; OpenSSF model
+signatures (bundles over the files, in the model as ``model.sig`` or as referrers: checked on the pulled
+tree, see :class:`FileSignature`); and (also written by ``ocimodel sign``) cosign's key-based tag scheme.
+The cosign signatures of a manifest ``sha256:<hex>`` are the layers of the manifest tagged
+``sha256-<hex>.sig`` in the same repository: each layer
+(``application/vnd.dev.cosign.simplesigning.v1+json``) is a payload
 ``{"critical": {"identity": {"docker-reference": <repository>}, "image": {"docker-manifest-digest":
 <digest>}, "type": "cosign container image signature"}, "optional": ...}`` and carries the base64
 signature of those payload bytes in the annotation ``dev.cosignproject.cosign/signature``. Keys: ECDSA
@@ -17,6 +19,7 @@ import fnmatch
 import hashlib
 import json
 import logging
+import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +34,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from modelcache import mediatypes as mt
 from modelcache.digest import Digest
 from modelcache.errors import Kind, ModelCacheError
-from modelcache.manifest import Descriptor
+from modelcache.layout import plan_for
+from modelcache.manifest import Descriptor, Manifest
 from modelcache.reference import Reference
 from modelcache.registry import RegistryClient
 
@@ -57,6 +61,8 @@ class TrustedKey:
 
     name: str
     key: PublicKey
+    path: Path
+    certificate: bool = False
 
 
 def load_public_key(path: Path) -> TrustedKey:
@@ -75,7 +81,7 @@ def load_public_key(path: Path) -> TrustedKey:
                               kind=Kind.INVALID_ARGUMENT) from None
     if not isinstance(key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey):
         raise ModelCacheError(f"signature key {path}: unsupported key type", kind=Kind.INVALID_ARGUMENT)
-    return TrustedKey(path.name, key)
+    return TrustedKey(path.name, key, path, b"BEGIN CERTIFICATE" in data)
 
 
 def _verifies(key: PublicKey, signature: bytes, payload: bytes) -> bool:
@@ -182,21 +188,91 @@ class SignaturePolicy:
         with self._lock:
             return (str(ref.digest), self.fingerprint) in self._verdicts
 
-    def check(self, client: RegistryClient, ref: Reference) -> None:
+    def check(self, client: RegistryClient, ref: Reference) -> FileSignature | None:
         """Verify digest-pinned ``ref`` against the policy; raise :class:`SignatureRefused` with the reason,
-        or the registry's error (UNAVAILABLE for an unreachable signature store, never a pass)."""
+        or the registry's error (UNAVAILABLE for an unreachable signature store, never a pass). When the
+        only signature is an OpenSSF model signature (over the files, in the model as ``model.sig`` or as a
+        referrer), return it: the caller verifies the files with it before any of them is used."""
         rule = self.rule_for(ref)
         if rule is None or rule.requirement == "none" or self.already_verified(ref):
-            return
+            return None
         assert ref.digest is not None
-        found = verify_cosign(client, ref, rule.keys) or verify_bundles(client, ref, rule.keys)
-        if found is None:
-            names = ", ".join(k.name for k in rule.keys)
-            raise SignatureRefused(f"signature required by policy {rule.name!r}: no signature by key {names} for "
-                                   f"{ref.digest} ({ref.registry}/{ref.repository})")
+        bundles = _bundles(client, ref)
+        found = verify_cosign(client, ref, rule.keys) or verify_bundles(bundles, ref, rule.keys)
+        if found is not None:
+            self.record(ref, found)
+            log.info("%s: signed by %s (policy %s)", ref, found, rule.name)
+            return None
+        model_bundles = [raw for raw, bundle in bundles if _predicate_type(bundle) == OMS_PREDICATE]
+        if model_bundles or _ships_model_sig(client.resolve(ref).manifest):
+            return FileSignature(self, rule, ref, tuple(model_bundles))
+        names = ", ".join(k.name for k in rule.keys)
+        raise SignatureRefused(f"signature required by policy {rule.name!r}: no signature by key {names} for "
+                               f"{ref.digest} ({ref.registry}/{ref.repository})")
+
+    def record(self, ref: Reference, signer: str) -> None:
+        """Remember that ``ref`` (pinned) verified under this policy, signed by ``signer``."""
         with self._lock:
-            self._verdicts[(str(ref.digest), self.fingerprint)] = found
-        log.info("%s: signed by %s (policy %s)", ref, found, rule.name)
+            self._verdicts[(str(ref.digest), self.fingerprint)] = signer
+
+
+@dataclass(frozen=True)
+class FileSignature:
+    """OpenSSF model signatures (Sigstore bundles over the model's files) that must verify on the files of
+    ``ref`` once they are on disk, before any is used: ``bundles`` from referrers, else the model's own
+    ``model.sig``."""
+
+    policy: SignaturePolicy
+    rule: Rule
+    ref: Reference
+    bundles: tuple[bytes, ...]
+
+    def verify_tree(self, tree: Path) -> str:
+        """Check the files under ``tree`` (all of them, ``model.sig`` aside) against a signature by one of the
+        rule's keys or certificates; return the signer's name, or raise :class:`SignatureRefused`."""
+        import model_signing  # heavy (Sigstore); loaded only when a policy needs it
+
+        candidates: list[Path] = []
+        with tempfile.TemporaryDirectory(prefix="ocimodel-oms-") as work:
+            for i, raw in enumerate(self.bundles):
+                path = Path(work) / f"referrer-{i}.sig"
+                path.write_bytes(raw)
+                candidates.append(path)
+            own = tree / OMS_FILE
+            if own.is_file() and not own.is_symlink():
+                candidates.append(own)
+            errors: list[str] = []
+            for trusted in self.rule.keys:
+                config = model_signing.verifying.Config()  # type: ignore[no-untyped-call]
+                if trusted.certificate:
+                    config.use_certificate_verifier(certificate_chain=[trusted.path], log_fingerprints=False)
+                elif isinstance(trusted.key, ec.EllipticCurvePublicKey):
+                    config.use_elliptic_key_verifier(public_key=trusted.path)
+                else:
+                    errors.append(f"{trusted.name}: OpenSSF model signatures use elliptic-curve keys")
+                    continue
+                config.set_hashing_config(model_signing.hashing.Config().set_ignored_paths(  # type: ignore[no-untyped-call]
+                    paths=[OMS_FILE], ignore_git_paths=False))
+                for candidate in candidates:
+                    try:
+                        config.verify(tree, candidate)
+                    except Exception as exc:  # noqa: BLE001 - the library raises ValueError and others
+                        errors.append(f"{trusted.name}: {str(exc)[:200]}")
+                        continue
+                    self.policy.record(self.ref, trusted.name)
+                    log.info("%s: files signed by %s (OpenSSF model signature, policy %s)", self.ref, trusted.name,
+                             self.rule.name)
+                    return trusted.name
+        raise SignatureRefused(f"signature required by policy {self.rule.name!r}: the OpenSSF model signature of "
+                               f"{self.ref.digest} does not verify ({'; '.join(errors) or 'no signature found'})")
+
+
+def _ships_model_sig(manifest: Manifest) -> bool:
+    """True when the model has a ``model.sig`` file of its own at its root (a file layer, not in a tar)."""
+    try:
+        return any(step.dest == OMS_FILE for step in plan_for(manifest, None).steps)
+    except ModelCacheError:
+        return False
 
 
 def signature_tag(ref: Reference, digest: Digest) -> Reference:
@@ -300,6 +376,8 @@ def sign_cosign(client: RegistryClient, ref: Reference, key: PrivateKey) -> Dige
 BUNDLE_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 IN_TOTO = "application/vnd.in-toto+json"
 MAX_BUNDLE = 1 << 20
+OMS_PREDICATE = "https://model_signing/signature/v1.0"
+OMS_FILE = "model.sig"  # where the OpenSSF model-signing tools put the signature, at the model's root
 
 
 def _pae(payload_type: str, payload: bytes) -> bytes:
@@ -320,27 +398,56 @@ def _statement_names(statement: bytes, ref: Reference) -> bool:
     return any(not s.get("name") or _repository_of(str(s["name"])) == repository for s in matches)
 
 
-def verify_bundles(client: RegistryClient, ref: Reference, keys: Sequence[TrustedKey]) -> str | None:
-    """The name of the key that signed a Sigstore bundle (v0.3, DSSE envelope with an in-toto statement
-    whose subject is ``ref``'s digest) stored as a referrer of ``ref``, or None. Key-based: the
-    transparency-log entries a bundle may carry are not consulted."""
-    assert ref.digest is not None
+def _bundles(client: RegistryClient, ref: Reference) -> list[tuple[bytes, dict[str, Any]]]:
+    """The Sigstore bundles stored as referrers of ``ref`` (raw and parsed)."""
+    found = []
     for referrer in client.referrers(ref, BUNDLE_TYPE):
         manifest = client.resolve(ref.by_digest(referrer.digest)).manifest
         for layer in manifest.layers:
             if layer.media_type != BUNDLE_TYPE:
                 continue
+            raw = client.get_small_blob(ref, layer, limit=MAX_BUNDLE)
             try:
-                envelope = json.loads(client.get_small_blob(ref, layer, limit=MAX_BUNDLE))["dsseEnvelope"]
-                payload = base64.b64decode(envelope["payload"], validate=True)
-                payload_type = str(envelope["payloadType"])
-                signatures = [base64.b64decode(s["sig"], validate=True) for s in envelope["signatures"]]
-            except (ValueError, KeyError, TypeError):
-                log.warning("%s: referrer %s holds a bundle this verifier cannot read", ref, referrer.digest)
+                bundle = json.loads(raw)
+            except ValueError:
+                log.warning("%s: referrer %s holds a bundle that is not JSON", ref, referrer.digest)
                 continue
-            if payload_type != IN_TOTO or not _statement_names(payload, ref):
-                continue
-            for trusted in keys:
-                if any(_verifies(trusted.key, signature, _pae(payload_type, payload)) for signature in signatures):
-                    return trusted.name
+            if isinstance(bundle, dict):
+                found.append((raw, bundle))
+    return found
+
+
+def _envelope(bundle: dict[str, Any]) -> tuple[str, bytes, list[bytes]] | None:
+    try:
+        envelope = bundle["dsseEnvelope"]
+        return (str(envelope["payloadType"]), base64.b64decode(envelope["payload"], validate=True),
+                [base64.b64decode(s["sig"], validate=True) for s in envelope["signatures"]])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _predicate_type(bundle: dict[str, Any]) -> str:
+    opened = _envelope(bundle)
+    try:
+        return str(json.loads(opened[1])["predicateType"]) if opened else ""
+    except (ValueError, KeyError, TypeError):
+        return ""
+
+
+def verify_bundles(bundles: Sequence[tuple[bytes, dict[str, Any]]], ref: Reference, keys: Sequence[TrustedKey]
+                   ) -> str | None:
+    """The name of the key that signed one of ``bundles`` (v0.3, DSSE envelope with an in-toto statement
+    whose subject is ``ref``'s digest), or None. Key-based: the transparency-log entries a bundle may carry
+    are not consulted."""
+    for _, bundle in bundles:
+        opened = _envelope(bundle)
+        if opened is None:
+            log.warning("%s: a referrer holds a bundle this verifier cannot read", ref)
+            continue
+        payload_type, payload, signatures = opened
+        if payload_type != IN_TOTO or not _statement_names(payload, ref):
+            continue
+        for trusted in keys:
+            if any(_verifies(trusted.key, signature, _pae(payload_type, payload)) for signature in signatures):
+                return trusted.name
     return None

@@ -24,6 +24,7 @@ from modelcache.records import PullResult
 from modelcache.reference import Reference, parse_reference
 from modelcache.registry import RegistryClient
 from modelcache.settings import Settings
+from modelcache.signatures import FileSignature
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +92,12 @@ class PullFlights:
         reference = flight.reference
         pinned = reference if reference.digest else self.pin(reference, options, credentials)
         cache = self._cache_for(credentials)
-        self.settings.signature_policy.check(cache.client, pinned)  # before anything is cached or mounted
+        files_signed = self.settings.signature_policy.check(cache.client, pinned)  # before anything is cached
+        check_tree = files_signed.verify_tree if files_signed is not None else None
         hit = cache.cached(pinned, options)
         if hit:
+            if check_tree is not None:
+                check_tree(cache.store.trees / hit.record.key)
             return hit
         flight.pulling = True
         log.info("pull of %s started", pinned)
@@ -101,16 +105,17 @@ class PullFlights:
             self.metrics.started.inc()
         while True:
             try:
-                return cache.pull(pinned, options, flight.progress, cancel=self._stopping)
+                return cache.pull(pinned, options, flight.progress, cancel=self._stopping, check_tree=check_tree)
             except StoreFull as exc:  # evict before failing; give up once nothing more can go
                 if not make_room(cache, exc.needed, self.settings.low_watermark).evicted:
                     raise StoreFull(f"{exc}; nothing can be evicted (every cached model is mounted, pinned or in "
                                     f"use)", needed=exc.needed) from None
 
-    def authorize(self, reference: Reference, credentials: CredentialStore | None) -> None:
+    def authorize(self, reference: Reference, credentials: CredentialStore | None) -> FileSignature | None:
         """Check digest-pinned ``reference`` against the signature policy (for paths that do not pull
-        through a flight, such as a lazy mount)."""
-        self.settings.signature_policy.check(self._cache_for(credentials).client, reference)
+        through a flight, such as a lazy mount). A :class:`FileSignature` means the policy is met only by a
+        signature over the files: they must all be pulled and checked before any is shown."""
+        return self.settings.signature_policy.check(self._cache_for(credentials).client, reference)
 
     def pin(self, reference: Reference, options: PullOptions, credentials: CredentialStore | None) -> Reference:
         """Pin a tag to its digest; if the registry is unreachable, fall back to the newest cached copy

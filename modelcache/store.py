@@ -19,7 +19,7 @@ from typing import IO
 from modelcache.digest import Digest, Verifier
 from modelcache.errors import IntegrityError, StoreFull
 from modelcache.fsutil import WritebackWindows, file_lock, fsync_dir, raise_if_full
-from modelcache.rangedingest import RangedIngest, RangeFetch, RangesUnsupported
+from modelcache.rangedingest import RangedIngest, RangedView, RangeFetch, RangesUnsupported
 from modelcache.rangedingest import clear as clear_ranged
 
 log = logging.getLogger(__name__)
@@ -148,6 +148,17 @@ class ContentStore:
                         return
             time.sleep(SLOT_POLL_SECONDS)
 
+    def live_ingest(self, digest: Digest) -> RangedView | None:
+        """A view of the ranged ingest of ``digest`` under way (in any process), for lazy mounts to read
+        the bytes it already holds; None when there is none."""
+        partial, state = self.ranged_paths(digest)
+        return RangedView(partial, state) if partial.exists() else None
+
+    def ranged_paths(self, digest: Digest) -> tuple[Path, Path]:
+        """The partial file and the state file of a ranged ingest."""
+        base = self.ingest_dir / f"{digest.algorithm}-{digest.hex}.ranged"
+        return base, base.with_name(base.name + ".json")
+
     def partial_path(self, digest: Digest) -> Path:
         """Where an ingest of ``digest`` accumulates."""
         return self.ingest_dir / f"{digest.algorithm}-{digest.hex}"
@@ -228,14 +239,24 @@ class ContentStore:
         with self._fetching(digest, size) as present:
             if present:
                 return size
-            partial = self.ingest_dir / f"{digest.algorithm}-{digest.hex}.ranged"
-            state = self.ingest_dir / f"{digest.algorithm}-{digest.hex}.ranged.json"
+            partial, state = self.ranged_paths(digest)
+
+            def attempt() -> int:
+                return RangedIngest(digest, size, partial, state, fetch, workers=workers, on_bytes=on_bytes,
+                                    slot=self.connection_slot).run()
+            resumed = partial.exists() and state.exists()
             try:
-                already = RangedIngest(digest, size, partial, state, fetch, workers=workers, on_bytes=on_bytes,
-                                       slot=self.connection_slot).run()
+                already = attempt()
             except RangesUnsupported:
                 clear_ranged(partial, state)
                 raise
+            except IntegrityError:
+                if not resumed:
+                    raise
+                log.warning("blob %s: the resumed download does not match its digest (its partial file was damaged "
+                            "or written by another source); fetching it again from the start", digest)
+                clear_ranged(partial, state)
+                already = attempt()
             _commit(partial, target)
             return already
 

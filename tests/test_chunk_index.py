@@ -17,10 +17,14 @@ import pytest
 from csi_driver.proto import csi_pb2
 from modelcache import chunkindex
 from modelcache import mediatypes as mt
+from modelcache.cache import ModelCache
 from modelcache.digest import Digest
-from modelcache.errors import IntegrityError
+from modelcache.errors import IntegrityError, Kind
+from modelcache.lazy import LazyBroken, LazyModel
+from modelcache.options import PullOptions
 from modelcache.push import push_directory
 from modelcache.reference import parse_reference
+from modelcache.store import ContentStore
 from tests.conftest import make_client, needs_root
 from tests.helpers.csi import CsiProcess, publish_request
 from tests.helpers.proxy import ProxyProcess
@@ -121,3 +125,39 @@ def test_lazy_reads_are_verified_before_they_are_served(registry, tmp_path: Path
     finally:
         csi.stop()
         bad.close()
+
+
+@pytest.mark.parametrize("with_index", [True, False], ids=["with-index", "without-index"])
+def test_a_damaged_download_under_way_is_never_trusted(registry, tmp_path: Path, with_index: bool) -> None:  # type: ignore[no-untyped-def]
+    """Lazy reads use the bytes a ranged download under way (in any process) already holds: with a chunk
+    index only after the chunk verifies (else it is fetched by range); without one the floor applies: what
+    was served is compared with the verified blob once it commits, and a difference breaks the model."""
+    client = make_client()
+    directory, weights = model_dir(tmp_path)
+    ref = parse_reference(f"{registry.host}/chunks/live:v1")
+    push_directory(client, directory, ref, chunk_index=with_index)
+    cache = ModelCache(ContentStore(tmp_path / "root"), client, connections_per_blob=4, ranged_min_size=1 << 20)
+    cache.store.ensure()
+    model = LazyModel(cache, cache.client.resolve(ref), PullOptions())
+    model.build()
+    node = model.lookup_path("weights.safetensors")
+    assert node is not None and node.source is not None
+    damaged = bytearray(weights)
+    damaged[100] ^= 0xFF
+    partial, state = cache.store.ranged_paths(node.source.digest)  # as another process left it
+    partial.write_bytes(damaged)
+    state.write_text(json.dumps({"version": 2, "filled": [[0, 2 * CHUNK]]}))
+
+    first = model.read_node(node, 0, 4096)
+    assert first == (weights[:4096] if with_index else bytes(damaged[:4096]))
+    assert model.read_node(node, CHUNK, 4096) == weights[CHUNK:CHUNK + 4096]
+    model.start_background().join()
+    assert cache.store.blob_path(node.source.digest).read_bytes() == weights  # the pull started over
+    if with_index:
+        assert model.failure is None and model.read_node(node, 0, 4096) == weights[:4096]
+    else:
+        assert model.failure is not None and model.failure.kind is Kind.INTEGRITY
+        assert "bytes served before the pull finished differ" in str(model.failure)
+        with pytest.raises(LazyBroken):
+            model.read_node(node, 0, 4096)
+    model.close()

@@ -379,3 +379,34 @@ def _process_state(pid: int) -> str:
     except OSError as exc:
         return f"unreadable ({exc})"
     return f"{[s for s in status if s.startswith(('State', 'PPid'))]} threads={threads} fuse mounts={mounts}"
+
+
+def test_reads_behind_the_download_come_from_it(tmp_path: Path, big, proxy_factory) -> None:  # type: ignore[no-untyped-def]
+    """The background download runs in its own process; a reader behind it reads what it wrote (no second
+    fetch of those bytes)."""
+    name, data = big
+    config = tmp_path / "node.yaml"
+    config.write_text(json.dumps({"rangedMinSizeMiB": 1, "connectionsPerBlob": 2}))
+    csi = CsiProcess(tmp_path / "driver", "--config", str(config))
+    proxy = proxy_factory(4_000_000)
+    target = tmp_path / "pod" / "mnt"
+    target.parent.mkdir()
+    digest = Digest.of_bytes(data)
+    state = csi.root / "ingest" / f"sha256-{digest.hex}.ranged.json"
+    try:
+        csi.node.NodePublishVolume(lazy_request("live", target, f"{proxy.host}/{name}"))
+        wait_until(lambda: state.exists() and any(s == 0 and e >= 8 << 20
+                                                  for s, e in json.loads(state.read_text())["filled"]), 60)
+        with open(target / "weights.safetensors", "rb") as handle:
+            assert handle.read(8 << 20) == data[:8 << 20]  # behind the download
+            assert handle.read(1 << 20) == data[8 << 20:9 << 20]
+        assert not csi.root.joinpath("blobs", "sha256", digest.hex).exists(), "download already done"
+        blob_requests = [r for r in proxy.requests() if r["path"].endswith(str(digest))]
+        assert not any(r["range"].startswith("bytes=0-") for r in blob_requests), blob_requests  # not fetched twice
+        helpers = subprocess.run(["pgrep", "-f", "ocimodel.cli fuse-pull"], capture_output=True, text=True)
+        assert helpers.stdout.split(), "the download runs in its own process"
+        wait_until(lambda: csi.root.joinpath("blobs", "sha256", digest.hex).exists(), 90)
+        assert (target / "weights.safetensors").read_bytes() == data
+        csi.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id="live", target_path=str(target)))
+    finally:
+        csi.stop()

@@ -225,6 +225,11 @@ def sigstore_bundle_referrer(fixtures: Fixtures, repository: str, digest: str, k
                                           "signatures": [{"sig": base64.b64encode(
                                               key.sign(pae, ec.ECDSA(hashes.SHA256()))).decode(), "keyid": ""}]}}
                         ).encode()
+    attach_bundle(fixtures, repository, digest, bundle)
+
+
+def attach_bundle(fixtures: Fixtures, repository: str, digest: str, bundle: bytes) -> None:
+    """Store ``bundle`` as a referrer of ``digest``, listed under the referrers tag schema."""
     bundle_type = "application/vnd.dev.sigstore.bundle.v0.3+json"
     layer = fixtures.layer(f"{repository}:x", bundle, bundle_type)
     empty = {"mediaType": mt.OCI_EMPTY, **fixtures.blob(f"{repository}:x", b"{}")}
@@ -252,3 +257,76 @@ def test_sigstore_bundle_found_through_the_referrers_tag_schema(fixtures: Fixtur
     sigstore_bundle_referrer(fixtures, "bundle/wrong", wrong, key, subject_digest=str(Digest.of_bytes(b"other")))
     refused = pull(fixtures.ref("bundle/wrong:v1"), tmp_path / "root2", "--verify-key", str(public))
     assert refused.returncode == 9 and "no signature by key release.pub" in refused.stderr
+
+
+def oms_model(fixtures: Fixtures, tmp_path: Path, name: str, private: Path, *, in_model: bool = True,
+              tamper: bool = False) -> str:
+    """A model signed with the OpenSSF ``model-signing`` library (``model.sig`` at its root, pushed in the
+    model or attached as a referrer); ``tamper`` pushes weights other than the ones signed."""
+    import model_signing
+    directory = tmp_path / "oms" / name.replace("/", "-").replace(":", "-")
+    directory.mkdir(parents=True)
+    files = {"weights.safetensors": os.urandom(300_000), "config.json": b'{"oms": true}'}
+    for relpath, data in files.items():
+        (directory / relpath).write_bytes(data)
+    model_signing.signing.Config().use_elliptic_key_signer(private_key=private).sign(directory, directory / "model.sig")
+    signature = (directory / "model.sig").read_bytes()
+    if tamper:
+        files["weights.safetensors"] = files["weights.safetensors"][:-1] + b"!"
+    digest = fixtures.raw_model(name, {**files, **({"model.sig": signature} if in_model else {})})
+    if not in_model:
+        attach_bundle(fixtures, name.split(":")[0], digest, signature)
+    return digest
+
+
+@pytest.mark.parametrize("in_model", [True, False], ids=["model.sig-in-the-model", "as-a-referrer"])
+def test_openssf_model_signatures_are_checked_on_the_files(fixtures: Fixtures, tmp_path: Path, in_model: bool) -> None:
+    _, private, public = write_keys(tmp_path, "release")
+    _, _, other = write_keys(tmp_path, "other")
+    tag = "in" if in_model else "ref"
+    oms_model(fixtures, tmp_path, f"oms/{tag}-good:v1", private, in_model=in_model)
+    out = pull(fixtures.ref(f"oms/{tag}-good:v1"), tmp_path / "root", "--verify-key", str(public), "--list-files")
+    assert out.returncode == 0, out.stderr
+    assert {"weights.safetensors", "config.json"} <= set(json.loads(out.stdout)["file_list"])
+
+    refused = pull(fixtures.ref(f"oms/{tag}-good:v1"), tmp_path / "other-root", "--verify-key", str(other))
+    assert refused.returncode == 9, refused.stderr
+    assert "policy '--verify-key': the OpenSSF model signature of sha256:" in refused.stderr, refused.stderr
+    assert nothing_cached(tmp_path / "other-root")
+
+    oms_model(fixtures, tmp_path, f"oms/{tag}-tampered:v1", private, in_model=in_model, tamper=True)
+    tampered = pull(fixtures.ref(f"oms/{tag}-tampered:v1"), tmp_path / "tampered-root", "--verify-key", str(public))
+    assert tampered.returncode == 9 and "does not verify" in tampered.stderr, tampered.stderr
+    assert nothing_cached(tmp_path / "tampered-root")
+
+
+@needs_root
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse is missing")
+def test_a_lazy_volume_signed_over_its_files_is_verified_whole_before_it_is_mounted(fixtures: Fixtures,
+                                                                                   tmp_path: Path) -> None:
+    _, private, public = write_keys(tmp_path, "release")
+    _, other_private, _ = write_keys(tmp_path, "other")
+    oms_model(fixtures, tmp_path, "prod/oms:v1", private)
+    oms_model(fixtures, tmp_path, "prod/oms-other:v1", other_private)
+    config = tmp_path / "node.yaml"
+    config.write_text(json.dumps({"signaturePolicy": [
+        {"name": "prod", "match": [f"{fixtures.host}/prod/*"], "keys": [str(public)]}]}))
+    csi = CsiProcess(tmp_path / "driver", "--config", str(config))
+    try:
+        target = tmp_path / "pods" / "a" / "mnt"
+        csi.node.NodePublishVolume(publish_request("oms", target, fixtures.ref("prod/oms:v1"), mount="lazy"),
+                                   timeout=60)
+        fstypes = [line.split(" - ")[1].split()[0] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+                   if line.split()[4] == str(target)]
+        assert fstypes and not any(t.startswith("fuse") for t in fstypes)  # a bind of the verified tree
+        assert (target / "config.json").read_bytes() == b'{"oms": true}'
+        csi.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id="oms", target_path=str(target)))
+        with pytest.raises(grpc.RpcError) as info:
+            csi.node.NodePublishVolume(publish_request("other", tmp_path / "pods" / "b" / "mnt",
+                                                       fixtures.ref("prod/oms-other:v1"), mount="lazy"), timeout=60)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "the OpenSSF model signature of" in (info.value.details() or "")
+        assert not (tmp_path / "pods" / "b" / "mnt").exists()
+        assert len([p for p in (csi.root / "trees").iterdir() if not p.name.startswith(".")]) == 1
+    finally:
+        csi.stop()

@@ -1,5 +1,5 @@
-"""``ocimodel csi``, ``mount``, ``umount``, ``fuse-launcher`` and ``fuse-serve``. The CSI driver is imported
-only when one of them runs, so ``ocimodel pull`` starts fast."""
+"""``ocimodel csi``, ``mount``, ``umount``, ``fuse-launcher``, ``fuse-serve`` and ``fuse-pull``. The CSI
+driver is imported only when one of them runs, so ``ocimodel pull`` starts fast."""
 
 from __future__ import annotations
 
@@ -85,6 +85,12 @@ def cmd_fuse_serve(args: argparse.Namespace) -> int:
     return helper_main()
 
 
+def cmd_fuse_pull(args: argparse.Namespace) -> int:
+    """The child of a lazy-mount helper that downloads the model (its job arrives as JSON on stdin)."""
+    from csi_driver.lazyfs import pull_main
+    return pull_main()
+
+
 def register(sub: Any) -> None:
     """Add the CSI subcommands."""
     csi = sub.add_parser("csi", help="run the CSI plugin (gRPC on a unix socket)")
@@ -119,6 +125,8 @@ def register(sub: Any) -> None:
 
     helper = sub.add_parser("fuse-serve", help="(internal) serve one lazy mount; reads its job on stdin")
     helper.set_defaults(handler=cmd_fuse_serve)
+    pull = sub.add_parser("fuse-pull", help="(internal) download a lazy mount's model; reads its job on stdin")
+    pull.set_defaults(handler=cmd_fuse_pull)
 
     launcher = sub.add_parser("fuse-launcher", help="host lazy-mount helpers for the CSI driver (own container)")
     launcher.add_argument("--socket", required=True, help="unix socket path (created mode 0600)")

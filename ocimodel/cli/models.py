@@ -25,12 +25,13 @@ def cmd_pull(args: argparse.Namespace) -> int:
     cache = settings.cache(explicit_credentials(args, args.reference))
     options = PullOptions(tuple(args.include or ()), tuple(args.exclude or ()), args.path)
     ref = parse_reference(args.reference)
+    files_signed = None
     if settings.signature_policy.requires_signature(ref):  # verified before anything is cached
         ref = ref if ref.digest else ref.with_digest(cache.client.head_digest(ref))
-        settings.signature_policy.check(cache.client, ref)
+        files_signed = settings.signature_policy.check(cache.client, ref)
     progress = Progress()
     with ProgressLine(progress, args.reference):
-        result = cache.pull(ref, options, progress)
+        result = cache.pull(ref, options, progress, check_tree=files_signed.verify_tree if files_signed else None)
     data = result.to_json()
     if args.list_files:
         data["file_list"] = sorted(str(p.relative_to(result.path)) for p in result.path.rglob("*") if p.is_file())
