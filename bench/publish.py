@@ -1,8 +1,8 @@
 """NodePublishVolume latency through the real gRPC server: a cached model (p50/p99 over N calls, a new
-target each); 16 concurrent publishes of one uncached model vs a single pull of it; and a burst of
-distinct uncached models through a throttled registry, with Probe's latency during the burst and the time
-until every volume is published vs curl fetching the same blobs through the same throttle, four at a time
-(the plugin's pull parallelism).
+target each), unsigned and, side by side, signed under a signature policy that requires it; 16 concurrent
+publishes of one uncached model vs a single pull of it; and a burst of distinct uncached models through a
+throttled registry, with Probe's latency during the burst and the time until every volume is published vs
+curl fetching the same blobs through the same throttle, four at a time (the plugin's pull parallelism).
 
 Usage (root): python bench/publish.py [--calls 200] [--gib 1] [--burst 100]
 """
@@ -26,6 +26,8 @@ from common import OCIMODEL, RunningRegistry, drop_caches, make_shards, start_re
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import grpc  # noqa: E402
+from cryptography.hazmat.primitives import serialization  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 
 from csi_driver.proto import csi_pb2  # noqa: E402
 from modelcache.digest import Digest  # noqa: E402
@@ -55,7 +57,9 @@ def main() -> None:
         registry = start_registry(work / "registry")
         try:
             if "cached" in cases:
-                results["cached_publish_ms"] = cached(work, registry.host, args.calls)
+                plain = results["cached_publish_ms"] = cached(work, registry.host, args.calls)
+                signed = results["cached_signed_publish_ms"] = cached(work, registry.host, args.calls, signed=True)
+                results["signed_vs_plain_p99"] = signed["p99"] / plain["p99"]
             if "concurrent" in cases:
                 results.update(concurrent(work, registry, args.gib, args.concurrent))
             if "burst" in cases:
@@ -65,15 +69,28 @@ def main() -> None:
     print(json.dumps(results, indent=2))
 
 
-def cached(work: Path, registry: str, calls: int) -> dict[str, float]:
-    """Publishes of a cached model: one warm-up pull, then ``calls`` publishes to new targets."""
-    small = make_shards(work / "small", 2, 8 << 20)
-    subprocess.run([*OCIMODEL, "push", str(small), f"{registry}/bench/small:v1", "--plain-http"], check=True,
-                   capture_output=True)
+def cached(work: Path, registry: str, calls: int, *, signed: bool = False) -> dict[str, float]:
+    """Publishes of a cached model: one warm-up pull, then ``calls`` publishes to new targets; ``signed``:
+    the model is signed (cosign tag scheme) and the node's signature policy requires it."""
+    label = "signed" if signed else "small"
+    small = make_shards(work / label, 2, 8 << 20)
+    extra: list[str] = []
+    node_config: list[str] = []
+    if signed:
+        key = ec.generate_private_key(ec.SECP256R1())
+        (work / "release.key").write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        (work / "release.pub").write_bytes(key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+        (work / "node.yaml").write_text(json.dumps({"signaturePolicy": [
+            {"name": "bench", "match": [f"{registry}/bench/*"], "keys": [str(work / "release.pub")]}]}))
+        extra, node_config = ["--sign-key", str(work / "release.key")], ["--config", str(work / "node.yaml")]
+    subprocess.run([*OCIMODEL, "push", str(small), f"{registry}/bench/{label}:v1", "--plain-http", *extra],
+                   check=True, capture_output=True)
     shutil.rmtree(small)
-    csi = CsiProcess(work / "csi1", verbose=False)
-    ref = f"{registry}/bench/small:v1"
-    pods = work / "pods"
+    csi = CsiProcess(work / f"csi-{label}", *node_config, verbose=False)
+    ref = f"{registry}/bench/{label}:v1"
+    pods = work / f"pods-{label}"
     pods.mkdir()
     publish_until_done(csi, publish_request("warm", pods / "warm", ref))
     latencies = []
