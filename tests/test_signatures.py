@@ -5,6 +5,7 @@ agent, against a real registry."""
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import os
 import subprocess
@@ -14,8 +15,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from csi_driver.proto import csi_pb2
 from modelcache import mediatypes as mt
@@ -330,3 +333,57 @@ def test_a_lazy_volume_signed_over_its_files_is_verified_whole_before_it_is_moun
         assert len([p for p in (csi.root / "trees").iterdir() if not p.name.startswith(".")]) == 1
     finally:
         csi.stop()
+
+
+def certificate_chain(directory: Path, name: str) -> tuple[Path, Path, Path]:
+    """A CA and a code-signing leaf it issued: (CA certificate, leaf certificate, leaf private key) as PEM."""
+    now = datetime.datetime.now(datetime.UTC)
+
+    def builder(subject: str, issuer: str, key: ec.EllipticCurvePrivateKey, serial: int) -> x509.CertificateBuilder:
+        return (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                .public_key(key.public_key()).serial_number(serial)
+                .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30)))
+
+    def usage(ca: bool) -> x509.KeyUsage:
+        return x509.KeyUsage(digital_signature=True, key_cert_sign=ca, crl_sign=ca, content_commitment=False,
+                             key_encipherment=False, data_encipherment=False, key_agreement=False,
+                             encipher_only=False, decipher_only=False)
+
+    ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = (builder(f"{name} CA", f"{name} CA", ca_key, 1)
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(usage(True), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    leaf = (builder(f"{name} signer", f"{name} CA", leaf_key, 2)
+            .add_extension(usage(False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    paths = directory / f"{name}-ca.crt", directory / f"{name}-leaf.crt", directory / f"{name}-leaf.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(leaf_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                serialization.NoEncryption()))
+    return paths
+
+
+def test_openssf_model_signature_by_certificate(fixtures: Fixtures, tmp_path: Path) -> None:
+    import model_signing
+    ca, leaf, leaf_key = certificate_chain(tmp_path, "ci")
+    other_ca, _, _ = certificate_chain(tmp_path, "elsewhere")
+    directory = tmp_path / "model"
+    directory.mkdir()
+    (directory / "weights.safetensors").write_bytes(os.urandom(100_000))
+    model_signing.signing.Config().use_certificate_signer(
+        private_key=leaf_key, signing_certificate=leaf, certificate_chain=[ca]).sign(directory, directory / "model.sig")
+    fixtures.raw_model("ci/cert:v1", {p.name: p.read_bytes() for p in directory.iterdir()})
+    policy = tmp_path / "policy.yaml"
+    for certificate, expected in ((ca, 0), (other_ca, 9)):
+        policy.write_text(json.dumps({"signaturePolicy": [
+            {"name": "ci", "match": [f"{fixtures.host}/ci/*"], "certificates": [str(certificate)]}]}))
+        out = pull(fixtures.ref("ci/cert:v1"), tmp_path / f"root-{expected}", "--policy", str(policy))
+        assert out.returncode == expected, out.stderr
+    assert "policy 'ci': the OpenSSF model signature of" in out.stderr
+    assert nothing_cached(tmp_path / "root-9")
