@@ -30,7 +30,7 @@ PIECE_SIZE = 32 << 20  # at most; the rest of a blob is cut into about two piece
 MIN_PIECE = 1 << 20
 HASH_BUFFER = 4 << 20
 PROBE_SECONDS = 0.5  # how long the lead stream runs alone before the split is decided
-BUSY_SHARE = 0.35  # a lead whose thread is busy more than this share of the probe is CPU-bound: no split
+BUSY_SHARE = 0.35  # a lead busy (running or runnable) this share of the probe is CPU-bound: no split
 STATE_EVERY = 8 << 20  # the lead's progress is written to the state file this often (lazy mounts read it)
 VIEW_POLL_SECONDS = 0.005
 STATE_VERSION = 2
@@ -65,8 +65,8 @@ class RangedIngest:
         self.lead_end = size  # the lead stops here (moved down when the blob is split)
         self.lead_claimed = 0  # the lead has taken bytes [0, lead_claimed) for itself
         self.lead_written = 0
-        self.lead_started: tuple[float, float] | None = None  # (wall, thread CPU) at the lead's first byte
-        self.lead_cpu = 0.0
+        self.lead_started: float | None = None  # when the lead's first byte arrived
+        self.lead_thread = (0, 0)  # the lead's native and Python thread ids
         self.split_into = 0  # how many pieces the rest of the blob was cut into (0: not split)
 
     # -- the whole ingest -------------------------------------------------------------------------------
@@ -149,7 +149,8 @@ class RangedIngest:
             if self.failed is not None:
                 raise self.failed
             if self.lead_started is None:
-                self.lead_started = (time.monotonic(), time.thread_time())
+                self.lead_started = time.monotonic()
+                self.lead_thread = (threading.get_native_id(), threading.get_ident())
                 self.cond.notify_all()
             end = self.lead_end
             if offset >= end:
@@ -162,7 +163,6 @@ class RangedIngest:
         windows.advance(offset + len(view))
         with self.cond:
             self.hashed = self.lead_written = offset + len(view)
-            self.lead_cpu = time.thread_time()
             if self.lead_written // STATE_EVERY != offset // STATE_EVERY:
                 self._save_state()
         if self.lead_written >= end:
@@ -178,17 +178,17 @@ class RangedIngest:
                 self.cond.wait()
             if self.lead_started is None:
                 return []
-            started_wall, started_cpu = self.lead_started
+            started_wall, started_busy = time.monotonic(), _busy_seconds(*self.lead_thread)
             deadline = started_wall + PROBE_SECONDS
             while self.lead_active and self.failed is None and (left := deadline - time.monotonic()) > 0:
                 self.cond.wait(left)
             if not self.lead_active or self.failed is not None:
                 return []
-            busy = (self.lead_cpu - started_cpu) / max(time.monotonic() - started_wall, 1e-6)
+            busy = (_busy_seconds(*self.lead_thread) - started_busy) / max(time.monotonic() - started_wall, 1e-6)
             rest = self.size - self.lead_claimed
             piece = min(PIECE_SIZE, max(MIN_PIECE, -(-rest // (self.workers * 2)) // MIN_PIECE * MIN_PIECE))
             cut = min(self.size, -(-(self.lead_claimed + piece) // MIN_PIECE) * MIN_PIECE)
-            log.info("blob %s: lead stream busy %.0f%% of the probe", self.digest, busy * 100)
+            log.debug("blob %s: lead stream busy %.0f%% of the probe", self.digest, busy * 100)
             if busy >= BUSY_SHARE or cut >= self.size:
                 return []
             self.lead_end = cut
@@ -300,6 +300,17 @@ class RangedView:
             if time.monotonic() > deadline or not any(0 <= start - e < near for _, e in filled):
                 return False
             time.sleep(VIEW_POLL_SECONDS)
+
+
+def _busy_seconds(native_id: int, ident: int) -> float:
+    """Seconds a thread of this process has run or waited for a CPU (runnable, not running): a thread
+    starved of CPU by other work is busy, not waiting on the network. Where the kernel keeps no schedstat,
+    run time alone."""
+    try:
+        ran, runnable, _ = Path(f"/proc/self/task/{native_id}/schedstat").read_text().split()
+        return (int(ran) + int(runnable)) / 1e9
+    except (OSError, ValueError):
+        return time.clock_gettime(time.pthread_getcpuclockid(ident))
 
 
 def _write_all(fd: int, data: memoryview, offset: int) -> None:
