@@ -128,6 +128,7 @@ def publish_case(registry: RunningRegistry, work: Path, model: Path, name: str, 
     results: dict[str, object] = {}
     ref = f"{registry.host}/bench/lazy:v1"
     subprocess.run([*OCIMODEL, "push", str(model), ref, "--plain-http"], check=True, capture_output=True)
+    prefault(3 * size, work)
     drop_caches()
     warm(registry.root / "data")
 

@@ -257,7 +257,6 @@ def pull_main() -> int:
     """``ocimodel fuse-pull``: download the model of a lazy-mount job (JSON on stdin) into the cache; print
     ``ERROR <kind> <message>`` on failure. SIGTERM stops it at its next read (the download resumes later)."""
     job = json.loads(sys.stdin.read())
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
@@ -274,7 +273,6 @@ def helper_main(argv: Sequence[str] | None = None) -> int:
     """``ocimodel fuse-serve``: read the job (settings, credentials, reference) as JSON on stdin, mount,
     print ``READY <files> <bytes>`` on stdout, then serve until unmounted."""
     job = json.loads(sys.stdin.read())
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     target = Path(job["target"])
     try:
         cache = _cache_for(job)

@@ -396,8 +396,10 @@ class LazyModel:
         """Read ``node`` at once when that needs no network, no waiting and no hashing (its blob is committed,
         or the background pull has the bytes and, with a chunk index, their chunks are verified); None:
         use :meth:`read_node` from a worker thread."""
+        if node.local:
+            return self.read_node(node, offset, size)  # a file of the finished tree
         source = node.source
-        if node.local or source is None or self.failure is not None:
+        if source is None or self.failure is not None:
             return None
         with self._chunks_lock:
             committed = source.digest in self._fds

@@ -124,9 +124,9 @@ def register(sub: Any) -> None:
     mount.set_defaults(handler=cmd_mount)
 
     helper = sub.add_parser("fuse-serve", help="(internal) serve one lazy mount; reads its job on stdin")
-    helper.set_defaults(handler=cmd_fuse_serve)
+    helper.set_defaults(handler=cmd_fuse_serve, log_level=logging.INFO)
     pull = sub.add_parser("fuse-pull", help="(internal) download a lazy mount's model; reads its job on stdin")
-    pull.set_defaults(handler=cmd_fuse_pull)
+    pull.set_defaults(handler=cmd_fuse_pull, log_level=logging.INFO)
 
     launcher = sub.add_parser("fuse-launcher", help="host lazy-mount helpers for the CSI driver (own container)")
     launcher.add_argument("--socket", required=True, help="unix socket path (created mode 0600)")
