@@ -163,6 +163,9 @@ class LazyOperations(pyfuse3.Operations):
         except (ModelCacheError, OSError) as exc:
             log.warning("read of inode %d at %d failed: %s", fh, off, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception:  # a bug must fail this read, not end the mount for every reader
+            log.exception("read of inode %d at %d failed unexpectedly", fh, off)
+            raise pyfuse3.FUSEError(errno.EIO) from None
 
     async def release(self, fh: int) -> None:
         return None

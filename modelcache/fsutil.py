@@ -146,3 +146,10 @@ class WritebackWindows:
             if self.flushed >= WRITE_BEHIND_WINDOW:
                 wait_writeback(self.fd, self.flushed - WRITE_BEHIND_WINDOW, WRITE_BEHIND_WINDOW)
             self.flushed += WRITE_BEHIND_WINDOW
+
+
+def pwrite_all(fd: int, offset: int, data: memoryview) -> None:
+    """Write all of ``data`` at ``offset`` (pwrite may write less than asked)."""
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n

@@ -17,6 +17,7 @@ fails. Strict mode serves a file only once its blob is verified and committed.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -32,6 +33,7 @@ from modelcache.cache import ModelCache
 from modelcache.chunkindex import ChunkIndex
 from modelcache.digest import Digest
 from modelcache.errors import IntegrityError, Kind, ModelCacheError, UnsafeContent
+from modelcache.fsutil import pwrite_all
 from modelcache.layout import Plan, plan_for
 from modelcache.mediatypes import Compression
 from modelcache.options import PullOptions
@@ -601,9 +603,8 @@ class LazyModel:
                 start = index * chunks.chunk_size
                 length = min(chunks.chunk_size, chunks.size - start)
                 expected = self.index.expected(digest, index) if self.index is not None else None
-                data = self.cache.client.read_range(self.resolved.reference, digest, start, length, chunks.size,
-                                                    expected)
-                os.pwrite(chunks.fd, data, start)
+                self.cache.client.read_range(self.resolved.reference, digest, start, length, chunks.size,
+                                             functools.partial(pwrite_all, chunks.fd), expected)
                 with chunks.lock:
                     chunks.present.add(index)
             finally:

@@ -61,7 +61,7 @@ def download_blobs(store: ContentStore, client: RegistryClient, ref: Reference, 
         if connections > 1 and descriptor.size >= ranged_min_size and not _partial_size(store, descriptor.digest):
             try:
                 def fetch_range(start: int, length: int, write: Callable[[int, memoryview], None]) -> None:
-                    client.download_range(ref, descriptor, start, length, write)
+                    client.download_range(ref, descriptor.digest, descriptor.size, start, length, write)
                 progress.skip(store.ingest_ranged(descriptor.digest, descriptor.size, fetch_range,
                                                   workers=connections, on_bytes=on_bytes))
                 return

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from modelcache.digest import Digest
 from modelcache.errors import IntegrityError, ModelCacheError
-from modelcache.fsutil import WritebackWindows, raise_if_full, read_json, start_writeback
+from modelcache.fsutil import WritebackWindows, pwrite_all, raise_if_full, read_json, start_writeback
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class RangedIngest:
                 raise _LeadCut
             view = data[:end - offset]
             self.lead_claimed = offset + len(view)
-        _write_all(fd, view, offset)
+        pwrite_all(fd, offset, view)
         self.hasher.update(view)
         self.on_bytes(len(view))
         windows.advance(offset + len(view))
@@ -215,7 +215,7 @@ class RangedIngest:
             nonlocal written
             if self.failed is not None:
                 raise self.failed
-            _write_all(fd, data, offset)
+            pwrite_all(fd, offset, data)
             written += len(data)
             self.on_bytes(len(data))
 
@@ -311,12 +311,6 @@ def _busy_seconds(native_id: int, ident: int) -> float:
         return (int(ran) + int(runnable)) / 1e9
     except (OSError, ValueError):
         return time.clock_gettime(time.pthread_getcpuclockid(ident))
-
-
-def _write_all(fd: int, data: memoryview, offset: int) -> None:
-    while data:
-        n = os.pwrite(fd, data, offset)
-        data, offset = data[n:], offset + n
 
 
 def _merged(ranges: list[list[int]]) -> list[list[int]]:

@@ -199,26 +199,28 @@ class RegistryClient:
                                     kind=Kind.UNAVAILABLE)
         verifier.verify()
 
-    def download_range(self, ref: Reference, descriptor: Descriptor, start: int, length: int,
-                       write: Callable[[int, memoryview], None]) -> None:
-        """Stream bytes ``[start, start+length)`` of a blob to ``write(offset, data)``, resuming within the
-        range after a broken stream; :class:`RangesUnsupported` when the registry answers with the whole blob.
-        The bytes are verified by the caller (with the whole blob's digest)."""
-        what = f"blob {descriptor.digest} range {start}+{length}"
+    def download_range(self, ref: Reference, digest: Digest, blob_size: int, start: int, length: int,
+                       write: Callable[[int, memoryview], None], *, skip_endpoints: int = 0) -> None:
+        """The ranged fetcher (parallel ingest pieces, lazy reads): stream bytes ``[start, start+length)`` of
+        a blob of ``blob_size`` bytes to ``write(offset, data)`` in order, through one reused buffer,
+        resuming within the range after a broken stream. Every 206 must name exactly the asked range; the
+        whole blob from byte 0 is asked with a plain GET. :class:`RangesUnsupported` when a registry answers
+        a Range request with the whole blob. The bytes are verified by the caller."""
+        what = f"blob {digest} range {start}+{length}"
         end, position, failures = start + length - 1, start, 0
         buffer = bytearray(READ_SIZE)
         view = memoryview(buffer)
         while position <= end:
-            whole = position == 0 and length == descriptor.size  # a plain GET: the answer is the whole blob
-            response = self._request("GET", ref, f"/blobs/{descriptor.digest}", what, stream=True,
+            whole = position == 0 and length == blob_size  # a plain GET: the answer is the whole blob
+            response = self._request("GET", ref, f"/blobs/{digest}", what, stream=True,
                                      headers={} if whole else {"Range": f"bytes={position}-{end}"},
-                                     ok=lambda s: s in (200, 206))
+                                     ok=lambda s: s in (200, 206), skip_endpoints=skip_endpoints)
             with closing_response(response):
                 if response.status_code == 200 and not whole:
                     raise RangesUnsupported(f"{what}: the registry answered with the whole blob",
                                             kind=Kind.UNSUPPORTED)
                 answered = response.headers.get("Content-Range", "")
-                if response.status_code == 206 and answered not in (f"bytes {position}-{end}/{descriptor.size}",
+                if response.status_code == 206 and answered not in (f"bytes {position}-{end}/{blob_size}",
                                                                     f"bytes {position}-{end}/*"):
                     raise IntegrityError(f"{what}: the registry answered {answered or 'no Content-Range'} instead")
                 try:
@@ -239,38 +241,28 @@ class RegistryClient:
                     raise RegistryError(f"{what}: stream ended early at byte {position}", kind=Kind.UNAVAILABLE)
 
     def read_range(self, ref: Reference, digest: Digest, start: int, length: int, blob_size: int,
-                   expected_sha256: str | None = None) -> bytes:
-        """Read ``length`` bytes of a blob of ``blob_size`` bytes at ``start`` (for lazy reads). The answer
-        must be a 206 for exactly that range (``Content-Range``) and length. With ``expected_sha256`` (from a
-        chunk index) the bytes must also hash to it; an endpoint that answers otherwise is passed over for
-        the next one (mirror, then upstream), and when none answers right the read fails."""
+                   write: Callable[[int, memoryview], None], expected_sha256: str | None = None) -> None:
+        """Stream ``length`` bytes of a blob at ``start`` to ``write`` for a lazy read, through
+        :meth:`download_range`. With ``expected_sha256`` (from a chunk index) the bytes must hash to it; an
+        endpoint that answers otherwise is passed over for the next one (mirror, then upstream), its bytes
+        written over, and when none answers right the read fails. Without one, the caller keeps what was
+        served for the floor check."""
         what = f"blob {digest} range {start}+{length}"
-        if expected_sha256 is None:
-            return self._read_range_from(ref, digest, start, length, blob_size, what, 0)
-        endpoints = len(self.transport.hosts.endpoints(ref.registry, ref.endpoint_host))
+        endpoints = len(self.transport.hosts.endpoints(ref.registry, ref.endpoint_host)) if expected_sha256 else 1
         for position in range(endpoints):
-            data = self._read_range_from(ref, digest, start, length, blob_size, what, position)
-            if hashlib.sha256(data).hexdigest() == expected_sha256:
-                return data
+            hasher = hashlib.sha256()
+
+            def hashed(offset: int, data: memoryview, hasher: hashlib._Hash = hasher) -> None:
+                hasher.update(data)
+                write(offset, data)
+            try:
+                self.download_range(ref, digest, blob_size, start, length, hashed, skip_endpoints=position)
+            except RangesUnsupported:
+                raise RegistryError(f"{what}: registry does not serve ranges", kind=Kind.UNSUPPORTED) from None
+            if expected_sha256 is None or hasher.hexdigest() == expected_sha256:
+                return
             log.warning("%s: an answer failed its chunk-index hash; trying the next endpoint", what)
         raise IntegrityError(f"{what}: no endpoint answered the bytes the model's chunk index names")
-
-    def _read_range_from(self, ref: Reference, digest: Digest, start: int, length: int, blob_size: int, what: str,
-                         skip_endpoints: int) -> bytes:
-        end = start + length - 1
-        response = self._request("GET", ref, f"/blobs/{digest}", what, stream=True,
-                                 headers={"Range": f"bytes={start}-{end}"}, ok=lambda s: s in (200, 206),
-                                 skip_endpoints=skip_endpoints)
-        with closing_response(response):
-            if response.status_code == 200:
-                raise RegistryError(f"{what}: registry does not serve ranges", kind=Kind.UNSUPPORTED)
-            answered = response.headers.get("Content-Range", "")
-            if answered not in (f"bytes {start}-{end}/{blob_size}", f"bytes {start}-{end}/*"):
-                raise IntegrityError(f"{what}: the registry answered {answered or 'no Content-Range'} instead")
-            data = read_limited(response, length, what)
-        if len(data) != length:
-            raise IntegrityError(f"{what}: the registry answered {len(data)} bytes")
-        return data
 
     def blob_exists(self, ref: Reference, digest: Digest) -> bool:
         """True when the repository already has ``digest``."""
