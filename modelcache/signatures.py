@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from modelcache import mediatypes as mt
 from modelcache.digest import Digest
 from modelcache.errors import Kind, ModelCacheError
+from modelcache.fsutil import atomic_write_json, read_json
 from modelcache.layout import plan_for
 from modelcache.manifest import Descriptor, Manifest
 from modelcache.reference import Reference
@@ -129,6 +130,7 @@ class SignaturePolicy:
     fingerprint: str = ""
     _verdicts: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _directory: Path | None = field(default=None, repr=False)
 
     @classmethod
     def from_mapping(cls, data: Sequence[Mapping[str, Any]] | None, source: str, base: Path | None = None
@@ -181,12 +183,31 @@ class SignaturePolicy:
         rule = self.rule_for(ref)
         return rule is not None and rule.requirement == "keys"
 
+    def persist_in(self, directory: Path) -> None:
+        """Keep verdicts as files under ``directory`` too (the cache root's ``verdicts/``, private to root),
+        so a verified cached model is used after a restart without asking the registry again."""
+        self._directory = directory
+
+    def _verdict_file(self, ref: Reference) -> Path | None:
+        if self._directory is None or ref.digest is None:
+            return None
+        return self._directory / f"{ref.digest.algorithm}-{ref.digest.hex}-{self.fingerprint}"
+
     def already_verified(self, ref: Reference) -> bool:
         """True when ``ref`` (pinned) needs nothing, or was verified under this policy already."""
         if not self.requires_signature(ref):
             return True
+        key = (str(ref.digest), self.fingerprint)
         with self._lock:
-            return (str(ref.digest), self.fingerprint) in self._verdicts
+            if key in self._verdicts:
+                return True
+        path = self._verdict_file(ref)
+        saved = read_json(path) if path is not None else None
+        signer = str(saved.get("signer", "")) if isinstance(saved, dict) else ""
+        if signer:
+            with self._lock:
+                self._verdicts[key] = signer
+        return bool(signer)
 
     def check(self, client: RegistryClient, ref: Reference) -> FileSignature | None:
         """Verify digest-pinned ``ref`` against the policy; raise :class:`SignatureRefused` with the reason,
@@ -214,6 +235,10 @@ class SignaturePolicy:
         """Remember that ``ref`` (pinned) verified under this policy, signed by ``signer``."""
         with self._lock:
             self._verdicts[(str(ref.digest), self.fingerprint)] = signer
+        path = self._verdict_file(ref)
+        if path is not None:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            atomic_write_json(path, {"signer": signer, "reference": str(ref), "policy": self.fingerprint})
 
 
 @dataclass(frozen=True)

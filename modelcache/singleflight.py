@@ -52,6 +52,7 @@ class PullFlights:
         self.settings = settings
         self.metrics = metrics
         self.cache = settings.cache()
+        settings.signature_policy.persist_in(self.cache.store.root / "verdicts")
         self._pool = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="pull")
         self._flights: dict[tuple[str, str, str], Flight] = {}
         self._lock = threading.Lock()

@@ -387,3 +387,20 @@ def test_openssf_model_signature_by_certificate(fixtures: Fixtures, tmp_path: Pa
         assert out.returncode == expected, out.stderr
     assert "policy 'ci': the OpenSSF model signature of" in out.stderr
     assert nothing_cached(tmp_path / "root-9")
+
+
+def test_verdicts_survive_a_restart_and_a_changed_policy_checks_again(fixtures: Fixtures, tmp_path: Path,
+                                                                       proxy_factory) -> None:  # type: ignore[no-untyped-def]
+    key, _, public = write_keys(tmp_path, "release")
+    _, _, other = write_keys(tmp_path, "other")
+    digest = model(fixtures, "sig/persist:v1")
+    proxy = proxy_factory()
+    cosign_signature(fixtures, "sig/persist", digest, key, identity=f"{proxy.host}/sig/persist")
+    ref, root = f"{proxy.host}/sig/persist@{digest}", tmp_path / "root"
+    assert pull(ref, root, "--verify-key", str(public)).returncode == 0
+    assert [json.loads(p.read_text())["signer"] for p in (root / "verdicts").iterdir()] == ["release.pub"]
+    proxy.close()  # the registry is gone; a new process uses the cached model it verified before
+    again = pull(ref, root, "--verify-key", str(public))
+    assert again.returncode == 0, again.stderr
+    changed = pull(ref, root, "--verify-key", str(other))  # another policy must ask the registry: never a pass
+    assert changed.returncode == 5 and "unavailable" in changed.stderr, (changed.returncode, changed.stderr)

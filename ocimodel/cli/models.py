@@ -26,6 +26,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     options = PullOptions(tuple(args.include or ()), tuple(args.exclude or ()), args.path)
     ref = parse_reference(args.reference)
     files_signed = None
+    settings.signature_policy.persist_in(cache.store.root / "verdicts")
     if settings.signature_policy.requires_signature(ref):  # verified before anything is cached
         ref = ref if ref.digest else ref.with_digest(cache.client.head_digest(ref))
         files_signed = settings.signature_policy.check(cache.client, ref)
