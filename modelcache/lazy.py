@@ -175,6 +175,7 @@ class _LiveFile:
     inode: int
     verified: set[int] = field(default_factory=set)  # chunks checked against the chunk index
     served: set[int] = field(default_factory=set)  # LIVE_UNIT units served without an index (the floor)
+    verifying: dict[int, threading.Event] = field(default_factory=dict)  # chunks being checked
 
 
 class LazyModel:
@@ -418,8 +419,11 @@ class LazyModel:
             return None
         if self.index is not None and self.index.covers(source.digest):
             unit = self.index.chunk_size
-            if not all(c in live.verified for c in range(start // unit, (start + size - 1) // unit + 1)):
+            last = (start + size - 1) // unit
+            if not all(c in live.verified for c in range(start // unit, last + 1)):
                 return None
+            if start % unit == 0 or start % unit <= unit // 2 < (start + size) % unit:  # twice per chunk
+                self._verify_ahead(live, source.digest, source.blob_size, last + 1)
         else:
             with self._chunks_lock:
                 live.served.update(range(start // LIVE_UNIT, (start + size - 1) // LIVE_UNIT + 1))
@@ -514,20 +518,58 @@ class LazyModel:
         if live is None:
             return None
         if index is not None:
-            for chunk in range(first, last + 1):
-                if chunk not in live.verified:
-                    start = chunk * unit
-                    data = os.pread(live.fd, min(unit, blob_size - start), start)
-                    if hashlib.sha256(data).hexdigest() != index.expected(digest, chunk):
-                        log.warning("chunk %d of %s in the running download does not match the chunk index; "
-                                    "reading it by range instead", chunk, digest)
-                        return None
-                    live.verified.add(chunk)
+            if not all(self._verify_live_chunk(live, digest, blob_size, chunk) for chunk in range(first, last + 1)):
+                return None
+            self._verify_ahead(live, digest, blob_size, last + 1)
         else:
             with self._chunks_lock:
                 live.served.update(range(first, last + 1))
         data = os.pread(live.fd, size, offset)
         return data if len(data) == size else None
+
+    def _verify_live_chunk(self, live: _LiveFile, digest: Digest, blob_size: int, chunk: int) -> bool:
+        """Check one chunk of the running download against the chunk index, once (a caller that finds it
+        being checked waits for that check); False when it does not match."""
+        assert self.index is not None
+        with self._chunks_lock:
+            if chunk in live.verified:
+                return True
+            event = live.verifying.get(chunk)
+            mine = event is None
+            if event is None:
+                event = live.verifying[chunk] = threading.Event()
+        if not mine:
+            event.wait()
+            with self._chunks_lock:
+                return chunk in live.verified
+        try:
+            unit = self.index.chunk_size
+            data = os.pread(live.fd, min(unit, blob_size - chunk * unit), chunk * unit)
+            if hashlib.sha256(data).hexdigest() != self.index.expected(digest, chunk):
+                log.warning("chunk %d of %s in the running download does not match the chunk index; reading it "
+                            "by range instead", chunk, digest)
+                return False
+            with self._chunks_lock:
+                live.verified.add(chunk)
+            return True
+        finally:
+            with self._chunks_lock:
+                live.verifying.pop(chunk, None)
+            event.set()
+
+    def _verify_ahead(self, live: _LiveFile, digest: Digest, blob_size: int, chunk: int) -> None:
+        """Check the chunk after the one being read in a thread, once the download holds it, so that a
+        sequential reader finds it verified (hashing overlaps reading)."""
+        assert self.index is not None
+        unit = self.index.chunk_size
+        with self._chunks_lock:
+            if chunk * unit >= blob_size or chunk in live.verified or live.verifying:
+                return
+        view = self.cache.store.live_ingest(digest)
+        if view is None or not view.on_disk(chunk * unit, min((chunk + 1) * unit, blob_size)):
+            return
+        threading.Thread(target=self._verify_live_chunk, args=(live, digest, blob_size, chunk),
+                         name="verify-ahead", daemon=True).start()
 
     def _live_file(self, digest: Digest, partial: Path) -> _LiveFile | None:
         """The open partial file of ``digest`` (a new one when the ingest started over in a new file)."""
