@@ -4,6 +4,8 @@ the mount outlives a restart of the driver process."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import functools
 import json
@@ -39,6 +41,7 @@ ATTR_TIMEOUT = 300.0
 PENDING_WAIT = 3600.0
 LAZY_RETRY = RetryPolicy(attempts=3, base_delay=0.2, max_delay=2.0, connect_timeout=3.0, read_timeout=10.0)
 CHILD_POLL_SECONDS = 0.1
+PR_SET_PDEATHSIG = 1
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
 
@@ -240,7 +243,7 @@ def download_in_child(job: dict[str, Any]) -> Download:
         child = subprocess.Popen([sys.executable, "-m", "ocimodel.cli", "fuse-pull"], stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE)
         assert child.stdin is not None and child.stdout is not None
-        child.stdin.write(json.dumps(job).encode())
+        child.stdin.write(json.dumps({**job, "helper_pid": os.getpid()}).encode())
         child.stdin.close()
         while child.poll() is None:
             if stopping.wait(CHILD_POLL_SECONDS):
@@ -256,12 +259,21 @@ def download_in_child(job: dict[str, Any]) -> Download:
     return download
 
 
+def _stop_with_parent() -> None:
+    """Be sent SIGTERM when the helper that started this process ends, however it ends (kill -9 too)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def pull_main() -> int:
     """``ocimodel fuse-pull``: download the model of a lazy-mount job (JSON on stdin) into the cache; print
     ``ERROR <kind> <message>`` on failure. SIGTERM stops it at its next read (the download resumes later)."""
     job = json.loads(sys.stdin.read())
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    _stop_with_parent()
+    if os.getppid() != job.get("helper_pid"):  # the helper was gone before that took effect
+        stop.set()
     try:
         cache = _cache_for(job)
         cache.materialise(cache.client.resolve(parse_reference(job["reference"])), _options_for(job), Progress(),

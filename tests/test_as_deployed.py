@@ -25,7 +25,7 @@ import yaml
 from csi_driver.proto import csi_pb2, csi_pb2_grpc
 from modelcache.mounts import mount_options, mounts_at
 from tests.conftest import needs_root
-from tests.helpers.csi import CsiProcess, Mode, code_of, mount_capability
+from tests.helpers.csi import CsiProcess, Mode, code_of, helper_pid, mount_capability
 from tests.helpers.fakekube import FakeKubeAPI, write_kubeconfig
 from tests.helpers.namespaces import PLUGIN_NAMESPACE, PodView, share, unmount_tree
 from tests.helpers.oci import Fixtures
@@ -292,14 +292,6 @@ def test_controller_as_deployed_becomes_ready_and_provisions(fixtures: Fixtures)
 
 # -- plugin restarts, seen from the pods ------------------------------------------------------------------------
 
-def _helper_pid(csi: CsiProcess, target: Path) -> int:
-    for path in (csi.root / "csi" / "publications").glob("*.json"):
-        text = path.read_text()
-        if f'"target_path": "{target}"' in text:
-            return int(re.search(r'"helper_pid": (\d+)', text).group(1))  # type: ignore[union-attr]
-    raise AssertionError(f"no record for {target}")
-
-
 def _kill(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
     wait_until(lambda: not Path(f"/proc/{pid}").exists() or " Z " in Path(f"/proc/{pid}/stat").read_text(), 10,
@@ -338,7 +330,7 @@ def test_plugin_pod_replacement_keeps_every_volume(node: Path, fixtures: Fixture
         bind_pod, done_pod = PodView(bind_target), PodView(done_target)
         slow_pod = PodView(slow_target, propagation="slave")  # mountPropagation: HostToContainer
         pods += [bind_pod, done_pod, slow_pod]
-        helpers = [_helper_pid(csi, done_target), _helper_pid(csi, slow_target)]
+        helpers = [helper_pid(csi, done_target), helper_pid(csi, slow_target)]
 
         # the DaemonSet rollout: the plugin and its FUSE helpers end, pods keep running
         assert csi.process is not None
@@ -402,7 +394,7 @@ def test_lazy_volume_that_cannot_be_restored_fails_loudly(node: Path, fixtures: 
         target = kubelet_target(node / "pods", POD_UID, "gone")
         request = inline_request("gone", target, f"{proxy.host}/restart/gone:v1", mount="lazy")
         csi.node.NodePublishVolume(request)
-        helper = _helper_pid(csi, target)
+        helper = helper_pid(csi, target)
         csi.stop(signal.SIGKILL)
         _kill(helper)
         proxy.close()  # and the registry is gone too: the download cannot resume

@@ -23,7 +23,7 @@ from csi_driver.proto import csi_pb2
 from modelcache import mediatypes as mt
 from modelcache.digest import Digest
 from tests.conftest import needs_root
-from tests.helpers.csi import CsiProcess, is_mounted, publish_request
+from tests.helpers.csi import CsiProcess, helper_pid, is_mounted, publish_request
 from tests.helpers.oci import Entry, Fixtures
 from tests.helpers.proxy import ProxyProcess
 
@@ -200,8 +200,7 @@ def test_stale_fuse_mount_without_a_record_is_cleaned_at_start(csi: CsiProcess, 
     target = tmp_path / "mnt"
     csi.node.NodePublishVolume(lazy_request("lazy-6", target, f"{proxy.host}/{name}"))
     record_path = next((csi.root / "csi" / "publications").glob("*.json"))
-    record = record_path.read_text()
-    helper = int(record.split('"helper_pid": ')[1].split(",")[0].split("\n")[0])
+    helper = helper_pid(csi, target)
     csi.stop()
     os.kill(helper, signal.SIGKILL)
     record_path.unlink()  # a mount this driver has no record of (lazy mounts with a record are restored)
@@ -254,8 +253,7 @@ def test_helpers_hosted_by_a_launcher_outlive_the_driver(tmp_path: Path, big, pr
     request = lazy_request("lazy-7", target, f"{proxy.host}/{name}")
     try:
         csi.node.NodePublishVolume(request)
-        record = next((csi.root / "csi" / "publications").glob("*.json")).read_text()
-        helper = int(record.split('"helper_pid": ')[1].split(",")[0].split("\n")[0])
+        helper = helper_pid(csi, target)
         parent = int(Path(f"/proc/{helper}/stat").read_text().split(") ")[1].split()[1])
         assert parent == launcher.pid  # the driver does not own the helper
         csi.stop(signal.SIGKILL)
@@ -410,3 +408,27 @@ def test_reads_behind_the_download_come_from_it(tmp_path: Path, big, proxy_facto
         csi.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id="live", target_path=str(target)))
     finally:
         csi.stop()
+
+
+def test_the_download_child_ends_with_its_helper(csi: CsiProcess, tmp_path: Path, big, proxy_factory) -> None:  # type: ignore[no-untyped-def]
+    """A lazy mount's download runs in a child of its helper; if the helper dies (even by kill -9), the
+    child stops too (its partial download stays, to be resumed), rather than running on unowned."""
+    name, _ = big
+    proxy = proxy_factory(1_000_000)
+    target = tmp_path / "pod" / "mnt"
+    target.parent.mkdir()
+    csi.node.NodePublishVolume(lazy_request("orphan", target, f"{proxy.host}/{name}"))
+    helper = helper_pid(csi, target)
+    children: list[int] = []
+
+    def found_children() -> bool:
+        children.extend(int(c) for task in Path(f"/proc/{helper}/task").iterdir()
+                        for c in (task / "children").read_text().split())
+        return bool(children)
+    wait_until(found_children, 30)
+    assert all(b"fuse-pull" in Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children)
+    os.kill(helper, signal.SIGKILL)
+    wait_until(lambda: not any(Path(f"/proc/{pid}").exists() and
+                               Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"
+                               for pid in children), 20)
+    subprocess.run(["umount", "-l", str(target)], check=False, capture_output=True)

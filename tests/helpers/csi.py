@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -125,3 +126,12 @@ def is_mounted(path: Path | str) -> bool:
     target = os.path.normpath(str(path))
     with open("/proc/self/mountinfo") as handle:
         return any(line.split()[4] == target for line in handle)
+
+
+def helper_pid(csi: CsiProcess, target: Path) -> int:
+    """The pid of the FUSE helper serving lazy volume ``target`` (from the plugin's publication record)."""
+    for path in (csi.root / "csi" / "publications").glob("*.json"):
+        text = path.read_text()
+        if f'"target_path": "{target}"' in text:
+            return int(re.search(r'"helper_pid": (\d+)', text).group(1))  # type: ignore[union-attr]
+    raise AssertionError(f"no record for {target}")
