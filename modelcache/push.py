@@ -149,7 +149,9 @@ def push_directory(client: RegistryClient, directory: Path, ref: Reference, *,
             with open(layer.source, "rb") as body:
                 client.upload_blob(ref, Digest.parse(layer.descriptor["digest"]), layer.descriptor["size"], body)
     config = json.dumps({
-        "descriptor": {"createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "name": directory.name},
+        # the newest file's time, not the clock: pushing the same directory again gives the same digest
+        "descriptor": {"createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(
+            max(path.stat().st_mtime for _, path in files))), "name": directory.name},
         "config": {},
         "modelfs": {"type": "layers", "diffIds": [layer.diff_id for layer in layers]},
     }, sort_keys=True).encode()
