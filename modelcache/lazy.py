@@ -39,6 +39,7 @@ from modelcache.mediatypes import Compression
 from modelcache.options import PullOptions
 from modelcache.paths import PathFilter, safe_relpath
 from modelcache.progress import Progress
+from modelcache.rangedingest import covers
 from modelcache.records import PullResult
 from modelcache.registry import Resolved
 from modelcache.safetar import OPAQUE, WHITEOUT, checked_members, open_tar, tar_errors
@@ -176,6 +177,7 @@ class _LiveFile:
     verified: set[int] = field(default_factory=set)  # chunks checked against the chunk index
     served: set[int] = field(default_factory=set)  # LIVE_UNIT units served without an index (the floor)
     verifying: dict[int, threading.Event] = field(default_factory=dict)  # chunks being checked
+    written: list[list[int]] = field(default_factory=list)  # ranges known to be written (they only grow)
 
 
 class LazyModel:
@@ -406,29 +408,12 @@ class LazyModel:
             return None
         with self._chunks_lock:
             committed = source.digest in self._fds
-            files = self._live.get(source.digest)
-            live = files[-1] if files else None
         if committed:
             return self.read_node(node, offset, size)  # with its read-ahead of the committed blob
-        if live is None or offset >= source.size or size <= 0:
+        if offset >= source.size or size <= 0:
             return None
-        size = min(size, source.size - offset)
-        start = source.offset + offset
-        view = self.cache.store.live_ingest(source.digest)
-        if view is None or not view.on_disk(start, start + size):
-            return None
-        if self.index is not None and self.index.covers(source.digest):
-            unit = self.index.chunk_size
-            last = (start + size - 1) // unit
-            if not all(c in live.verified for c in range(start // unit, last + 1)):
-                return None
-            if start % unit == 0 or start % unit <= unit // 2 < (start + size) % unit:  # twice per chunk
-                self._verify_ahead(live, source.digest, source.blob_size, last + 1)
-        else:
-            with self._chunks_lock:
-                live.served.update(range(start // LIVE_UNIT, (start + size - 1) // LIVE_UNIT + 1))
-        data = os.pread(live.fd, size, start)
-        return data if len(data) == size else None
+        return self._read_live(source.digest, source.blob_size, source.offset + offset,
+                               min(size, source.size - offset), now=True)
 
     def read_node(self, node: Node, offset: int, size: int) -> bytes:
         """Read a file node: a local file of the finished tree, or its blob source."""
@@ -500,32 +485,61 @@ class LazyModel:
 
         threading.Thread(target=run, name="local-readahead", daemon=True).start()
 
-    def _read_live(self, digest: Digest, blob_size: int, offset: int, size: int) -> bytes | None:
+    def _read_live(self, digest: Digest, blob_size: int, offset: int, size: int, *, now: bool = False
+                   ) -> bytes | None:
         """Read from the background pull's download when it holds the bytes (or is about to: a reader just
         behind the pull waits for it rather than fetching the same bytes again). With a chunk index each
         chunk is verified first, once; without one, what was served is compared with the verified blob once
-        it commits, and a mismatch turns every later read into EIO (the floor). None: use range fetches."""
-        view = self.cache.store.live_ingest(digest)
-        if view is None:
-            return None
+        it commits, and a mismatch turns every later read into EIO (the floor). With ``now`` (the FUSE
+        event loop) only what needs no opening, waiting or hashing. None: read another way."""
         index = self.index if self.index is not None and self.index.covers(digest) else None
         unit = index.chunk_size if index is not None else LIVE_UNIT
         first, last = offset // unit, (offset + size - 1) // unit
         span = (first * unit, min((last + 1) * unit, blob_size)) if index is not None else (offset, offset + size)
-        if not view.on_disk(*span) and not view.wait_on_disk(*span, LIVE_WAIT_SECONDS, LIVE_NEAR):
-            return None
-        live = self._live_file(digest, view.partial)
-        if live is None:
-            return None
-        if index is not None:
-            if not all(self._verify_live_chunk(live, digest, blob_size, chunk) for chunk in range(first, last + 1)):
+        with self._chunks_lock:
+            files = self._live.get(digest)
+        live = files[-1] if files else None
+        if now:
+            if live is None or not self._written(live, digest, *span):
                 return None
-            self._verify_ahead(live, digest, blob_size, last + 1)
+        else:
+            view = self.cache.store.live_ingest(digest)
+            if view is None or (not view.on_disk(*span)
+                                and not view.wait_on_disk(*span, LIVE_WAIT_SECONDS, LIVE_NEAR)):
+                return None
+            live = self._live_file(digest, view.partial)
+            if live is None:
+                return None
+        if index is not None:
+            chunks = range(first, last + 1)
+            if now and not all(chunk in live.verified for chunk in chunks):
+                return None
+            if not now and not all(self._verify_live_chunk(live, digest, blob_size, chunk) for chunk in chunks):
+                return None
+            if not now or offset % unit == 0 or offset % unit <= unit // 2 < (offset + size) % unit:
+                self._verify_ahead(live, digest, blob_size, last + 1)  # at most twice per chunk from the loop
         else:
             with self._chunks_lock:
                 live.served.update(range(first, last + 1))
         data = os.pread(live.fd, size, offset)
         return data if len(data) == size else None
+
+    def _written(self, live: _LiveFile, digest: Digest, start: int, end: int) -> bool:
+        """True when bytes ``[start, end)`` of ``live`` are written: from what is known, else from the
+        download's state file (when it still describes this very file)."""
+        if covers(live.written, start, end):
+            return True
+        view = self.cache.store.live_ingest(digest)
+        try:
+            if view is None or view.partial.stat().st_ino != live.inode:
+                return False
+            written = view.filled()
+            if view.partial.stat().st_ino != live.inode:  # the download started over meanwhile
+                return False
+        except FileNotFoundError:
+            return False
+        live.written = written
+        return covers(written, start, end)
 
     def _verify_live_chunk(self, live: _LiveFile, digest: Digest, blob_size: int, chunk: int) -> bool:
         """Check one chunk of the running download against the chunk index, once (a caller that finds it
@@ -565,8 +579,7 @@ class LazyModel:
         with self._chunks_lock:
             if chunk * unit >= blob_size or chunk in live.verified or live.verifying:
                 return
-        view = self.cache.store.live_ingest(digest)
-        if view is None or not view.on_disk(chunk * unit, min((chunk + 1) * unit, blob_size)):
+        if not self._written(live, digest, chunk * unit, min((chunk + 1) * unit, blob_size)):
             return
         threading.Thread(target=self._verify_live_chunk, args=(live, digest, blob_size, chunk),
                          name="verify-ahead", daemon=True).start()

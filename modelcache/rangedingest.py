@@ -132,7 +132,7 @@ class RangedIngest:
             with self.slot():
                 self.fetch(0, self.size, lambda offset, data: self._lead_write(fd, windows, offset, data))
         except _LeadCut:
-            pass
+            pass  # the lead reached the pieces (or the end): its part is written
         except OSError as exc:
             raise_if_full(exc, f"blob {self.digest}")
             raise
@@ -287,7 +287,7 @@ class RangedView:
 
     def on_disk(self, start: int, end: int) -> bool:
         """True when bytes ``[start, end)`` are written."""
-        return any(s <= start and end <= e for s, e in self.filled())
+        return covers(self.filled(), start, end)
 
     def wait_on_disk(self, start: int, end: int, timeout: float, near: int) -> bool:
         """Wait up to ``timeout`` seconds for :meth:`on_disk`, while a written range ends at most ``near``
@@ -295,11 +295,16 @@ class RangedView:
         deadline = time.monotonic() + timeout
         while True:
             filled = self.filled() or [[0, 0]]  # just started: the lead is at byte 0
-            if any(s <= start and end <= e for s, e in filled):
+            if covers(filled, start, end):
                 return True
             if time.monotonic() > deadline or not any(0 <= start - e < near for _, e in filled):
                 return False
             time.sleep(VIEW_POLL_SECONDS)
+
+
+def covers(ranges: list[list[int]], start: int, end: int) -> bool:
+    """True when one of the merged ``[start, end)`` ``ranges`` holds all of ``[start, end)``."""
+    return any(s <= start and end <= e for s, e in ranges)
 
 
 def _busy_seconds(native_id: int, ident: int) -> float:
