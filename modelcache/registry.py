@@ -19,7 +19,7 @@ from modelcache.transport import STREAM_ERRORS, Transport, closing_response, rea
 
 log = logging.getLogger(__name__)
 
-READ_SIZE = 256 << 10
+READ_SIZE = 256 << 10  # bytes read from a blob response at a time (fits L2 between recv and write)
 MAX_CONFIG_BYTES = 4 << 20
 OnBytes = Callable[[int], None]  # told how many bytes just arrived
 
@@ -248,21 +248,28 @@ class RegistryClient:
         written over, and when none answers right the read fails. Without one, the caller keeps what was
         served for the floor check."""
         what = f"blob {digest} range {start}+{length}"
-        endpoints = len(self.transport.hosts.endpoints(ref.registry, ref.endpoint_host)) if expected_sha256 else 1
-        for position in range(endpoints):
-            hasher = hashlib.sha256()
-
-            def hashed(offset: int, data: memoryview, hasher: hashlib._Hash = hasher) -> None:
-                hasher.update(data)
-                write(offset, data)
-            try:
-                self.download_range(ref, digest, blob_size, start, length, hashed, skip_endpoints=position)
-            except RangesUnsupported:
-                raise RegistryError(f"{what}: registry does not serve ranges", kind=Kind.UNSUPPORTED) from None
-            if expected_sha256 is None or hasher.hexdigest() == expected_sha256:
+        try:
+            if expected_sha256 is None:
+                self.download_range(ref, digest, blob_size, start, length, write)
                 return
-            log.warning("%s: an answer failed its chunk-index hash; trying the next endpoint", what)
+            for position in range(len(self.transport.hosts.endpoints(ref.registry, ref.endpoint_host))):
+                if self._range_sha256(ref, digest, blob_size, start, length, write, position) == expected_sha256:
+                    return
+                log.warning("%s: an answer failed its chunk-index hash; trying the next endpoint", what)
+        except RangesUnsupported:
+            raise RegistryError(f"{what}: registry does not serve ranges", kind=Kind.UNSUPPORTED) from None
         raise IntegrityError(f"{what}: no endpoint answered the bytes the model's chunk index names")
+
+    def _range_sha256(self, ref: Reference, digest: Digest, blob_size: int, start: int, length: int,
+                      write: Callable[[int, memoryview], None], skip_endpoints: int) -> str:
+        """:meth:`download_range` from the endpoints after the first ``skip_endpoints``; the bytes' sha256."""
+        hasher = hashlib.sha256()
+
+        def hashed(offset: int, data: memoryview) -> None:
+            hasher.update(data)
+            write(offset, data)
+        self.download_range(ref, digest, blob_size, start, length, hashed, skip_endpoints=skip_endpoints)
+        return hasher.hexdigest()
 
     def blob_exists(self, ref: Reference, digest: Digest) -> bool:
         """True when the repository already has ``digest``."""

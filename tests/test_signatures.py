@@ -71,6 +71,14 @@ def cosign_signature(fixtures: Fixtures, repository: str, digest: str, key: obje
                       artifact_type=None)
 
 
+def prod_policy(fixtures: Fixtures, tmp_path: Path, public: Path) -> Path:
+    """Node settings whose policy 'prod' requires models under prod/ to be signed by ``public``."""
+    config = tmp_path / "node.yaml"
+    config.write_text(json.dumps({"signaturePolicy": [
+        {"name": "prod", "match": [f"{fixtures.host}/prod/*"], "keys": [str(public)]}]}))
+    return config
+
+
 def model(fixtures: Fixtures, name: str) -> str:
     return fixtures.raw_model(name, {"weights.bin": os.urandom(20_000) + name.encode()})
 
@@ -174,9 +182,7 @@ def test_csi_publish_and_agent_enforce_the_node_policy(fixtures: Fixtures, tmp_p
     signed = model(fixtures, "prod/signed:v1")
     cosign_signature(fixtures, "prod/signed", signed, key)
     model(fixtures, "prod/unsigned:v1")
-    config = tmp_path / "node.yaml"
-    config.write_text(json.dumps({"signaturePolicy": [
-        {"name": "prod", "match": [f"{fixtures.host}/prod/*"], "keys": [str(public)]}]}))
+    config = prod_policy(fixtures, tmp_path, public)
     csi = CsiProcess(tmp_path / "driver", "--config", str(config))
     try:
         target = tmp_path / "pods" / "a" / "mnt"
@@ -311,9 +317,7 @@ def test_a_lazy_volume_signed_over_its_files_is_verified_whole_before_it_is_moun
     _, other_private, _ = write_keys(tmp_path, "other")
     oms_model(fixtures, tmp_path, "prod/oms:v1", private)
     oms_model(fixtures, tmp_path, "prod/oms-other:v1", other_private)
-    config = tmp_path / "node.yaml"
-    config.write_text(json.dumps({"signaturePolicy": [
-        {"name": "prod", "match": [f"{fixtures.host}/prod/*"], "keys": [str(public)]}]}))
+    config = prod_policy(fixtures, tmp_path, public)
     csi = CsiProcess(tmp_path / "driver", "--config", str(config))
     try:
         target = tmp_path / "pods" / "a" / "mnt"
