@@ -8,8 +8,10 @@ import base64
 import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from modelcache.reference import parse_reference
 from tests.conftest import needs_root
 from tests.helpers.csi import CsiProcess, code_of, publish_request
 from tests.helpers.fakekube import write_kubeconfig
+from tests.helpers.namespaces import PLUGIN_NAMESPACE, PodView, share, unmount_tree
 from tests.helpers.oci import Fixtures
 from tests.helpers.proxy import ProxyBehaviour
 
@@ -313,30 +316,42 @@ def test_openssf_model_signatures_are_checked_on_the_files(fixtures: Fixtures, t
 @pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse is missing")
 def test_a_lazy_volume_signed_over_its_files_is_verified_whole_before_it_is_mounted(fixtures: Fixtures,
                                                                                    tmp_path: Path) -> None:
+    """As kubelet publishes an inline lazy volume to the plugin in its own mount namespace; the pod's
+    namespace sees a read-only bind of the verified tree, never a FUSE view."""
+    from tests.test_as_deployed import inline_request
     _, private, public = write_keys(tmp_path, "release")
     _, other_private, _ = write_keys(tmp_path, "other")
     oms_model(fixtures, tmp_path, "prod/oms:v1", private)
     oms_model(fixtures, tmp_path, "prod/oms-other:v1", other_private)
     config = prod_policy(fixtures, tmp_path, public)
-    csi = CsiProcess(tmp_path / "driver", "--config", str(config))
+    node = Path(tempfile.mkdtemp(prefix="ocimodel-node-"))
+    share(node)
+    csi = CsiProcess(node / "plugin", "--config", str(config), mode="node", root=node / "cache",
+                     prefix=PLUGIN_NAMESPACE)
     try:
-        target = tmp_path / "pods" / "a" / "mnt"
-        csi.node.NodePublishVolume(publish_request("oms", target, fixtures.ref("prod/oms:v1"), mount="lazy"),
+        target = node / "pods" / "a" / "mnt"
+        csi.node.NodePublishVolume(inline_request("oms", target, fixtures.ref("prod/oms:v1"), mount="lazy"),
                                    timeout=60)
+        pod = PodView(target)
+        try:
+            assert {"ro", "nosuid", "nodev"} <= pod.options() and pod.create("planted") == "ERR EROFS"
+            assert sorted(pod.listing()) == ["config.json", "model.sig", "weights.safetensors"]
+        finally:
+            pod.close()
         fstypes = [line.split(" - ")[1].split()[0] for line in Path("/proc/self/mountinfo").read_text().splitlines()
                    if line.split()[4] == str(target)]
         assert fstypes and not any(t.startswith("fuse") for t in fstypes)  # a bind of the verified tree
-        assert (target / "config.json").read_bytes() == b'{"oms": true}'
-        csi.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id="oms", target_path=str(target)))
         with pytest.raises(grpc.RpcError) as info:
-            csi.node.NodePublishVolume(publish_request("other", tmp_path / "pods" / "b" / "mnt",
-                                                       fixtures.ref("prod/oms-other:v1"), mount="lazy"), timeout=60)
+            csi.node.NodePublishVolume(inline_request("other", node / "pods" / "b" / "mnt",
+                                                      fixtures.ref("prod/oms-other:v1"), mount="lazy"), timeout=60)
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "the OpenSSF model signature of" in (info.value.details() or "")
-        assert not (tmp_path / "pods" / "b" / "mnt").exists()
-        assert len([p for p in (csi.root / "trees").iterdir() if not p.name.startswith(".")]) == 1
+        assert not (node / "pods" / "b" / "mnt").exists()
+        assert len([p for p in (node / "cache" / "trees").iterdir() if not p.name.startswith(".")]) == 1
     finally:
         csi.stop()
+        unmount_tree(node)
+        shutil.rmtree(node, ignore_errors=True)
 
 
 def certificate_chain(directory: Path, name: str) -> tuple[Path, Path, Path]:
