@@ -20,7 +20,9 @@ from modelcache.transport import RetryPolicy, Transport
 KNOWN_KEYS = {"root", "registries", "plainHTTP", "dockerConfig", "pullWorkers", "maxExpandRatio",
               "highWatermark", "lowWatermark", "warmMemoryShare", "readTimeoutSeconds", "verifyIntervalHours",
               "signaturePolicy", "connectionsPerBlob", "rangedMinSizeMiB",
-              "maxConnections"}
+              "maxConnections", "allowedRegistries", "nodeCredentialRegistries", "maxModelGiB", "maxModelFiles"}
+DEFAULT_MAX_MODEL_BYTES = 1 << 40  # 1 TiB: a 405B-parameter model in bf16 is about 810 GB
+DEFAULT_MAX_MODEL_FILES = 100_000
 
 
 @dataclass
@@ -41,6 +43,12 @@ class Settings:
     ranged_min_size: int = DEFAULT_RANGED_MIN_SIZE
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     signature_policy: SignaturePolicy = field(default_factory=SignaturePolicy)
+    # registries (globs on the normalised ``host[:port]``) a reference may name; empty: any registry
+    allowed_registries: tuple[str, ...] = ()
+    # registries (globs) for which the node-wide Docker config is lent to volumes; the agent and CLI always use it
+    node_credential_registries: tuple[str, ...] = ()
+    max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES  # a model's files in all, counted across its layers
+    max_model_files: int = DEFAULT_MAX_MODEL_FILES  # entries of a model's tree, counted across its layers
 
     @classmethod
     def load(cls, path: Path | None) -> Settings:
@@ -79,12 +87,20 @@ class Settings:
             ranged_mib = float(data.get("rangedMinSizeMiB", settings.ranged_min_size / (1 << 20)))
             settings.ranged_min_size = int(ranged_mib * (1 << 20))
             settings.signature_policy = SignaturePolicy.from_mapping(data.get("signaturePolicy"), source, base)
+            settings.allowed_registries = _globs(data, "allowedRegistries", source)
+            settings.node_credential_registries = _globs(data, "nodeCredentialRegistries", source)
+            settings.max_model_bytes = int(float(data.get("maxModelGiB", settings.max_model_bytes / (1 << 30)))
+                                           * (1 << 30))
+            settings.max_model_files = int(data.get("maxModelFiles", settings.max_model_files))
         except (TypeError, ValueError) as exc:
             raise ModelCacheError(f"{source}: {exc}", kind=Kind.INVALID_ARGUMENT) from None
         if not 0 < settings.low_watermark < settings.high_watermark <= 1:
             raise ModelCacheError(f"{source}: need 0 < lowWatermark < highWatermark <= 1", kind=Kind.INVALID_ARGUMENT)
         if settings.connections_per_blob < 1 or settings.ranged_min_size < 1 or settings.max_connections < 1:
             raise ModelCacheError(f"{source}: connectionsPerBlob, maxConnections and rangedMinSizeMiB must be positive",
+                                  kind=Kind.INVALID_ARGUMENT)
+        if settings.max_model_bytes < 1 or settings.max_model_files < 1:
+            raise ModelCacheError(f"{source}: maxModelGiB and maxModelFiles must be positive",
                                   kind=Kind.INVALID_ARGUMENT)
         if settings.verify_interval_hours < 0:
             raise ModelCacheError(f"{source}: verifyIntervalHours must be >= 0", kind=Kind.INVALID_ARGUMENT)
@@ -107,6 +123,9 @@ class Settings:
             "warmMemoryShare": self.warm_memory_share, "readTimeoutSeconds": self.read_timeout,
             "verifyIntervalHours": self.verify_interval_hours, "connectionsPerBlob": self.connections_per_blob,
             "rangedMinSizeMiB": self.ranged_min_size / (1 << 20), "maxConnections": self.max_connections,
+            "allowedRegistries": list(self.allowed_registries),
+            "nodeCredentialRegistries": list(self.node_credential_registries),
+            "maxModelGiB": self.max_model_bytes / (1 << 30), "maxModelFiles": self.max_model_files,
         }
 
     def credentials(self) -> CredentialStore:
@@ -124,3 +143,11 @@ class Settings:
                           RegistryClient(self.transport(extra, retry)),
                           workers=self.pull_workers, expand_ratio=self.max_expand_ratio,
                           connections_per_blob=self.connections_per_blob, ranged_min_size=self.ranged_min_size)
+
+
+def _globs(data: dict[str, Any], key: str, source: str) -> tuple[str, ...]:
+    """A list of glob strings under ``key`` (absent: empty)."""
+    value = data.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ModelCacheError(f"{source}: {key} must be a list of non-empty glob strings", kind=Kind.INVALID_ARGUMENT)
+    return tuple(v.strip() for v in value)
