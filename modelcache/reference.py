@@ -1,8 +1,21 @@
-"""Parsing of OCI references (``registry/ns/name[:tag][@digest]``) with Docker's normalisation rules."""
+"""Parsing of OCI references (``registry/ns/name[:tag][@digest]``) with Docker's normalisation rules.
+
+Every registry name has one spelling (:func:`normalise_registry`), so that whatever compares names (policy
+rules, credentials, caches, allow-lists) cannot be dodged by writing the same registry differently: host
+names are lower-cased; the port is written as a plain number and ``:443`` (HTTPS's own) is dropped;
+``index.docker.io`` and ``registry-1.docker.io`` are ``docker.io`` (``docker.io/x`` is
+``docker.io/library/x``); an IPv4 address in any form the C resolver accepts (``127.1``, ``0x7f.0.0.1``,
+``2130706433``) is written as a dotted quad; an IPv6 address is written compressed in lower case in brackets,
+and an IPv4-mapped one (``[::ffff:127.0.0.1]``) as its IPv4 address. Refused rather than normalised: a
+trailing dot (``localhost.``), a port 0 or above 65535, an all-numeric name that is no IPv4 address, and
+brackets around anything but an IPv6 address. ``:80`` is kept (the scheme is not known here).
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import re
+import socket
 from dataclasses import dataclass
 
 from modelcache.digest import Digest
@@ -10,12 +23,46 @@ from modelcache.errors import InvalidReference
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_ENDPOINT = "registry-1.docker.io"
+DOCKER_HUB_ALIASES = frozenset({DOCKER_HUB, "index.docker.io", DOCKER_HUB_ENDPOINT})
+DEFAULT_PORT = 443
 MAX_REFERENCE_LENGTH = 4096
 
 _COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*$")
 _TAG = re.compile(r"^[\w][\w.-]{0,127}$")
-_DOMAIN = re.compile(r"^(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*"
-                     r"(?::[0-9]{1,5})?$|^\[[0-9a-fA-F:.]+\](?::[0-9]{1,5})?$")
+_HOST = re.compile(r"^[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*$")
+_NUMERIC_LABEL = re.compile(r"^(?:0[xX][0-9a-fA-F]*|[0-9]+)$")
+_HOST_PORT = re.compile(r"^(?P<host>\[[0-9a-fA-F:.]+\]|[^:\[\]]+)(?::(?P<port>[0-9]{1,5}))?$")
+
+
+def normalise_registry(name: str) -> str:
+    """The one spelling of registry ``host[:port]`` (see the module's documentation); raise ValueError
+    when ``name`` is not a registry host."""
+    match = _HOST_PORT.match(name)
+    if match is None:
+        raise ValueError(f"invalid registry host {name!r}")
+    host, port = match["host"], int(match["port"]) if match["port"] else None
+    if port is not None and not 0 < port < 65536:
+        raise ValueError(f"invalid port in registry host {name!r}")
+    if host.startswith("["):
+        try:
+            address = ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError(f"invalid IPv6 address in registry host {name!r}") from None
+        host = str(address.ipv4_mapped) if address.ipv4_mapped else f"[{address.compressed}]"
+    elif not _HOST.match(host):
+        raise ValueError(f"invalid registry host {name!r}")
+    elif all(_NUMERIC_LABEL.match(label) for label in host.split(".")):
+        try:  # what the resolver would connect to: inet_aton's forms (octal, hex, fewer parts)
+            host = socket.inet_ntoa(socket.inet_aton(host))
+        except OSError:
+            raise ValueError(f"registry host {name!r} is numeric but not an IPv4 address") from None
+    else:
+        host = host.lower()
+    if port == DEFAULT_PORT:
+        port = None
+    if host in DOCKER_HUB_ALIASES and port is None:
+        return DOCKER_HUB
+    return host if port is None else f"{host}:{port}"
 
 
 @dataclass(frozen=True)
@@ -82,16 +129,15 @@ def parse_reference(text: str) -> Reference:
         if not _TAG.match(tag):
             raise InvalidReference(f"reference {text!r}: invalid tag {tag!r}")
     first, sep, rest = remainder.partition("/")
-    if sep and ("." in first or ":" in first or first == "localhost" or first.startswith("[")):
-        registry, path = first, rest
-        if not _DOMAIN.match(registry):
-            raise InvalidReference(f"reference {text!r}: invalid registry host {registry!r}")
+    if sep and ("." in first or ":" in first or first.lower() == "localhost" or first.startswith("[")):
+        try:
+            registry, path = normalise_registry(first), rest
+        except ValueError as exc:
+            raise InvalidReference(f"reference {text!r}: {exc}") from None
     else:
         registry, path = DOCKER_HUB, remainder
-        if "/" not in path:
-            path = f"library/{path}"
-    if registry == "index.docker.io":
-        registry = DOCKER_HUB
+    if registry == DOCKER_HUB and "/" not in path:
+        path = f"library/{path}"
     components = path.split("/")
     if not path or not all(_COMPONENT.match(c) for c in components):
         raise InvalidReference(

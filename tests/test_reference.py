@@ -17,7 +17,7 @@ HEX = "a" * 64
     ("localhost/m", "localhost", "m", None, None),
     ("127.0.0.1:5000/a/b/c:tag", "127.0.0.1:5000", "a/b/c", "tag", None),
     (f"r.io/m@sha256:{HEX}", "r.io", "m", None, f"sha256:{HEX}"),
-    (f"r.io:443/m:v2@sha256:{HEX}", "r.io:443", "m", "v2", f"sha256:{HEX}"),
+    (f"r.io:443/m:v2@sha256:{HEX}", "r.io", "m", "v2", f"sha256:{HEX}"),
     ("index.docker.io/library/x", "docker.io", "library/x", None, None),
 ])
 def test_parse(text: str, registry: str, repository: str, tag: str | None, digest: str | None) -> None:
@@ -35,5 +35,48 @@ def test_selector_and_endpoint() -> None:
 @pytest.mark.parametrize("bad", ["", " r.io/m", "r.io/M", "r.io/m:", "r.io/m@sha256:abc", "r.io/m@md5:" + HEX[:32],
                                  "r.io/../m", "r.io/m:" + "t" * 200, "bad host!/m"])
 def test_invalid(bad: str) -> None:
+    with pytest.raises(InvalidReference):
+        parse_reference(bad)
+
+
+@pytest.mark.parametrize("text,registry,repository", [
+    ("LOCALHOST:5055/prod/m", "localhost:5055", "prod/m"),
+    ("LOCALHOST/prod/m", "localhost", "prod/m"),
+    ("Registry.Example.COM/prod/m", "registry.example.com", "prod/m"),
+    ("registry.example.com:443/prod/m", "registry.example.com", "prod/m"),
+    ("registry.example.com:0443/prod/m", "registry.example.com", "prod/m"),
+    ("registry.example.com:05000/prod/m", "registry.example.com:5000", "prod/m"),
+    ("index.docker.io/library/x", "docker.io", "library/x"),
+    ("registry-1.docker.io/library/x", "docker.io", "library/x"),
+    ("Index.Docker.IO:443/x", "docker.io", "library/x"),
+    ("registry-1.docker.io:0443/x", "docker.io", "library/x"),
+    ("docker.io:5000/x", "docker.io:5000", "x"),  # another port: another registry
+    ("[::1]:443/m", "[::1]", "m"),
+    ("docker.io/x", "docker.io", "library/x"),
+    ("[::1]:5000/m", "[::1]:5000", "m"),
+    ("[0:0:0:0:0:0:0:1]:5000/m", "[::1]:5000", "m"),
+    ("[FE80::A]/m", "[fe80::a]", "m"),
+    ("[::ffff:127.0.0.1]:5000/m", "127.0.0.1:5000", "m"),
+    ("127.1:5000/m", "127.0.0.1:5000", "m"),
+    ("0x7f.0.0.1:5000/m", "127.0.0.1:5000", "m"),
+    ("2130706433:5000/m", "127.0.0.1:5000", "m"),
+    ("127.000.000.001:5000/m", "127.0.0.1:5000", "m"),
+])
+def test_registry_names_have_one_spelling(text: str, registry: str, repository: str) -> None:
+    """Host names are case-insensitive, 443 is HTTPS's own port, Docker Hub has three names and an IP
+    address many spellings: every consumer (policy rules, credentials, caches, allow-lists) sees one."""
+    ref = parse_reference(text)
+    assert (ref.registry, ref.repository) == (registry, repository)
+    assert parse_reference(str(ref)) == ref
+
+
+def test_docker_hub_is_reached_on_its_api_host() -> None:
+    for text in ("x", "docker.io/x", "index.docker.io/x", "registry-1.docker.io/x"):
+        assert parse_reference(text).endpoint_host == "registry-1.docker.io"
+
+
+@pytest.mark.parametrize("bad", ["localhost.:5055/m", "r.io./m", "r.io:0/m", "r.io:65536/m", "r.io:99999/m",
+                                 "[::1/m", "[zz::1]:5000/m", "[127.0.0.1]:5000/m", "256.0.0.1:5000/m"])
+def test_unusual_host_spellings_are_refused(bad: str) -> None:
     with pytest.raises(InvalidReference):
         parse_reference(bad)
