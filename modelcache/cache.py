@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+from modelcache.access import is_private
+from modelcache.errors import UnsafeContent
 from modelcache.fsutil import atomic_write_json, read_json, remove_tree
 from modelcache.layout import plan_for
 from modelcache.options import PullOptions
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 DEFAULT_EXPAND_RATIO = 100
 DEFAULT_CONNECTIONS = 8  # concurrent Range requests per large blob
 DEFAULT_RANGED_MIN_SIZE = 64 << 20  # blobs at least this large are fetched in ranges
+DEFAULT_MAX_MODEL_BYTES = 1 << 40  # 1 TiB: a 405B-parameter model in bf16 is about 810 GB
 TreeCheck = Callable[[Path], object]  # run on a tree before it is used; raises to refuse it
 
 
@@ -35,13 +38,15 @@ class ModelCache:
 
     def __init__(self, store: ContentStore, client: RegistryClient | None = None, *, workers: int = 4,
                  expand_ratio: int = DEFAULT_EXPAND_RATIO, connections_per_blob: int = DEFAULT_CONNECTIONS,
-                 ranged_min_size: int = DEFAULT_RANGED_MIN_SIZE) -> None:
+                 ranged_min_size: int = DEFAULT_RANGED_MIN_SIZE,
+                 max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES) -> None:
         self.store = store
         self.client = client or RegistryClient()
         self.workers = workers
         self.expand_ratio = expand_ratio
         self.connections_per_blob = connections_per_blob
         self.ranged_min_size = ranged_min_size
+        self.max_model_bytes = max_model_bytes
         store.ensure()
 
     # -- lookups ----------------------------------------------------------------------------------------
@@ -137,6 +142,7 @@ class ModelCache:
         key = tree_key(resolved.digest, options)
         plan = plan_for(resolved.manifest, options.subpath)
         steps = plan.needed(options.path_filter)
+        self.check_declared_size(resolved, options)
         manifest = resolved.manifest
         leases = [f"tree-{key}", blob_lease(manifest.digest), blob_lease(manifest.config.digest),
                   *(blob_lease(s.descriptor.digest) for s in steps),
@@ -176,6 +182,17 @@ class ModelCache:
             elapsed = time.monotonic() - started
             return PullResult(record, self.exposed_path(record), progress.downloaded_bytes, False, elapsed)
 
+    def check_declared_size(self, resolved: Resolved, options: PullOptions) -> None:
+        """Refuse a model whose layers (those ``options`` keep) declare more than ``max_model_bytes`` in all,
+        before anything is downloaded or evicted for it: a manifest may declare any size."""
+        steps = plan_for(resolved.manifest, options.subpath).needed(options.path_filter)
+        declared = sum({s.descriptor.digest: s.descriptor.size for s in steps}.values())
+        if declared > self.max_model_bytes:
+            gib, limit_gib = declared / (1 << 30), self.max_model_bytes / (1 << 30)
+            raise UnsafeContent(f"{resolved.reference}: its layers declare {declared} bytes ({gib:.1f} GiB) in "
+                                f"all, more than this node's limit of {self.max_model_bytes} bytes "
+                                f"(maxModelGiB {limit_gib:g})")
+
     def _auth_required(self, ref: Reference) -> bool:
-        """True when talking to ``ref``'s registry needed credentials (cache hits must re-check access)."""
-        return self.client.transport.used_auth(ref.endpoint_host)
+        """True when ``ref`` is private at its upstream (cache hits must re-check access there)."""
+        return is_private(self.client.transport, ref)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import fnmatch
 import json
 import logging
 import os
@@ -42,12 +43,23 @@ class Credentials:
 
 
 def _host_key(key: str) -> str:
-    key = key.strip()
+    """A registry host as credentials are keyed: no scheme or path, lower case, no default ``:443``, and
+    Docker Hub's names folded into ``docker.io``."""
+    key = key.strip().lower()
     for prefix in ("https://", "http://"):
         if key.startswith(prefix):
             key = key[len(prefix):]
-    key = key.split("/", 1)[0]
+    key = key.split("/", 1)[0].removesuffix(":443")
     return "docker.io" if key in ("index.docker.io", "registry-1.docker.io") else key
+
+
+def host_matches(host: str, globs: tuple[str, ...]) -> bool:
+    """True when ``host`` (normalised like a credentials key) matches one of ``globs``."""
+    key = _host_key(host)
+    return any(fnmatch.fnmatchcase(key, _host_key(pattern)) for pattern in globs)
+
+
+_warned_helpers: set[str] = set()  # sources whose helper entries were ignored (warned once each)
 
 
 def _decode_entry(host: str, entry: Mapping[str, Any]) -> Credentials:
@@ -84,6 +96,7 @@ class CredentialStore:
     default_helper: str = ""
     fallback: CredentialStore | None = field(default=None, repr=False)
     source_file: Path | None = None
+    only: tuple[str, ...] | None = None  # a view that answers only for hosts matching these globs
     _stamp: tuple[int, int, int] | None = field(default=None, repr=False)
     _asked: dict[str, tuple[Credentials, float]] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -95,6 +108,8 @@ class CredentialStore:
         """Credentials for ``host`` (``docker.io`` aliases folded): a static entry, else what the host's
         Docker credential helper (``credHelpers`` / ``credsStore``) answers, else the fallback's, or None."""
         key = _host_key(host)
+        if self.only is not None and not host_matches(key, self.only):
+            return None
         self._reload_if_changed()
         with self._lock:
             found = self.by_host.get(key)
@@ -124,6 +139,11 @@ class CredentialStore:
         with self._lock:
             self.by_host[_host_key(host)] = credentials
 
+    def lent_for(self, globs: tuple[str, ...]) -> CredentialStore:
+        """A view of this store that answers only for registries matching ``globs`` (node-wide credentials
+        lent to volumes); it still follows this store's reloads."""
+        return CredentialStore(fallback=self, only=globs)
+
     def merged(self, other: CredentialStore | None) -> CredentialStore:
         """A store with ``other``'s entries on top of this one's (this one still reloads its file)."""
         if other is None:
@@ -136,6 +156,8 @@ class CredentialStore:
         auths: dict[str, Any] = self.fallback.to_docker_config()["auths"] if self.fallback else {}
         with self._lock:
             entries = dict(self.by_host)
+        if self.only is not None:
+            auths = {host: entry for host, entry in auths.items() if host_matches(host, self.only)}
         for host, creds in entries.items():
             entry: dict[str, str] = {"auth": base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()}
             if creds.identity_token:
@@ -143,8 +165,11 @@ class CredentialStore:
             auths[host] = entry
         return {"auths": auths}
 
-    def add_docker_config(self, data: Mapping[str, Any] | str | bytes, source: str = "docker config") -> None:
-        """Add the ``auths`` of a Docker config (``config.json`` or ``.dockerconfigjson``)."""
+    def add_docker_config(self, data: Mapping[str, Any] | str | bytes, source: str = "docker config", *,
+                          trusted: bool = False) -> None:
+        """Add the ``auths`` of a Docker config (``config.json`` or ``.dockerconfigjson``). Its credential
+        helpers (``credHelpers``, ``credsStore``: programs run on the node) count only when ``trusted`` (the
+        node's own config file); anywhere else they are ignored, with one warning per source."""
         if isinstance(data, (str, bytes)):
             try:
                 data = json.loads(data)
@@ -161,6 +186,12 @@ class CredentialStore:
         helpers = data.get("credHelpers", {})
         if not isinstance(helpers, Mapping):
             raise ModelCacheError(f"{source}: 'credHelpers' is not an object", kind=Kind.INVALID_ARGUMENT)
+        if not trusted:
+            if (helpers or data.get("credsStore")) and source not in _warned_helpers:
+                _warned_helpers.add(source)
+                log.warning("%s names credential helpers (credHelpers/credsStore); they are ignored: only the "
+                            "node's own Docker config may run programs on the node", source)
+            return
         with self._lock:
             for host, helper in helpers.items():
                 self.helpers[_host_key(host)] = str(helper)
@@ -186,7 +217,7 @@ class CredentialStore:
             return
         fresh = CredentialStore()
         if stamp is not None:
-            fresh.add_docker_config(self.source_file.read_bytes(), source=str(self.source_file))
+            fresh.add_docker_config(self.source_file.read_bytes(), source=str(self.source_file), trusted=True)
         with self._lock:
             if self._stamp is not None:
                 log.info("credentials file %s changed; using its new contents", self.source_file)

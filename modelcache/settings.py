@@ -8,7 +8,13 @@ from typing import Any
 
 import yaml
 
-from modelcache.cache import DEFAULT_CONNECTIONS, DEFAULT_EXPAND_RATIO, DEFAULT_RANGED_MIN_SIZE, ModelCache
+from modelcache.cache import (
+    DEFAULT_CONNECTIONS,
+    DEFAULT_EXPAND_RATIO,
+    DEFAULT_MAX_MODEL_BYTES,
+    DEFAULT_RANGED_MIN_SIZE,
+    ModelCache,
+)
 from modelcache.credentials import CredentialStore, default_docker_config_path
 from modelcache.errors import Kind, ModelCacheError
 from modelcache.hosts import HostsConfig
@@ -21,7 +27,6 @@ KNOWN_KEYS = {"root", "registries", "plainHTTP", "dockerConfig", "pullWorkers", 
               "highWatermark", "lowWatermark", "warmMemoryShare", "readTimeoutSeconds", "verifyIntervalHours",
               "signaturePolicy", "connectionsPerBlob", "rangedMinSizeMiB",
               "maxConnections", "allowedRegistries", "nodeCredentialRegistries", "maxModelGiB", "maxModelFiles"}
-DEFAULT_MAX_MODEL_BYTES = 1 << 40  # 1 TiB: a 405B-parameter model in bf16 is about 810 GB
 DEFAULT_MAX_MODEL_FILES = 100_000
 
 
@@ -128,21 +133,26 @@ class Settings:
             "maxModelGiB": self.max_model_bytes / (1 << 30), "maxModelFiles": self.max_model_files,
         }
 
-    def credentials(self) -> CredentialStore:
-        """Node-wide credentials from the Docker config file."""
-        return CredentialStore.from_docker_config_file(self.docker_config or default_docker_config_path())
+    def credentials(self, extra: CredentialStore | None = None, *, for_volume: bool = False) -> CredentialStore:
+        """Node-wide credentials from the Docker config file, overridden by ``extra``. For a volume, the node's
+        are lent only for registries in ``node_credential_registries``; the agent and the CLI use them all."""
+        node = CredentialStore.from_docker_config_file(self.docker_config or default_docker_config_path())
+        return (node.lent_for(self.node_credential_registries) if for_volume else node).merged(extra)
 
-    def transport(self, extra: CredentialStore | None = None, retry: RetryPolicy | None = None) -> Transport:
-        """A transport with node credentials, overridden by ``extra``."""
-        return Transport(self.hosts, self.credentials().merged(extra),
+    def transport(self, extra: CredentialStore | None = None, retry: RetryPolicy | None = None, *,
+                  for_volume: bool = False) -> Transport:
+        """A transport with :meth:`credentials`."""
+        return Transport(self.hosts, self.credentials(extra, for_volume=for_volume),
                          retry or RetryPolicy(read_timeout=self.read_timeout))
 
-    def cache(self, extra: CredentialStore | None = None, retry: RetryPolicy | None = None) -> ModelCache:
+    def cache(self, extra: CredentialStore | None = None, retry: RetryPolicy | None = None, *,
+              for_volume: bool = False) -> ModelCache:
         """A :class:`ModelCache` on ``root`` talking through :meth:`transport`."""
         return ModelCache(ContentStore(self.root, max_connections=self.max_connections),
-                          RegistryClient(self.transport(extra, retry)),
+                          RegistryClient(self.transport(extra, retry, for_volume=for_volume)),
                           workers=self.pull_workers, expand_ratio=self.max_expand_ratio,
-                          connections_per_blob=self.connections_per_blob, ranged_min_size=self.ranged_min_size)
+                          connections_per_blob=self.connections_per_blob, ranged_min_size=self.ranged_min_size,
+                          max_model_bytes=self.max_model_bytes)
 
 
 def _globs(data: dict[str, Any], key: str, source: str) -> tuple[str, ...]:

@@ -1,0 +1,60 @@
+"""Who may read a model is decided at its upstream registry, never at a mirror: a mirror (Spegel, a
+pull-through cache) may serve anyone whatever the upstream would answer."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import fields
+
+from modelcache.credentials import CredentialStore
+from modelcache.errors import Kind, ModelCacheError
+from modelcache.hosts import Endpoint, HostsConfig
+from modelcache.reference import Reference
+from modelcache.registry import RegistryClient
+from modelcache.transport import Transport
+
+log = logging.getLogger(__name__)
+
+
+class _UpstreamOnly(HostsConfig):
+    """Registry settings with the mirrors left out."""
+
+    def endpoints(self, registry: str, upstream_host: str, *, for_push: bool = False) -> list[Endpoint]:
+        """The upstream endpoint alone."""
+        return [e for e in super().endpoints(registry, upstream_host, for_push=for_push) if not e.is_mirror]
+
+
+def upstream_client(transport: Transport, credentials: CredentialStore | None) -> RegistryClient:
+    """A client like ``transport``'s that talks to upstream registries only, with ``credentials`` alone."""
+    hosts = transport.hosts
+    only = _UpstreamOnly(**{f.name: getattr(hosts, f.name) for f in fields(hosts)})
+    return RegistryClient(Transport(only, credentials or CredentialStore(), transport.retry))
+
+
+def is_private(transport: Transport, ref: Reference) -> bool:
+    """Whether digest-pinned ``ref`` needs credentials at its upstream: reading it there through
+    ``transport`` used some, or (when mirrors may have served it) an anonymous HEAD of its manifest there
+    is refused. An upstream that cannot be asked counts as private: access could not be proven."""
+    if transport.used_auth(ref.endpoint_host):
+        return True
+    if not any(e.is_mirror for e in transport.hosts.endpoints(ref.registry, ref.endpoint_host)):
+        return False  # every request went to the upstream, without credentials
+    try:
+        upstream_client(transport, None).head_digest(ref)
+    except ModelCacheError as exc:
+        log.info("%s counts as private: its upstream refused an anonymous request (%s)", ref, exc.kind.value)
+        return True
+    return False
+
+
+def check_upstream_access(transport: Transport, ref: Reference, credentials: CredentialStore | None) -> None:
+    """Make sure ``credentials`` may read digest-pinned ``ref`` at its upstream (a HEAD of its manifest);
+    raise UNAUTHENTICATED/PERMISSION_DENIED (a 404 is PERMISSION_DENIED) or UNAVAILABLE otherwise."""
+    try:
+        digest = upstream_client(transport, credentials).head_digest(ref)
+    except ModelCacheError as exc:
+        if exc.kind is Kind.NOT_FOUND:
+            raise ModelCacheError(f"access check: {exc}", kind=Kind.PERMISSION_DENIED) from None
+        raise
+    if digest != ref.digest:
+        raise ModelCacheError("access check: the registry answered a different digest", kind=Kind.PERMISSION_DENIED)
