@@ -1,9 +1,13 @@
 """The manifests under deploy/: every kustomization renders, every object has what its kind needs, image
-references and CLI flags match the code, and the node containers start with exactly the DaemonSet's
-arguments (paths remapped into a temporary directory)."""
+references and CLI flags match the code, the node containers start with exactly the DaemonSet's
+arguments (paths remapped into a temporary directory), and every overlay as rendered holds only the
+privileges its containers and service accounts use, each with its reason recorded."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import ipaddress
 import json
 import re
 import shutil
@@ -13,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 import pytest
@@ -27,15 +32,23 @@ from tests.conftest import needs_root
 from tests.helpers.fakekube import FakeKubeAPI
 
 ROOT = Path(__file__).resolve().parent.parent
-KUSTOMIZATIONS = ["deploy/base", "deploy/overlays/production", "deploy/overlays/dev", "deploy/examples"]
+# the driver as installed: the base and every overlay (a new overlay is checked without being listed here)
+OVERLAYS = sorted(f"deploy/overlays/{p.parent.name}" for p in (ROOT / "deploy/overlays").glob("*/kustomization.yaml"))
+DRIVER_KUSTOMIZATIONS = ["deploy/base", *OVERLAYS]
+KUSTOMIZATIONS = [*DRIVER_KUSTOMIZATIONS, "deploy/examples"]
 needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 IMAGE = f"ghcr.io/ocimodel/ocimodel:{__version__}"
 
 
-def render(path: str) -> list[dict[str, Any]]:
+@functools.cache
+def _rendered(path: str) -> str:
     out = subprocess.run(["kubectl", "kustomize", str(ROOT / path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+    return out.stdout
+
+
+def render(path: str) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(_rendered(path)) if doc]
 
 
 def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -115,7 +128,7 @@ def test_base_driver_objects() -> None:
     assert set(containers) == {"ocimodel-csi", "ocimodel-fuse", "ocimodel-agent", "node-driver-registrar",
                                "liveness-probe"}
     assert pod_spec(node)["shareProcessNamespace"] is True
-    kubelet_mount = [m for m in containers["ocimodel-csi"]["volumeMounts"] if m["mountPath"] == "/var/lib/kubelet"]
+    kubelet_mount = [m for m in containers["ocimodel-csi"]["volumeMounts"] if m["mountPath"] == KUBELET_PODS]
     assert kubelet_mount[0]["mountPropagation"] == "Bidirectional"
     assert containers["ocimodel-csi"]["securityContext"]["privileged"] is True
     assert containers["ocimodel-csi"]["livenessProbe"]
@@ -138,12 +151,25 @@ def test_base_driver_objects() -> None:
                         if o["metadata"]["name"] == "ocimodel-controller" for rule in o["rules"]
                         for g in rule["apiGroups"] for r in rule["resources"]}
     assert {"get", "patch"} <= controller_rules[("", "persistentvolumeclaims")]
+    assert ("", "secrets") not in controller_rules  # provisioner secrets: per namespace, below
+    provisioner_secrets = [o for o in by_kind(objects, "ClusterRole")
+                           if o["metadata"]["name"] == "ocimodel-controller-provisioner-secrets"]
+    assert provisioner_secrets[0]["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]
     examples = render("deploy/examples")
-    binding = by_kind(examples, "RoleBinding")[0]
+    binding = next(b for b in by_kind(examples, "RoleBinding") if b["metadata"]["name"] == "ocimodel-node-pull-secrets")
     assert binding["metadata"]["namespace"] == "inference"
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
                                   "name": "ocimodel-node-pull-secrets"}
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "ocimodel-node", "namespace": "ocimodel-system"}]
+    # the StorageClass's provisioner-secret-namespace gets the controller's RoleBinding
+    storage_class = by_kind(examples, "StorageClass")[0]
+    binding = next(b for b in by_kind(examples, "RoleBinding")
+                   if b["metadata"]["name"] == "ocimodel-controller-provisioner-secrets")
+    parameters = storage_class["parameters"]
+    assert binding["metadata"]["namespace"] == parameters["csi.storage.k8s.io/provisioner-secret-namespace"]
+    assert binding["roleRef"]["name"] == "ocimodel-controller-provisioner-secrets"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "ocimodel-controller",
+                                    "namespace": "ocimodel-system"}]
     config = by_kind(objects, "ConfigMap")[0]["data"]["config.yaml"]
     Settings.from_mapping(yaml.safe_load(config))  # the real validation accepts it
     assert by_kind(objects, "Secret")[0]["metadata"]["name"] == "ocimodel-registry-auth"
@@ -277,3 +303,230 @@ def test_every_dependency_is_pinned_for_the_image() -> None:
         assert pins.get(re.sub(r"[-_.]+", "-", name).lower()), f"{name} is not pinned in constraints.txt"
     assert "-c constraints.txt" in (ROOT / "scripts" / "install.sh").read_text()
     assert "-c constraints.txt" in (ROOT / "Dockerfile").read_text()
+
+
+# -- least privilege, as rendered (issue 23) ------------------------------------------------------------------
+# A container's extra privileges are allowed only with their reason on the pod template, one annotation per
+# container and kind of privilege (YAML comments vanish when rendered; annotations stay on the object):
+#   ocimodel.csi.dev/privileged-because.<container>    privileged: true
+#   ocimodel.csi.dev/capabilities-because.<container>  any capabilities.add (the text names each one)
+#   ocimodel.csi.dev/root-because.<container>          runs as uid 0 (or not declared non-root)
+REASONS = {"privileged": "ocimodel.csi.dev/privileged-because.",
+           "capabilities": "ocimodel.csi.dev/capabilities-because.",
+           "root": "ocimodel.csi.dev/root-because."}
+KUBELET = "/var/lib/kubelet"
+KUBELET_PODS = "/var/lib/kubelet/pods"
+PLUGIN_DIR = "/var/lib/kubelet/plugins/ocimodel.csi.dev"
+REGISTRATION_DIR = "/var/lib/kubelet/plugins_registry"
+# the only kubelet directories the node pod may see, and who may write to each
+KUBELET_WRITERS = {KUBELET_PODS: {"ocimodel-csi", "ocimodel-fuse"}, PLUGIN_DIR: {"ocimodel-csi"},
+                   REGISTRATION_DIR: {"node-driver-registrar"}}
+NODE_NAME_KEY = "authentication.kubernetes.io/node-name"
+
+
+def workloads(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] in ("DaemonSet", "Deployment")]
+
+
+def effective_security(obj: dict[str, Any], container: dict[str, Any]) -> dict[str, Any]:
+    """The container's securityContext with the pod-level fields it inherits (runAsUser, runAsNonRoot,
+    seccompProfile) filled in where the container does not set them."""
+    pod = pod_spec(obj).get("securityContext") or {}
+    own = dict(container.get("securityContext") or {})
+    for key in ("runAsUser", "runAsNonRoot", "seccompProfile"):
+        if key not in own and key in pod:
+            own[key] = pod[key]
+    return own
+
+
+def may_run_as_root(security: dict[str, Any]) -> bool:
+    if "runAsUser" in security:
+        return bool(security["runAsUser"] == 0)
+    return security.get("runAsNonRoot") is not True  # the image decides, and may say root
+
+
+def host_paths(obj: dict[str, Any]) -> dict[str, str]:
+    return {v["name"]: v["hostPath"]["path"].rstrip("/") or "/"
+            for v in pod_spec(obj).get("volumes", []) if "hostPath" in v}
+
+
+@needs_kubectl
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_every_privilege_has_a_recorded_reason(path: str) -> None:
+    for obj in workloads(render(path)):
+        annotations = obj["spec"]["template"]["metadata"].get("annotations") or {}
+        names = {c["name"] for c in pod_spec(obj)["containers"]}
+        needed: set[str] = set()
+        for container in pod_spec(obj)["containers"]:
+            name, security = container["name"], effective_security(obj, container)
+            where = f"{path}: {obj['metadata']['name']}/{name}"
+            if security.get("privileged"):
+                needed.add(REASONS["privileged"] + name)
+            added = (security.get("capabilities") or {}).get("add") or []
+            if added:
+                needed.add(REASONS["capabilities"] + name)
+                reason = annotations.get(REASONS["capabilities"] + name, "")
+                for capability in added:
+                    assert capability in reason, f"{where} adds {capability} without saying why"
+            if may_run_as_root(security):
+                needed.add(REASONS["root"] + name)
+            for key in needed:
+                if key.endswith("." + name):
+                    assert len(annotations.get(key, "").split()) >= 5, f"{where}: no reason recorded in {key}"
+        recorded = {k for k in annotations if any(k.startswith(prefix) for prefix in REASONS.values())}
+        assert recorded <= needed, f"{path}: reasons for privileges no container holds: {sorted(recorded - needed)}"
+        assert {k.rsplit(".", 1)[1] for k in recorded} <= names
+
+
+@needs_kubectl
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_containers_are_confined(path: str) -> None:
+    """Every container: read-only root filesystem. Every container that is not privileged: seccomp
+    RuntimeDefault (its own or the pod's), no privilege escalation, all capabilities dropped (adds named
+    above), and never SYS_ADMIN."""
+    for obj in workloads(render(path)):
+        for container in [*pod_spec(obj).get("initContainers", []), *pod_spec(obj)["containers"]]:
+            security = effective_security(obj, container)
+            where = f"{path}: {obj['metadata']['name']}/{container['name']}"
+            assert security.get("readOnlyRootFilesystem") is True, where
+            if security.get("privileged"):
+                continue
+            assert (security.get("seccompProfile") or {}).get("type") == "RuntimeDefault", where
+            assert security.get("allowPrivilegeEscalation") is False, where
+            capabilities = security.get("capabilities") or {}
+            assert "ALL" in (capabilities.get("drop") or []), where
+            assert "SYS_ADMIN" not in (capabilities.get("add") or []), where
+
+
+@needs_kubectl
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_host_paths_are_only_what_each_container_uses(path: str) -> None:
+    """No hostPath of the whole kubelet directory (it holds every pod's Secret volumes) or anything above it;
+    only the pods, plugin and registration directories, writable only by the containers that write there;
+    Bidirectional propagation only for the pods directory, in privileged containers."""
+    for obj in workloads(render(path)):
+        paths = host_paths(obj)
+        for volume, host in paths.items():
+            assert not (host == KUBELET or KUBELET.startswith(host.rstrip("/") + "/")), \
+                f"{path}: volume {volume} mounts {host}, all of the kubelet directory"
+            if host.startswith(KUBELET + "/"):
+                assert host in KUBELET_WRITERS, f"{path}: volume {volume} mounts {host}"
+        for container in [*pod_spec(obj).get("initContainers", []), *pod_spec(obj)["containers"]]:
+            privileged = bool(effective_security(obj, container).get("privileged"))
+            for mount in container.get("volumeMounts", []):
+                host = paths.get(mount["name"])
+                where = f"{path}: {container['name']} mounts {host} at {mount['mountPath']}"
+                if mount.get("mountPropagation") == "Bidirectional":
+                    assert privileged and host == KUBELET_PODS, where
+                if host in KUBELET_WRITERS and container["name"] not in KUBELET_WRITERS[host]:
+                    assert mount.get("readOnly") is True, f"{where}: it only reads there, so read-only"
+
+
+def _subjects_of(objects: list[dict[str, Any]], role: str) -> list[dict[str, Any]]:
+    return [s for b in by_kind(objects, "ClusterRoleBinding") if b["roleRef"]["kind"] == "ClusterRole"
+            and b["roleRef"]["name"] == role for s in b["subjects"]]
+
+
+def _grants(role: dict[str, Any], resource: str, verbs: set[str]) -> bool:
+    return any(("" in r["apiGroups"] or "*" in r["apiGroups"]) and (resource in r["resources"] or "*" in r["resources"])
+               and (set(r["verbs"]) & (verbs | {"*"})) for r in role.get("rules", []))
+
+
+def _node_policies(objects: list[dict[str, Any]]) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """Validating admission policies (and their Deny bindings) that check updates of Nodes."""
+    found = []
+    for policy in by_kind(objects, "ValidatingAdmissionPolicy"):
+        rules = policy["spec"].get("matchConstraints", {}).get("resourceRules", [])
+        if not any("nodes" in r.get("resources", []) and {"UPDATE", "*"} & set(r.get("operations", [])) for r in rules):
+            continue
+        bindings = [b for b in by_kind(objects, "ValidatingAdmissionPolicyBinding")
+                    if b["spec"]["policyName"] == policy["metadata"]["name"]
+                    and "Deny" in b["spec"]["validationActions"]]
+        found.append((policy, bindings))
+    return found
+
+
+@needs_kubectl
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_cluster_roles_grant_no_secrets_and_node_writes_are_policed(path: str) -> None:
+    objects = render(path)
+    roles = {o["metadata"]["name"]: o for o in by_kind(objects, "ClusterRole")}
+    for name, role in roles.items():
+        subjects = _subjects_of(objects, name)
+        if not subjects:
+            continue  # bound only by RoleBindings, in the namespaces an admin chose
+        assert not _grants(role, "secrets", {"get", "list", "watch"}), f"{path}: {name} reads Secrets cluster-wide"
+        assert not _grants(role, "nodes/status", {"patch", "update"}), f"{path}: {name} writes node status"
+        if _grants(role, "nodes", {"patch", "update"}):
+            policies = _node_policies(objects)
+            for subject in subjects:
+                user = f"system:serviceaccount:{subject.get('namespace')}:{subject['name']}"
+                assert any(b and user in json.dumps(p["spec"].get("matchConditions", [])) for p, b in policies), \
+                    f"{path}: {name} lets {user} patch any Node, and no admission policy bound with Deny narrows it"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("path", DRIVER_KUSTOMIZATIONS)
+def test_node_label_policy_is_shipped(path: str) -> None:
+    """The policy that keeps the node service account to its own node's ocimodel.csi.dev/ labels is in every
+    overlay, names the service account as rendered (namespace included), fails closed, and compares the
+    old and new object (labels, annotations, spec with its taints)."""
+    objects = render(path)
+    account = next(o for o in by_kind(objects, "ServiceAccount") if o["metadata"]["name"] == "ocimodel-node")
+    user = f"system:serviceaccount:{account['metadata']['namespace']}:ocimodel-node"
+    policies = _node_policies(objects)
+    assert policies, f"{path}: no ValidatingAdmissionPolicy on Node updates"
+    policy, bindings = next((p, b) for p, b in policies if user in json.dumps(p["spec"].get("matchConditions", [])))
+    assert policy["apiVersion"] == "admissionregistration.k8s.io/v1" and bindings
+    assert "namespace" not in policy["metadata"] and all("namespace" not in b["metadata"] for b in bindings)
+    assert policy["spec"]["failurePolicy"] == "Fail"
+    text = json.dumps(policy["spec"])
+    assert NODE_NAME_KEY in text and "object.metadata.name" in text
+    assert "'ocimodel.csi.dev/'" in text
+    for field in ("labels", "annotations", "spec", "taints", "ownerReferences", "finalizers"):
+        assert f"oldObject.{'spec' if field in ('spec', 'taints') else 'metadata'}" in text and field in text, field
+
+
+@needs_kubectl
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_tolerations_name_their_taints(path: str) -> None:
+    """No toleration of every taint (control-plane nodes included): each names its key."""
+    for obj in workloads(render(path)):
+        for toleration in pod_spec(obj).get("tolerations") or []:
+            assert toleration.get("key"), f"{path}: {obj['metadata']['name']} tolerates every taint: {toleration}"
+
+
+@needs_kubectl
+def test_production_places_the_node_plugin_on_gpu_nodes_from_one_patch() -> None:
+    kustomization = yaml.safe_load((ROOT / "deploy/overlays/production/kustomization.yaml").read_text())
+    assert {"path": "node-placement.yaml"} in kustomization["patches"]
+    spec = pod_spec(by_kind(render("deploy/overlays/production"), "DaemonSet")[0])
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {t["key"] for t in spec["tolerations"]} == {"nvidia.com/gpu"}
+
+
+@needs_kubectl
+@pytest.mark.parametrize("path", DRIVER_KUSTOMIZATIONS)
+def test_mirrors_are_real_addresses_over_https(path: str) -> None:
+    """A mirror on loopback is the node pod's own (it is not on the host network): unreachable, and
+    answerable by any container in the pod. Mirrors are HTTPS and not loopback."""
+    config = yaml.safe_load(by_kind(render(path), "ConfigMap")[0]["data"]["config.yaml"])
+    for registry, entry in (config.get("registries") or {}).items():
+        for mirror in entry.get("mirrors") or []:
+            url = urlsplit(mirror if "://" in mirror else f"https://{mirror}")
+            host = url.hostname or ""
+            assert url.scheme == "https", f"{path}: mirror {mirror} of {registry} is not HTTPS"
+            assert host != "localhost" and not host.endswith(".localhost"), f"{path}: {mirror}"
+            with contextlib.suppress(ValueError):  # a name rather than an address
+                assert not ipaddress.ip_address(host).is_loopback, f"{path}: mirror {mirror} is loopback"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("path", DRIVER_KUSTOMIZATIONS)
+def test_images_are_pinned_as_the_kustomization_says(path: str) -> None:
+    """A kustomization that says its images are pinned by digest names them by digest."""
+    text = " ".join((ROOT / path / "kustomization.yaml").read_text().lower().split())
+    if "pinned by digest" in text:
+        for obj in workloads(render(path)):
+            for container in pod_spec(obj)["containers"]:
+                assert re.search(r"@sha256:[0-9a-f]{64}$", container["image"]), f"{path}: {container['image']}"
