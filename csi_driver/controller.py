@@ -23,8 +23,10 @@ from csi_driver.attributes import (
 )
 from csi_driver.errors import CsiError, from_core, invalid
 from csi_driver.proto import csi_pb2, csi_pb2_grpc
+from modelcache.digest import Digest
 from modelcache.errors import ModelCacheError
 from modelcache.fsutil import atomic_write_json, read_json
+from modelcache.reference import parse_reference
 from modelcache.registry import RegistryClient
 from modelcache.settings import Settings
 
@@ -155,7 +157,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def _recorded_on_pvc(self, request: csi_pb2.CreateVolumeRequest, fingerprint: str,
                          annotations: Mapping[str, str] | None) -> VolumeRecord | None:
         """The answer an earlier CreateVolume of this name gave (whichever controller instance, before any
-        restart), kept on the PVC: a retry gets the same digest even if the tag has moved since."""
+        restart), kept on the PVC: a retry gets the same digest even if the tag has moved since. Whoever may
+        edit the PVC can write that annotation, so it counts only when it is exactly what this controller
+        answers for the StorageClass's model pinned at the digest it names; otherwise it is ignored."""
         text = (annotations or {}).get(RESOLVED_ANNOTATION)
         try:
             data = json.loads(text) if text else None
@@ -168,9 +172,31 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         if record.request != fingerprint:
             raise CsiError(grpc.StatusCode.ALREADY_EXISTS,
                            f"volume {request.name} exists with other parameters, capabilities or capacity")
+        if not self._is_own_answer(request, record, fingerprint, annotations):
+            log.warning("ignoring the %s annotation of volume %s: it is not this controller's answer for the "
+                        "StorageClass's model; resolving again", RESOLVED_ANNOTATION, request.name)
+            return None
         log.info("volume %s was created before (recorded on its PVC): %s", request.name,
                  record.volume_context.get("reference"))
         return record
+
+    def _is_own_answer(self, request: csi_pb2.CreateVolumeRequest, record: VolumeRecord, fingerprint: str,
+                       annotations: Mapping[str, str] | None) -> bool:
+        """Whether ``record`` equals the answer for the StorageClass's reference pinned at the digest ``record``
+        names (same volume id, repository, tag, options and size; a digest that repository holds)."""
+        try:
+            pin = parse_reference(record.volume_context.get("reference", "")).digest
+        except ModelCacheError:
+            return False
+        if pin is None:
+            return False
+        try:
+            expected = self._resolve(request, self.volume_id_for(request.name), fingerprint, annotations, pin)
+        except CsiError as exc:
+            if exc.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE):
+                return False
+            raise
+        return expected == record
 
     def _record_on_pvc(self, request: csi_pb2.CreateVolumeRequest, record: VolumeRecord) -> None:
         """Keep the answer on the PVC before giving it, so that it outlives this controller's state."""
@@ -184,7 +210,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             raise from_core(exc, f"recording volume {request.name} on PVC {pvc[0]}/{pvc[1]}") from None
 
     def _resolve(self, request: csi_pb2.CreateVolumeRequest, volume_id: str, fingerprint: str,
-                 annotations: Mapping[str, str] | None) -> VolumeRecord:
+                 annotations: Mapping[str, str] | None, pin: Digest | None = None) -> VolumeRecord:
+        """The answer for the StorageClass's (or PVC's) reference; ``pin`` resolves its tag at that digest
+        instead of where the tag points now (a reference with a digest of its own keeps it)."""
         parameters = dict(request.parameters)
         unknown = unknown_keys(parameters)
         if unknown:
@@ -194,8 +222,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         spec = parse_volume_context(context, lazy_supported=True)
         credentials = credentials_from_secrets(request.secrets, spec.reference.endpoint_host)
         client = RegistryClient(self.settings.transport(credentials))
+        reference = spec.reference if pin is None or spec.reference.digest else spec.reference.with_digest(pin)
         try:
-            resolved = client.resolve(spec.reference)
+            resolved = client.resolve(reference)
         except ModelCacheError as exc:
             raise from_core(exc, f"resolving {spec.reference}") from None
         size = sum(layer.size for layer in resolved.manifest.layers)

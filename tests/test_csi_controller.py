@@ -205,3 +205,38 @@ def test_reference_from_pvc_annotation(tmp_path: Path, fixtures: Fixtures) -> No
         assert info.value.code == grpc.StatusCode.NOT_FOUND
     finally:
         api.close()
+
+
+def test_resolved_volume_annotation_is_trusted_only_for_the_class_model(tmp_path: Path, fixtures: Fixtures) -> None:
+    """A PVC author who writes the resolved-volume annotation cannot swap the StorageClass's model (or
+    its options, or the volume id): such an annotation is ignored, and the volume resolved again."""
+    fixtures.raw_model("ctl/class-model:v1", {"w": b"the class's model"})
+    evil = fixtures.ref("ctl/evil:v1") + "@" + fixtures.raw_model("ctl/evil:v1", {"w": b"the PVC author's model"})
+    other = fixtures.ref("ctl/class-model:v0") + "@" + fixtures.raw_model("ctl/class-model:v0", {"w": b"old"})
+    api = FakeKubeAPI()
+    try:
+        annotations = stored_pvc(api, "team-a", "claim", {})
+        settings = Settings(root=tmp_path)
+        settings.hosts.plain_http = True
+        pvc = {"csi.storage.k8s.io/pvc/name": "claim", "csi.storage.k8s.io/pvc/namespace": "team-a"}
+        request = create("pvc-class", reference=fixtures.ref("ctl/class-model:v1"), include="*", **pvc)
+        honest = ControllerService(settings, tmp_path / "first", pvcs=KubeClient.for_url(api.url)).create(request)
+        genuine = json.loads(annotations[RESOLVED_ANNOTATION])
+        forgeries = {
+            "another repository": {"reference": evil},
+            "another tag": {"reference": other},
+            "a digest the repository does not hold": {"reference": fixtures.ref("ctl/class-model:v1") + "@" +
+                                                      evil.rpartition("@")[2]},
+            "other options": {"include": "", "exclude": "*"},
+        }
+        for i, (what, change) in enumerate(forgeries.items()):
+            forged = {**genuine, "volume_context": {**genuine["volume_context"], **change}}
+            annotations[RESOLVED_ANNOTATION] = json.dumps(forged)
+            controller = ControllerService(settings, tmp_path / f"replaced-{i}", pvcs=KubeClient.for_url(api.url))
+            assert controller.create(request) == honest, what
+            assert json.loads(annotations[RESOLVED_ANNOTATION]) == genuine, what  # the annotation is rewritten
+        annotations[RESOLVED_ANNOTATION] = json.dumps({**genuine, "volume_id": "ocimodel-someone-elses-volume"})
+        replaced = ControllerService(settings, tmp_path / "replaced-id", pvcs=KubeClient.for_url(api.url))
+        assert replaced.create(request) == honest
+    finally:
+        api.close()
