@@ -1,14 +1,17 @@
 """Eviction by disk watermarks: least-recently-used models first, never a mounted or pinned one;
-their blobs go once no remaining model refers to them."""
+their blobs and extracted layers go once no remaining model refers to them. A pull short of space evicts
+only when that can make room: never for a need larger than the cache could ever hold."""
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 
 from modelcache.cache import ModelCache
+from modelcache.errors import StoreFull
 from modelcache.gc import ModelInUse, collect_garbage, in_use, remove_model
 from modelcache.pins import Pins
 from modelcache.records import ModelRecord
@@ -33,16 +36,26 @@ def _used_fraction(cache: ModelCache) -> tuple[float, int, int]:
     return used / usage.total, used, usage.total
 
 
+def _held(record: ModelRecord) -> list[str]:
+    """What ``record`` keeps in the cache: its blobs (by digest) and extracted layers (``layer:<name>``)."""
+    return [*record.blobs, *(f"layer:{name}" for name in record.layers)]
+
+
+def _size(cache: ModelCache, item: str) -> int:
+    """Bytes of one blob, or of the files of one extracted layer."""
+    if item.startswith("layer:"):
+        total = 0
+        for dirpath, _, filenames in os.walk(cache.store.layers / item.removeprefix("layer:")):
+            total += sum(os.lstat(os.path.join(dirpath, name)).st_size for name in filenames)
+        return total
+    algorithm, _, hexpart = item.partition(":")
+    path = cache.store.blobs / algorithm / hexpart
+    return path.stat().st_size if path.exists() else 0
+
+
 def _bytes_only_it_holds(record: ModelRecord, refcount: Counter[str], cache: ModelCache) -> int:
-    """Bytes of the blobs no model but ``record`` refers to (freed when it goes)."""
-    total = 0
-    for digest in record.blobs:
-        if refcount[digest] == 1:
-            algorithm, _, hexpart = digest.partition(":")
-            path = cache.store.blobs / algorithm / hexpart
-            if path.exists():
-                total += path.stat().st_size
-    return total
+    """Bytes of the blobs and layers no model but ``record`` refers to (freed when it goes)."""
+    return sum(_size(cache, item) for item in _held(record) if refcount[item] == 1)
 
 
 def evict(cache: ModelCache, *, high: float, low: float, protected: set[str] | None = None,
@@ -54,7 +67,7 @@ def evict(cache: ModelCache, *, high: float, low: float, protected: set[str] | N
         return result
     keep = set(protected or ()) | Pins(cache.store.root).pinned()
     records = sorted(cache.records(), key=lambda r: cache.last_used(r.key))
-    refcount: Counter[str] = Counter(b for r in records for b in r.blobs)
+    refcount: Counter[str] = Counter(item for r in records for item in _held(r))
     target = low * total
     projected = used
     for record in records:
@@ -71,22 +84,28 @@ def evict(cache: ModelCache, *, high: float, low: float, protected: set[str] | N
                 result.blocked.append(record.key)
                 continue
             log.info("evicted %s (%s), %d bytes", record.key, record.reference, freed)
-        for digest in record.blobs:
-            refcount[digest] -= 1
+        for item in _held(record):
+            refcount[item] -= 1
         projected -= freed
         result.freed_bytes += freed
         result.evicted.append(record.key)
     if result.evicted and not dry_run:
         collect_garbage(cache)
     result.used_fraction_after = _used_fraction(cache)[0] if not dry_run else projected / total
-    if projected > target and result.blocked:
+    if projected > target and result.blocked and not dry_run:
         log.warning("cache still above the low watermark: %d models are mounted or pinned", len(result.blocked))
     return result
 
 
-def make_room(cache: ModelCache, needed: int, low: float) -> EvictionResult:
-    """A pull lacks ``needed`` bytes (0: unknown): evict least-recently-used models (never a mounted, pinned
-    or leased one) until that much is free, and at least down to the ``low`` watermark."""
+def make_room(cache: ModelCache, needed: int, low: float, what: str = "a pull") -> EvictionResult:
+    """``what`` (a pull) lacks ``needed`` bytes (0: unknown): evict least-recently-used models (never a mounted,
+    pinned or leased one) until that much is free, and at least down to the ``low`` watermark. When evicting
+    every model that may go would still not free ``needed`` bytes, evict nothing: raise :class:`StoreFull`."""
+    if needed:
+        possible = evict(cache, high=-1.0, low=0.0, dry_run=True).freed_bytes
+        if needed > possible:
+            raise StoreFull(f"{what}; that is more than the cache could ever hold: evicting every model that may go "
+                            f"would free only {possible} bytes, so none was evicted", needed=needed)
     usage = shutil.disk_usage(cache.store.root)
     target = min(low * usage.total, usage.total - usage.free - needed) if needed else low * usage.total
     result = evict(cache, high=-1.0, low=max(target, 0) / usage.total)

@@ -13,6 +13,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from modelcache.access import check_upstream_access
 from modelcache.cache import ModelCache
 from modelcache.credentials import CredentialStore
 from modelcache.errors import Kind, ModelCacheError, StoreFull
@@ -46,12 +47,16 @@ class Flight:
 
 
 class PullFlights:
-    """Runs pulls on a bounded pool, one per (reference, options, credentials) at a time."""
+    """Runs pulls on a bounded pool, one per (reference, options, credentials) at a time. ``for_volumes``:
+    pulls for volumes, to which node-wide credentials are lent only for ``nodeCredentialRegistries`` (the
+    agent and the command line pass False and use them all)."""
 
-    def __init__(self, settings: Settings, *, max_parallel: int = 4, metrics: PullMetrics | None = None) -> None:
+    def __init__(self, settings: Settings, *, max_parallel: int = 4, metrics: PullMetrics | None = None,
+                 for_volumes: bool = True) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.cache = settings.cache()
+        self.for_volumes = for_volumes
+        self.cache = settings.cache(for_volume=for_volumes)
         settings.signature_policy.persist_in(self.cache.store.root / "verdicts")
         self._pool = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="pull")
         self._flights: dict[tuple[str, str, str], Flight] = {}
@@ -59,10 +64,14 @@ class PullFlights:
         self._stopping = threading.Event()
 
     def _cache_for(self, credentials: CredentialStore | None) -> ModelCache:
-        return self.cache if credentials is None else self.settings.cache(credentials)
+        return self.cache if credentials is None else self.settings.cache(credentials, for_volume=self.for_volumes)
 
     def cached(self, reference: Reference, options: PullOptions) -> PullResult | None:
-        """A digest-pinned reference already in the cache (no network)."""
+        """A digest-pinned reference already in the cache (no network), when the signature policy needs
+        nothing more for it: a tree is served under a rule only with that rule's verdict for the reference's
+        repository (a tree pulled under another name must be checked for this one first)."""
+        if not self.settings.signature_policy.already_verified(reference):
+            return None
         return self.cache.cached(reference, options)
 
     def start(self, reference: Reference, options: PullOptions, credentials: CredentialStore | None,
@@ -70,7 +79,7 @@ class PullFlights:
         """The flight that makes ``reference`` available: a finished one for a cached digest, the running
         one for this model, or a new one. Never blocks on the network: pinning a tag to its digest, the
         cache check and the pull all run in the flight."""
-        if reference.digest and self.settings.signature_policy.already_verified(reference):
+        if reference.digest:
             hit = self.cached(reference, options)
             if hit:
                 done: Future[PullResult] = Future()
@@ -108,7 +117,7 @@ class PullFlights:
             try:
                 return cache.pull(pinned, options, flight.progress, cancel=self._stopping, check_tree=check_tree)
             except StoreFull as exc:  # evict before failing; give up once nothing more can go
-                if not make_room(cache, exc.needed, self.settings.low_watermark).evicted:
+                if not make_room(cache, exc.needed, self.settings.low_watermark, str(exc)).evicted:
                     raise StoreFull(f"{exc}; nothing can be evicted (every cached model is mounted, pinned or in "
                                     f"use)", needed=exc.needed) from None
 
@@ -122,7 +131,8 @@ class PullFlights:
         """Pin a tag to its digest; if the registry is unreachable, fall back to the newest cached copy
         of that tag, unless that model needed credentials (access could not be re-checked)."""
         try:
-            return reference.with_digest(RegistryClient(self.settings.transport(credentials)).head_digest(reference))
+            transport = self.settings.transport(credentials, for_volume=self.for_volumes)
+            return reference.with_digest(RegistryClient(transport).head_digest(reference))
         except ModelCacheError as exc:
             if exc.kind is not Kind.UNAVAILABLE:
                 raise
@@ -155,24 +165,17 @@ class PullFlights:
             self.metrics.finished(elapsed, flight.progress.downloaded_bytes, kind)
 
     def check_access(self, result: PullResult, credentials: CredentialStore | None) -> None:
-        """Make sure the caller's own credentials may read a model that needed auth to pull.
+        """Make sure the caller's credentials may read a model that is private at its upstream (see
+        :meth:`check_upstream`); a public one needs nothing."""
+        if result.record.auth_required:
+            self.check_upstream(parse_reference(result.record.reference), credentials)
 
-        Raises the registry's UNAUTHENTICATED/PERMISSION_DENIED error when they may not; an
-        unreachable registry also denies (access cannot be proven).
-        """
-        if not result.record.auth_required:
-            return
-        pinned = parse_reference(result.record.reference)
-        client = RegistryClient(self.settings.transport(credentials))
-        try:
-            digest = client.head_digest(pinned)
-        except ModelCacheError as exc:
-            if exc.kind is Kind.NOT_FOUND:
-                raise ModelCacheError(f"access check: {exc}", kind=Kind.PERMISSION_DENIED) from None
-            raise
-        if str(digest) != result.record.digest:
-            raise ModelCacheError("access check: the registry answered a different digest",
-                                  kind=Kind.PERMISSION_DENIED)
+    def check_upstream(self, reference: Reference, credentials: CredentialStore | None) -> None:
+        """Make sure the caller's credentials (with the node's it is lent) may read digest-pinned ``reference``
+        at its upstream registry, never a mirror: UNAUTHENTICATED/PERMISSION_DENIED when they may not; an
+        unreachable upstream also denies (access cannot be proven)."""
+        check_upstream_access(self.cache.client.transport, reference,
+                              self.settings.credentials(credentials, for_volume=self.for_volumes))
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Stop: refuse new pulls, cancel queued ones, and make running ones stop at their next read,

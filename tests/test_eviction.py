@@ -12,10 +12,18 @@ from pathlib import Path
 
 import pytest
 
+from modelcache import mediatypes as mt
 from modelcache.cache import ModelCache
 from modelcache.digest import Digest
+from modelcache.errors import Kind, ModelCacheError, StoreFull
 from modelcache.eviction import evict
+from modelcache.hosts import HostsConfig
+from modelcache.options import PullOptions
 from modelcache.pins import Pins
+from modelcache.records import PullResult
+from modelcache.reference import parse_reference
+from modelcache.settings import Settings
+from modelcache.singleflight import PullFlights
 from modelcache.store import ContentStore
 from tests.conftest import make_client, needs_root
 from tests.helpers.oci import Fixtures
@@ -85,3 +93,70 @@ def test_only_as_much_as_needed_is_evicted(small_fs: Path, fixtures: Fixtures) -
     low = (used - (5 << 20)) / total  # freeing one 10 MiB model is enough
     outcome = evict(cache, high=0.0, low=low)
     assert outcome.evicted == [keys[0]]
+
+
+# -- a need the cache could never hold evicts nothing (issue 22) ------------------------------------------
+
+def flights_on(root: Path, **settings: object) -> PullFlights:
+    return PullFlights(Settings(root=root, hosts=HostsConfig(plain_http=True), **settings))  # type: ignore[arg-type]
+
+
+def cached_models(fixtures: Fixtures, flights: PullFlights, names: list[str], size: int) -> list[str]:
+    keys = []
+    for i, name in enumerate(names):
+        fixtures.raw_model(f"evict/{name}:v1", {"w": os.urandom(size)})
+        keys.append(pull_through(flights, fixtures.ref(f"evict/{name}:v1")).record.key)
+        os.utime(flights.cache.record_path(keys[-1]), (3000 + i, 3000 + i))
+    return keys
+
+
+def pull_through(flights: PullFlights, ref: str) -> PullResult:
+    return flights.start(parse_reference(ref), PullOptions(), None, "").future.result(timeout=60)
+
+
+def declaring(fixtures: Fixtures, name: str, *sizes: int) -> str:
+    """A model whose layers declare ``sizes`` (their real blobs are a few bytes)."""
+    fixtures.manifest(name, [fixtures.layer(name, os.urandom(64), mt.model_layer_type("weight", mt.Compression.RAW),
+                                            {mt.ANNOTATION_FILEPATH: f"w{i}"}, size=size)
+                             for i, size in enumerate(sizes)])
+    return fixtures.ref(name)
+
+
+def test_a_manifest_declaring_16_tib_evicts_nothing(small_fs: Path, fixtures: Fixtures) -> None:
+    flights = flights_on(small_fs / "cache")
+    keys = cached_models(fixtures, flights, ["victim-a", "victim-b"], 10 << 20)
+    with pytest.raises(ModelCacheError) as info:
+        pull_through(flights, declaring(fixtures, "evict/huge:v1", 16 << 40))
+    assert info.value.kind is Kind.UNSAFE_CONTENT
+    assert str(16 << 40) in str(info.value) and str(1 << 40) in str(info.value)  # declared size and the limit
+    assert [flights.cache.get_record(k) is not None for k in keys] == [True, True]
+
+
+def test_a_need_larger_than_the_filesystem_evicts_nothing(small_fs: Path, fixtures: Fixtures) -> None:
+    flights = flights_on(small_fs / "cache")
+    keys = cached_models(fixtures, flights, ["stay-a", "stay-b"], 10 << 20)
+    with pytest.raises(StoreFull) as info:
+        pull_through(flights, declaring(fixtures, "evict/too-big:v1", 100 << 20))  # the filesystem holds 64 MiB
+    assert "could ever hold" in str(info.value)
+    assert [flights.cache.get_record(k) is not None for k in keys] == [True, True]
+
+
+def test_a_need_that_eviction_can_meet_still_evicts(small_fs: Path, fixtures: Fixtures) -> None:
+    flights = flights_on(small_fs / "cache")
+    keys = cached_models(fixtures, flights, ["lru-a", "lru-b"], 20 << 20)
+    fixtures.raw_model("evict/big:v1", {"w": os.urandom(30 << 20)})
+    pull_through(flights, fixtures.ref("evict/big:v1"))
+    assert flights.cache.get_record(keys[0]) is None and flights.cache.get_record(keys[1]) is not None
+
+
+def test_max_model_bytes_counts_the_whole_model(small_fs: Path, fixtures: Fixtures) -> None:
+    """Each layer is under the limit; together they are over it: refused before any download or eviction."""
+    flights = flights_on(small_fs / "cache", max_model_bytes=15 << 20)
+    keys = cached_models(fixtures, flights, ["limit-a"], 10 << 20)
+    ref = declaring(fixtures, "evict/two-layers:v1", 10 << 20, 10 << 20)
+    with pytest.raises(ModelCacheError) as info:
+        pull_through(flights, ref)
+    assert info.value.kind is Kind.UNSAFE_CONTENT and str(20 << 20) in str(info.value)
+    assert "maxModelGiB" in str(info.value)
+    assert flights.cache.get_record(keys[0]) is not None
+    assert not list(flights.cache.store.ingest_dir.iterdir())  # nothing was downloaded
