@@ -530,3 +530,56 @@ def test_images_are_pinned_as_the_kustomization_says(path: str) -> None:
         for obj in workloads(render(path)):
             for container in pod_spec(obj)["containers"]:
                 assert re.search(r"@sha256:[0-9a-f]{64}$", container["image"]), f"{path}: {container['image']}"
+
+
+def _node(labels: dict[str, str] | None = None, **spec: Any) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"name": "gpu-1", "annotations": {"volumes.kubernetes.io/controller-managed": "true"}}
+    if labels is not None:
+        metadata["labels"] = labels
+    return {"apiVersion": "v1", "kind": "Node", "metadata": metadata,
+            "spec": {"podCIDR": "10.0.0.0/24", "taints": [{"key": "nvidia.com/gpu", "effect": "NoSchedule"}], **spec}}
+
+
+OWN = {"kubernetes.io/hostname": "gpu-1", "ocimodel.csi.dev/inference.qwen": "ready"}
+POLICY_CASES = {  # name: (old, new, requesting pod's node, operation, allowed)
+    "adds a label of its own": (_node(OWN), _node({**OWN, "ocimodel.csi.dev/inference.b": "ready"}), "gpu-1", "UPDATE",
+                                True),
+    "removes a label of its own": (_node(OWN), _node({"kubernetes.io/hostname": "gpu-1"}), "gpu-1", "UPDATE", True),
+    "first label on a node without labels": (_node(), _node({"ocimodel.csi.dev/a": "ready"}), "gpu-1", "UPDATE", True),
+    "removes the last label": (_node({"ocimodel.csi.dev/a": "ready"}), _node(), "gpu-1", "UPDATE", True),
+    "another node": (_node(OWN), _node({**OWN, "ocimodel.csi.dev/b": "ready"}), "gpu-2", "UPDATE", False),
+    "a token without a node": (_node(OWN), _node({**OWN, "ocimodel.csi.dev/b": "ready"}), None, "UPDATE", False),
+    "adds another label": (_node(OWN), _node({**OWN, "node-role.kubernetes.io/control-plane": ""}), "gpu-1", "UPDATE",
+                           False),
+    "changes another label": (_node(OWN), _node({**OWN, "kubernetes.io/hostname": "x"}), "gpu-1", "UPDATE", False),
+    "removes another label": (_node(OWN), _node({"ocimodel.csi.dev/inference.qwen": "ready"}), "gpu-1", "UPDATE",
+                              False),
+    "a look-alike prefix": (_node(OWN), _node({**OWN, "ocimodel.csi.dev.x/a": "1"}), "gpu-1", "UPDATE", False),
+    "removes a taint": (_node(OWN), _node(OWN, taints=[]), "gpu-1", "UPDATE", False),
+    "cordons": (_node(OWN), _node(OWN, unschedulable=True), "gpu-1", "UPDATE", False),
+    "deletes": (_node(OWN), _node(OWN), "gpu-1", "DELETE", False),
+    "changes an annotation": (_node(OWN), {**_node(OWN), "metadata": {**_node(OWN)["metadata"], "annotations": {}}},
+                              "gpu-1", "UPDATE", False),
+}
+
+
+@needs_kubectl
+@pytest.mark.parametrize("case", POLICY_CASES)
+def test_node_label_policy_decides_as_intended(case: str) -> None:
+    """The rendered policy's CEL, evaluated (cel-python, when installed) on Node updates by the service account."""
+    celpy = pytest.importorskip("celpy")
+    old, new, node, operation, allowed = POLICY_CASES[case]
+    policy = by_kind(render("deploy/base"), "ValidatingAdmissionPolicy")[0]["spec"]
+    user: dict[str, Any] = {"username": "system:serviceaccount:ocimodel-system:ocimodel-node"}
+    if node:
+        user["extra"] = {NODE_NAME_KEY: [node]}
+    activation = {"object": new, "oldObject": old, "request": {"operation": operation, "userInfo": user}}
+    environment = celpy.Environment()
+
+    def holds(expression: str) -> bool:
+        program = environment.program(environment.compile(expression))
+        result = program.evaluate({k: celpy.json_to_cel(v) for k, v in activation.items()})
+        return not isinstance(result, celpy.CELEvalError) and bool(result)  # an error denies (failurePolicy Fail)
+
+    assert all(holds(c["expression"]) for c in policy["matchConditions"])
+    assert all(holds(v["expression"]) for v in policy["validations"]) is allowed
