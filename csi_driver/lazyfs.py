@@ -228,7 +228,7 @@ def _cache_for(job: dict[str, Any]) -> ModelCache:
     settings = Settings.from_mapping(job["settings"], "lazy job")
     credentials = CredentialStore()
     credentials.add_docker_config(job.get("docker_config") or {"auths": {}}, source="lazy job credentials")
-    return settings.cache(credentials, LAZY_RETRY)
+    return settings.cache(credentials, LAZY_RETRY, for_volume=bool(job.get("for_volume", True)))
 
 
 def _options_for(job: dict[str, Any]) -> PullOptions:
@@ -293,6 +293,7 @@ def helper_main(argv: Sequence[str] | None = None) -> int:
         cache = _cache_for(job)
         options = _options_for(job)
         resolved = cache.client.resolve(parse_reference(job["reference"]))
+        cache.check_declared_size(resolved, options)  # before a file is shown or a byte fetched
         child_job = {**job, "reference": str(resolved.reference.by_digest(resolved.digest))}
         model = LazyModel(cache, resolved, options, strict=bool(job.get("strict")),
                           download=download_in_child(child_job))

@@ -148,10 +148,12 @@ class LazyLauncher:
         self.children: dict[int, subprocess.Popen[bytes]] = {}
 
     def start(self, target: str, reference: str, options: PullOptions, credentials: CredentialStore | None,
-              strict: bool, timeout: float = READY_TIMEOUT) -> Started:
-        """Start a helper for ``target`` and wait until it has mounted."""
+              strict: bool, timeout: float = READY_TIMEOUT, *, for_volume: bool = True) -> Started:
+        """Start a helper for ``target`` and wait until it has mounted. ``for_volume``: the helper is lent
+        node-wide credentials only for ``nodeCredentialRegistries`` (``ocimodel mount`` passes False)."""
         job = {"target": target, "reference": reference, "settings": self.settings.to_mapping(),
                "docker_config": credentials.to_docker_config() if credentials else {"auths": {}},
+               "for_volume": for_volume,
                "include": list(options.include), "exclude": list(options.exclude), "path": options.subpath,
                "strict": strict, "verdict": str(verdict_path(self.settings.root, target))}
         verdict_path(self.settings.root, target).unlink(missing_ok=True)

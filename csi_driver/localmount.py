@@ -25,7 +25,7 @@ RETRY_PAUSE = 0.2
 
 
 def _local_node(settings: Settings) -> NodeService:
-    return NodeService(socket.gethostname(), PullFlights(settings), Publications(settings.root),
+    return NodeService(socket.gethostname(), PullFlights(settings, for_volumes=False), Publications(settings.root),
                        lazy=LazyLauncher(settings))
 
 

@@ -44,7 +44,7 @@ from csi_driver.metrics import CsiMetrics
 from csi_driver.proto import csi_pb2, csi_pb2_grpc
 from csi_driver.publications import Publication, Publications
 from modelcache.credentials import CredentialStore
-from modelcache.errors import ModelCacheError
+from modelcache.errors import Kind, ModelCacheError
 from modelcache.mounts import bind_mount_readonly, is_mountpoint, mount_options, mounts_at, mounts_of, unmount_all
 from modelcache.records import PullResult, tree_key
 from modelcache.reference import parse_reference
@@ -202,12 +202,14 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 self.pulls.check_access(hit, credentials)
                 return hit
             assert pinned.digest is not None
+            self.pulls.check_upstream(pinned, credentials)  # a mirror could serve it to anyone
             publication = self._publication(request, spec, target, tree_key(pinned.digest, spec.options), "",
                                             str(pinned), str(pinned.digest), 0, 0)
             self.state.put(publication)  # first: a full disk fails here, before anything is mounted
             created = not os.path.exists(target)
             try:
-                started = self.lazy.start(target, str(pinned), spec.options, credentials, spec.strict)
+                started = self.lazy.start(target, str(pinned), spec.options, credentials, spec.strict,
+                                          for_volume=self.pulls.for_volumes)
                 publication.files, publication.total_bytes = started.files, started.total_bytes
                 publication.helper_pid = started.pid
                 try:
@@ -297,7 +299,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     def _restore_lazy(self, publication: Publication) -> str:
         target = publication.target_path
-        hit = self.pulls.cached(parse_reference(publication.reference), publication.options())
+        reference = parse_reference(publication.reference)
+        if self.pulls.authorize(reference, None) is not None:  # the policy (changed?) wants the files signed
+            raise ModelCacheError(f"{reference} is signed over its files: it is verified whole when it is "
+                                  f"published again, never served lazily", kind=Kind.REFUSED)
+        hit = self.pulls.cached(reference, publication.options())
         if hit is not None:
             top = mounts_at(target)[-1:] if healthy(target) else []
             shows_tree = bool(top) and top[0].fstype != FUSE_TYPE and \
@@ -311,7 +317,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         if self.lazy is None:
             raise CsiError(grpc.StatusCode.FAILED_PRECONDITION, "FUSE lazy mounts are not available on this node")
         detach(target, remove=False)
-        started = self.lazy.start(target, publication.reference, publication.options(), None, publication.strict)
+        started = self.lazy.start(target, publication.reference, publication.options(), None, publication.strict,
+                                  for_volume=self.pulls.for_volumes)
         publication.helper_pid, publication.problem = started.pid, ""
         self.state.put(publication)
         return "helper"

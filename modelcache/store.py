@@ -25,6 +25,9 @@ from modelcache.rangedingest import clear as clear_ranged
 log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = Path("/var/lib/ocimodel")
+SHARED_MODE = 0o711  # root, blobs/, blobs/<alg>/, layers/, trees/: traversable, never listable by other users
+PRIVATE_MODE = 0o700
+PRIVATE_DIRS = ("ingest", "locks", "models", "lazy", "verdicts", "quarantine", "agent", "csi")
 Fetcher = Callable[[IO[bytes], Verifier], None]
 
 
@@ -69,7 +72,9 @@ class WriteBehind:
 def _commit(partial: Path, target: Path) -> None:
     """Publish a verified, synced ingest as a read-only blob with one durable rename."""
     os.chmod(partial, 0o444)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.parent.is_dir():  # a digest algorithm seen for the first time
+        target.parent.mkdir(exist_ok=True)
+        os.chmod(target.parent, SHARED_MODE)
     os.replace(partial, target)
     fsync_dir(target.parent)
 
@@ -94,12 +99,20 @@ class ContentStore:
         self.models = self.root / "models"
 
     def ensure(self) -> None:
-        """Create the directory layout; the root is private to root (pods see trees through mounts)."""
+        """Create the directory layout and set its modes (also on a store an older version made): other
+        users of the node may traverse the root, blobs and trees but list nothing, and cannot enter the rest
+        (pods see trees through mounts)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.root, 0o711)
-        for sub in (self.blobs, self.ingest_dir, self.locks, self.layers, self.trees, self.models):
-            sub.mkdir(exist_ok=True)
-            os.chmod(sub, 0o700 if sub in (self.ingest_dir, self.locks, self.models) else 0o711)
+        os.chmod(self.root, SHARED_MODE)
+        for shared in (self.blobs, self.blobs / "sha256", self.layers, self.trees):
+            shared.mkdir(exist_ok=True)
+            os.chmod(shared, SHARED_MODE)
+        for algorithm in self.blobs.iterdir():
+            if algorithm.is_dir() and not algorithm.is_symlink():
+                os.chmod(algorithm, SHARED_MODE)
+        for name in PRIVATE_DIRS:
+            (self.root / name).mkdir(exist_ok=True)
+            os.chmod(self.root / name, PRIVATE_MODE)
 
     # -- paths and locks --------------------------------------------------------------------------------
     def blob_path(self, digest: Digest) -> Path:

@@ -86,7 +86,8 @@ class Agent:
         self.pins = Pins(root)
         self.warm_requests = WarmRequests(root)
         self.metrics = AgentMetrics()
-        self.flights = PullFlights(config.settings, max_parallel=config.pull_threads, metrics=self.metrics.pulls)
+        self.flights = PullFlights(config.settings, max_parallel=config.pull_threads, metrics=self.metrics.pulls,
+                                   for_volumes=False)  # admin-declared ModelCache objects: node credentials apply
         self.pull_limiter = trio.CapacityLimiter(config.pull_threads)
         self.kube_limiter = trio.CapacityLimiter(config.kube_threads)
         self.io_limiter = trio.CapacityLimiter(2)
