@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
+from urllib.parse import urljoin
 
 from modelcache import mediatypes as mt
 from modelcache.digest import Digest, Verifier
@@ -49,8 +50,7 @@ class RegistryClient:
     # -- manifests --------------------------------------------------------------------------------------
     def _get_manifest(self, ref: Reference, selector: str) -> Manifest | Index:
         what = f"manifest {ref.repository}@{selector}" if ":" in selector else f"manifest {ref.repository}:{selector}"
-        response = self._request("GET", ref, f"/manifests/{selector}", what, headers={"Accept": mt.ACCEPT_MANIFESTS},
-                                 stream=True)
+        response = self._request("GET", ref, f"/manifests/{selector}", what, headers={"Accept": mt.ACCEPT_MANIFESTS})
         with closing_response(response):
             raw = read_limited(response, MAX_MANIFEST_BYTES, what)
             media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
@@ -104,7 +104,7 @@ class RegistryClient:
         the referrers API, or, on registries without one, the referrers tag schema (``sha256-<hex>``)."""
         assert ref.digest is not None
         what = f"referrers of {ref.repository}@{ref.digest}"
-        response = self._request("GET", ref, f"/referrers/{ref.digest}", what, stream=True,
+        response = self._request("GET", ref, f"/referrers/{ref.digest}", what,
                                  headers={"Accept": mt.OCI_INDEX}, params={"artifactType": artifact_type},
                                  ok=lambda s: s in (200, 400, 404, 405))  # no referrers API: the tag schema
         with closing_response(response):
@@ -139,7 +139,7 @@ class RegistryClient:
         if descriptor.size > limit:
             raise IntegrityError(f"blob {descriptor.digest}: {descriptor.size} bytes exceeds the {limit}-byte limit")
         what = f"blob {descriptor.digest}"
-        response = self._request("GET", ref, f"/blobs/{descriptor.digest}", what, stream=True)
+        response = self._request("GET", ref, f"/blobs/{descriptor.digest}", what)
         with closing_response(response):
             data = read_limited(response, limit, what)
         verifier = Verifier(descriptor.digest, descriptor.size, what)
@@ -162,7 +162,7 @@ class RegistryClient:
             headers = {"Range": f"bytes={start}-"} if start else {}
             if start == descriptor.size and descriptor.size:
                 break
-            response = self._request("GET", ref, f"/blobs/{descriptor.digest}", what, headers=headers, stream=True,
+            response = self._request("GET", ref, f"/blobs/{descriptor.digest}", what, headers=headers,
                                      ok=lambda s: s in (200, 206, 416))
             with closing_response(response):
                 if response.status_code == 416:
@@ -212,7 +212,7 @@ class RegistryClient:
         view = memoryview(buffer)
         while position <= end:
             whole = position == 0 and length == blob_size  # a plain GET: the answer is the whole blob
-            response = self._request("GET", ref, f"/blobs/{digest}", what, stream=True,
+            response = self._request("GET", ref, f"/blobs/{digest}", what,
                                      headers={} if whole else {"Range": f"bytes={position}-{end}"},
                                      ok=lambda s: s in (200, 206), skip_endpoints=skip_endpoints)
             with closing_response(response):
@@ -288,9 +288,7 @@ class RegistryClient:
         location = response.headers.get("Location", "")
         if not location:
             raise RegistryError(f"{what}: registry gave no upload location", kind=Kind.INTERNAL)
-        if location.startswith("/"):
-            base = response.url.split("/v2/", 1)[0]
-            location = base + location
+        location = urljoin(response.url, location)  # on another host it gets no credentials (Transport)
         separator = "&" if "?" in location else "?"
         response = self.transport.request(
             "PUT", ref.registry, ref.endpoint_host, f"{location}{separator}digest={digest}",

@@ -141,9 +141,10 @@ class Settings:
 
     def transport(self, extra: CredentialStore | None = None, retry: RetryPolicy | None = None, *,
                   for_volume: bool = False) -> Transport:
-        """A transport with :meth:`credentials`."""
+        """A transport with :meth:`credentials`, limited to ``allowed_registries``."""
         return Transport(self.hosts, self.credentials(extra, for_volume=for_volume),
-                         retry or RetryPolicy(read_timeout=self.read_timeout))
+                         retry or RetryPolicy(read_timeout=self.read_timeout),
+                         allowed_registries=self.allowed_registries)
 
     def cache(self, extra: CredentialStore | None = None, retry: RetryPolicy | None = None, *,
               for_volume: bool = False) -> ModelCache:

@@ -1,26 +1,34 @@
-"""HTTP transport to registries, in layers: endpoints (mirrors), auth challenges, retries, error codes.
+"""HTTP transport to registries, in layers: the allow-list, endpoints (mirrors), auth challenges, redirects,
+retries, error codes.
 
-Nothing here logs a header, a token or a query string.
+Nothing here logs a header, a token or a query string. Every request for a reference passes the admin's
+``allowedRegistries`` first. Credentials and tokens go only to the endpoint they belong to: a redirect or
+an upload location on another host gets none, and must be https; registry credentials go to a token realm
+on another host only over https (as Docker's token auth does). Where each connection may lead is
+:mod:`modelcache.egress`'s rule.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import random
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode, urljoin, urlsplit
 
 import requests
 import urllib3
 
+from modelcache import egress
 from modelcache.credentials import Credentials, CredentialStore
+from modelcache.egress import ANY_BUT_METADATA, AddressClass, EgressRefused
 from modelcache.errors import Kind, RegistryError
 from modelcache.hosts import Endpoint, HostsConfig
 
@@ -33,6 +41,8 @@ STREAM_ERRORS: tuple[type[BaseException], ...] = (
 )
 _CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))')
 MAX_TOKEN_RESPONSE = 1 << 20
+MAX_ERROR_BODY = 64 << 10
+MAX_REDIRECTS = 5
 
 
 def tls_failure(exc: BaseException) -> str:
@@ -72,12 +82,12 @@ def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
 
 
 def _error_detail(response: requests.Response) -> tuple[str | None, str]:
-    """The first OCI error code and message of a response body, if it has one."""
+    """The first OCI error code and message of a response body, if it has one (bodies over 64 KiB have none)."""
     try:
-        body = response.json() if len(response.content) < 65536 else {}
+        body = json.loads(read_limited(response, MAX_ERROR_BODY, "error body"))
         first = (body.get("errors") or [{}])[0]
         return first.get("code"), str(first.get("message", ""))
-    except (ValueError, AttributeError, TypeError, IndexError, requests.RequestException):
+    except (RegistryError, ValueError, AttributeError, TypeError, IndexError, requests.RequestException):
         return None, ""
 
 
@@ -100,11 +110,16 @@ def status_error(response: requests.Response, what: str) -> RegistryError:
 
 
 class Transport:
-    """Sends requests for one registry name, handling mirrors, auth and retries."""
+    """Sends requests for one registry name, handling the allow-list, mirrors, auth, redirects and retries.
+
+    ``allowed_registries``: globs on ``host[:port]`` a reference's registry must match (empty: any registry).
+    """
 
     def __init__(self, hosts: HostsConfig | None = None, credentials: CredentialStore | None = None,
-                 retry: RetryPolicy | None = None, user_agent: str = "ocimodel") -> None:
+                 retry: RetryPolicy | None = None, user_agent: str = "ocimodel",
+                 allowed_registries: Iterable[str] = ()) -> None:
         self.hosts = hosts or HostsConfig()
+        self.allowed_registries = tuple(allowed_registries)
         self.credentials = credentials or CredentialStore()
         self.retry = retry or RetryPolicy()
         self._local = threading.local()
@@ -120,7 +135,7 @@ class Transport:
         if session is None:
             session = requests.Session()
             session.headers["User-Agent"] = self.user_agent
-            adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=8)
+            adapter = egress.GuardedAdapter(pool_connections=4, pool_maxsize=8)
             session.mount("http://", adapter)
             session.mount("https://", adapter)
             self._local.session = session
@@ -154,29 +169,33 @@ class Transport:
             raise RegistryError(f"{registry}: unsupported authentication challenge scheme {scheme!r}",
                                 kind=Kind.UNAUTHENTICATED, status=401)
         realm = params["realm"]
-        if urlsplit(realm).scheme not in ("http", "https"):
-            raise RegistryError(f"{registry}: token realm is not an http(s) URL", kind=Kind.UNAUTHENTICATED)
+        self._check_realm(endpoint, realm, registry)
+        same = egress.origin(realm) == egress.origin(endpoint.url)
+        lend = bool(creds and not creds.empty) and (same or urlsplit(realm).scheme == "https")
         query = {"service": params.get("service", "")} if params.get("service") else {}
         query["scope"] = scope
-        auth = None
-        if creds and creds.identity_token:
+        label = f"{registry}: token request"
+        if lend and creds and creds.identity_token:
             form = {"grant_type": "refresh_token", "refresh_token": creds.identity_token,
                     "client_id": self.user_agent, "scope": scope, "service": params.get("service", "")}
-            response = self._send(lambda: self.session.post(realm, data=form, timeout=self._timeouts(),
-                                                            verify=endpoint.verify_tls), "token request")
+            response = self._send(lambda: self._direct("POST", endpoint, realm, same, data=form), label)
         else:
-            if creds and not creds.empty:
-                auth = (creds.username, creds.password)
-            response = self._send(lambda: self.session.get(f"{realm}?{urlencode(query)}", auth=auth,
-                                                           timeout=self._timeouts(), verify=endpoint.verify_tls),
-                                  "token request")
-        if response.status_code != 200:
-            error = status_error(response, f"{registry}: token request")
-            if error.kind is Kind.NOT_FOUND:
-                error.kind = Kind.UNAUTHENTICATED
-            raise error
+            auth = (creds.username, creds.password) if lend and creds else None
+            response = self._send(lambda: self._direct("GET", endpoint, f"{realm}?{urlencode(query)}", same,
+                                                       auth=auth), label)
+        with closing_response(response):
+            if response.is_redirect:
+                raise EgressRefused(f"{label}: the token service redirected; token requests are not redirected")
+            if response.status_code != 200:
+                withheld = " (credentials withheld: plain-HTTP token service on another host)" \
+                    if creds and not creds.empty and not lend else ""
+                error = status_error(response, label + withheld)
+                if error.kind is Kind.NOT_FOUND:
+                    error.kind = Kind.UNAUTHENTICATED
+                raise error
+            raw = read_limited(response, MAX_TOKEN_RESPONSE, f"{registry}: token response")
         try:
-            body = response.json() if len(response.content) <= MAX_TOKEN_RESPONSE else {}
+            body = json.loads(raw)
             token = body.get("token") or body.get("access_token")
         except (ValueError, AttributeError):
             token = None
@@ -184,6 +203,34 @@ class Transport:
             raise RegistryError(f"{registry}: token service returned no token", kind=Kind.UNAUTHENTICATED)
         with self._lock:
             self._tokens[(endpoint.host, scope)] = token
+
+    def _check_realm(self, endpoint: Endpoint, realm: str, registry: str) -> None:
+        """A token realm must be an http(s) URL, and https unless the registry itself is reached over plain HTTP
+        (its address is checked when the token request connects)."""
+        parts = urlsplit(realm)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise RegistryError(f"{registry}: token realm is not an http(s) URL", kind=Kind.UNAUTHENTICATED)
+        if parts.scheme == "http" and urlsplit(endpoint.url).scheme != "http":
+            raise EgressRefused(f"{registry}: its token realm on {parts.netloc} is plain HTTP; a realm must be https "
+                                f"unless the registry is configured for plain HTTP")
+
+    def _elsewhere(self, endpoint: Endpoint) -> frozenset[AddressClass]:
+        """Where a URL on another host named by ``endpoint`` (token realm, redirect, upload location) may lead:
+        public addresses, and addresses of the class ``endpoint`` was reached at (a loopback registry may
+        name a loopback token service; a public one may name nothing inside the node's network)."""
+        own = egress.peer_class(endpoint.url)
+        return frozenset({AddressClass.GLOBAL} | ({own} if own else set()))
+
+    def _direct(self, method: str, endpoint: Endpoint, url: str, same: bool, *,
+                headers: Mapping[str, str] | None = None, params: Mapping[str, str] | None = None,
+                data: bytes | IO[bytes] | Mapping[str, str] | None = None,
+                auth: tuple[str, str] | None = None) -> requests.Response:
+        """One request to ``url`` without following redirects, under the address rule for it: ``same`` says
+        ``url`` is on ``endpoint``'s own origin (TLS is always verified anywhere else)."""
+        with egress.permitting(ANY_BUT_METADATA if same else self._elsewhere(endpoint)):
+            return self.session.request(method, url, params=params, headers=headers, data=data, auth=auth,
+                                        stream=True, timeout=self._timeouts(), allow_redirects=False,
+                                        verify=endpoint.verify_tls if same else True)
 
     def used_auth(self, host: str) -> bool:
         """True when requests to ``host`` needed credentials or a token."""
@@ -217,14 +264,19 @@ class Transport:
             return response
 
     def request(self, method: str, registry: str, upstream_host: str, path: str, *, scope: str, what: str,
-                headers: Mapping[str, str] | None = None, stream: bool = False, for_push: bool = False,
+                headers: Mapping[str, str] | None = None, for_push: bool = False,
                 body: bytes | IO[bytes] | None = None, params: Mapping[str, str] | None = None,
                 ok: Callable[[int], bool] = lambda s: 200 <= s < 300, skip_endpoints: int = 0) -> requests.Response:
         """Send ``method path`` to the first endpoint that answers well; raise a :class:`RegistryError`.
 
+        ``path`` is below the endpoint, or a URL (an upload location). The response is streamed: close it.
         Mirrors are tried first for reads; any failure at a mirror falls through to the next endpoint.
         ``skip_endpoints`` passes over the first ones (a caller that found their answer wrong).
+        A registry outside ``allowed_registries`` is refused before anything is sent.
         """
+        if not egress.registry_allowed(registry, self.allowed_registries):
+            raise EgressRefused(f"registry {registry} is not in the node's allowedRegistries setting; "
+                                f"ask the cluster admin to add it")
         endpoints = self.hosts.endpoints(registry, upstream_host, for_push=for_push)[skip_endpoints:]
         last_error: RegistryError | None = None
         for endpoint in endpoints:
@@ -234,7 +286,7 @@ class Transport:
             url = f"{endpoint.url}{path}" if path.startswith("/") else path
             try:
                 response = self._request_endpoint(method, endpoint, url, query, scope, what, registry,
-                                                  headers or {}, stream, body)
+                                                  headers or {}, body)
             except RegistryError as exc:
                 if not endpoint.is_mirror:
                     raise
@@ -253,24 +305,18 @@ class Transport:
         raise last_error
 
     def _request_endpoint(self, method: str, endpoint: Endpoint, url: str, query: Mapping[str, str], scope: str,
-                          what: str, registry: str, headers: Mapping[str, str], stream: bool,
+                          what: str, registry: str, headers: Mapping[str, str],
                           body: bytes | IO[bytes] | None) -> requests.Response:
         rejected = 0  # 401s answered so far; the second asks the credential sources again
+        label = f"{registry}: {what}"
         while True:
-            sent_headers = dict(headers)
             auth = self._auth_header(endpoint, scope)
-            if auth:
-                sent_headers["Authorization"] = auth
-            if body is not None and hasattr(body, "seek"):
-                body.seek(0)
 
-            def call(h: dict[str, str] = sent_headers) -> requests.Response:
-                return self.session.request(method, url, params=query or None, headers=h, data=body,
-                                            stream=stream, timeout=self._timeouts(), verify=endpoint.verify_tls,
-                                            allow_redirects=True)
+            def call(a: str | None = auth) -> requests.Response:
+                return self._follow(method, endpoint, url, query, headers, a, body, label)
 
-            response = self._send(call, f"{registry}: {what}")
-            if response.status_code != 401:
+            response = self._send(call, label)
+            if response.status_code != 401 or egress.origin(response.url) != egress.origin(endpoint.url):
                 return response
             challenge = response.headers.get("WWW-Authenticate", "")
             response.close()
@@ -283,6 +329,34 @@ class Transport:
                 self.credentials.forget(endpoint.host)
             self._reauthenticate(endpoint, scope, challenge, registry)
             rejected += 1
+
+    def _follow(self, method: str, endpoint: Endpoint, url: str, query: Mapping[str, str],
+                headers: Mapping[str, str], auth: str | None, body: bytes | IO[bytes] | None,
+                label: str) -> requests.Response:
+        """Send a request and follow up to MAX_REDIRECTS redirects. ``auth`` goes only to ``endpoint``'s own
+        origin; any other URL must be https and gets no Authorization."""
+        home = egress.origin(endpoint.url)
+        for hop in range(MAX_REDIRECTS + 1):
+            same = egress.origin(url) == home
+            if not same and urlsplit(url).scheme != "https":
+                how = "redirected" if hop else "sent"
+                raise EgressRefused(f"{label}: {how} to plain HTTP on another host ({urlsplit(url).netloc}); "
+                                    f"only https is followed off the registry's own host")
+            sent = dict(headers)
+            if same and auth:
+                sent["Authorization"] = auth
+            if body is not None and hasattr(body, "seek"):
+                body.seek(0)
+            response = self._direct(method, endpoint, url, same, headers=sent, params=query or None, data=body)
+            if not response.is_redirect:
+                return response
+            response.close()
+            url, query = urljoin(response.url, response.headers["Location"]), {}
+            if (response.status_code == 303 and method != "HEAD") or \
+                    (response.status_code in (301, 302) and method == "POST"):  # as browsers and requests do
+                method, body = "GET", None
+                headers = {k: v for k, v in headers.items() if k.lower() not in ("content-type", "content-length")}
+        raise RegistryError(f"{label}: more than {MAX_REDIRECTS} redirects", kind=Kind.UNAVAILABLE)
 
     def _reauthenticate(self, endpoint: Endpoint, scope: str, challenge: str, registry: str) -> None:
         """Drop the token we hold for ``scope`` (it may have expired) and answer ``challenge``; when the token

@@ -1,0 +1,186 @@
+"""Where registry traffic may go: the admin's registry allow-list, and the address rule every connection obeys.
+
+A pod author picks the registry, so the registry picks token realms, redirect targets and upload locations.
+Each connection the transport opens resolves its host once, checks every address against the classes the
+current request permits (:func:`permitting`) and connects to a checked address, so a name that changes its
+answer between a check and a connect (DNS rebinding) gains nothing. Cloud metadata addresses are never
+permitted. Connections through an HTTP(S) proxy from the environment are the proxy's to resolve: the rule
+does not reach them.
+"""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+import glob
+import ipaddress
+import socket
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+import urllib3
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
+
+from modelcache.errors import Kind, RegistryError
+from modelcache.reference import normalise_registry
+
+# instance metadata and credential services of the clouds (AWS IMDS and ECS/EKS credential agents, Alibaba,
+# Azure's wireserver, Oracle's legacy address); GCP and Azure IMDS answer on 169.254.169.254 too
+METADATA_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in (
+    "169.254.169.254", "169.254.170.2", "169.254.170.23", "fd00:ec2::254", "fd00:ec2::23", "100.100.100.200",
+    "168.63.129.16", "192.0.0.192"))
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+class AddressClass(enum.Enum):
+    """How far inside the node's network an address lies."""
+
+    GLOBAL = "public"
+    PRIVATE = "private"
+    LINK_LOCAL = "link-local"
+    LOOPBACK = "loopback"
+    METADATA = "cloud metadata"
+
+
+ANY_BUT_METADATA = frozenset(AddressClass) - {AddressClass.METADATA}
+
+
+class EgressRefused(RegistryError):
+    """A connection or URL the egress rules do not allow."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, kind=Kind.REFUSED)
+
+
+def _spelled(name: str) -> str:
+    """``name`` in the one spelling of :func:`modelcache.reference.normalise_registry` (lower case when it is
+    no registry host, so that it matches nothing a reference can name)."""
+    try:
+        return normalise_registry(name.strip())
+    except ValueError:
+        return name.strip().lower()
+
+
+def registry_pattern(pattern: str) -> str:
+    """An ``allowedRegistries`` entry as a glob on normalised names: a literal ``host[:port]`` is spelled as
+    references are and matched literally (an IPv6 host's brackets are no glob class); a glob is lower-cased
+    and loses a ``:443``."""
+    if any(c in pattern for c in "*?"):
+        return pattern.strip().lower().removesuffix(":443")
+    return glob.escape(_spelled(pattern))
+
+
+def registry_allowed(registry: str, patterns: Iterable[str]) -> bool:
+    """True when ``registry`` matches one of the ``allowedRegistries`` globs ``patterns`` (none: any registry)."""
+    globs = [registry_pattern(p) for p in patterns]
+    name = _spelled(registry)
+    return not globs or any(fnmatch.fnmatchcase(name, g) for g in globs)
+
+
+def classify(address: str) -> AddressClass:
+    """The class of an IP address (IPv4-mapped and NAT64 IPv6 addresses count as the IPv4 they carry)."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif ip in _NAT64:
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip in METADATA_ADDRESSES:
+        return AddressClass.METADATA
+    if ip.is_loopback or ip.is_unspecified:  # 0.0.0.0 and :: reach the node itself
+        return AddressClass.LOOPBACK
+    if ip.is_link_local:
+        return AddressClass.LINK_LOCAL
+    return AddressClass.GLOBAL if ip.is_global else AddressClass.PRIVATE
+
+
+def origin(url: str) -> tuple[str, str, int]:
+    """``(scheme, host, port)`` of an http(s) URL, with the scheme's default port filled in."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower().rstrip("."), parts.port or (443 if scheme == "https" else 80)
+
+
+_current = threading.local()  # .permitted: classes the request in flight may connect to; .peers: see peer_class
+
+
+@contextmanager
+def permitting(classes: frozenset[AddressClass]) -> Iterator[None]:
+    """Connections opened by this thread inside the block may reach only addresses of ``classes``."""
+    previous = getattr(_current, "permitted", ANY_BUT_METADATA)
+    _current.permitted = classes - {AddressClass.METADATA}
+    try:
+        yield
+    finally:
+        _current.permitted = previous
+
+
+def peer_class(url: str) -> AddressClass | None:
+    """The class of the address this thread last connected to for ``url``'s host and port (None: never)."""
+    _, host, port = origin(url)
+    peers: dict[tuple[str, int], AddressClass] = getattr(_current, "peers", {})
+    return peers.get((host, port))
+
+
+def _connect(conn: HTTPConnection) -> socket.socket:
+    """Resolve ``conn``'s host, refuse it unless every address is permitted, connect to a checked address."""
+    permitted: frozenset[AddressClass] = getattr(_current, "permitted", ANY_BUT_METADATA)
+    try:
+        infos = socket.getaddrinfo(conn.host, conn.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise NameResolutionError(conn.host, conn, exc) from exc
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    for address in addresses:
+        found = classify(address)
+        if found not in permitted:
+            raise EgressRefused(f"{conn.host} resolves to a {found.value} address ({address}), which this request "
+                                f"may not reach (allowed: {', '.join(sorted(c.value for c in permitted))})")
+    failure: OSError | None = None
+    for address in addresses:
+        try:
+            sock = urllib3.util.connection.create_connection(
+                (address, conn.port), conn.timeout, source_address=conn.source_address,
+                socket_options=conn.socket_options)
+        except TimeoutError as exc:
+            raise ConnectTimeoutError(conn, f"Connection to {conn.host} timed out") from exc
+        except OSError as exc:
+            failure = exc
+            continue
+        if not hasattr(_current, "peers"):
+            _current.peers = {}
+        _current.peers[(conn.host.lower(), conn.port)] = classify(address)
+        return sock
+    raise NewConnectionError(conn, f"Failed to establish a new connection: {failure}")
+
+
+class _Connection(HTTPConnection):
+    def _new_conn(self) -> socket.socket:
+        return _connect(self)
+
+
+class _TLSConnection(HTTPSConnection):
+    def _new_conn(self) -> socket.socket:
+        return _connect(self)
+
+
+class _Pool(HTTPConnectionPool):
+    ConnectionCls = _Connection
+
+
+class _TLSPool(HTTPSConnectionPool):
+    ConnectionCls = _TLSConnection
+
+
+class GuardedAdapter(requests.adapters.HTTPAdapter):
+    """A requests adapter whose direct connections obey :func:`permitting`."""
+
+    def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any) -> None:
+        """Pools whose connections check addresses before connecting."""
+        super().init_poolmanager(connections, maxsize, block, **pool_kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _Pool, "https": _TLSPool}
