@@ -24,11 +24,15 @@ class _UpstreamOnly(HostsConfig):
         return [e for e in super().endpoints(registry, upstream_host, for_push=for_push) if not e.is_mirror]
 
 
-def upstream_client(transport: Transport, credentials: CredentialStore | None) -> RegistryClient:
-    """A client like ``transport``'s that talks to upstream registries only, with ``credentials`` alone."""
-    hosts = transport.hosts
-    only = _UpstreamOnly(**{f.name: getattr(hosts, f.name) for f in fields(hosts)})
-    return RegistryClient(Transport(only, credentials or CredentialStore(), transport.retry))
+def upstream_hosts(hosts: HostsConfig) -> HostsConfig:
+    """``hosts`` without mirrors: requests go to upstream registries only."""
+    return _UpstreamOnly(**{f.name: getattr(hosts, f.name) for f in fields(hosts)})
+
+
+def _anonymous_upstream(transport: Transport) -> RegistryClient:
+    """A client with ``transport``'s registry settings, to upstream registries only, without credentials."""
+    return RegistryClient(Transport(upstream_hosts(transport.hosts), CredentialStore(), transport.retry,
+                                    transport.user_agent))
 
 
 def is_private(transport: Transport, ref: Reference) -> bool:
@@ -40,18 +44,19 @@ def is_private(transport: Transport, ref: Reference) -> bool:
     if not any(e.is_mirror for e in transport.hosts.endpoints(ref.registry, ref.endpoint_host)):
         return False  # every request went to the upstream, without credentials
     try:
-        upstream_client(transport, None).head_digest(ref)
+        _anonymous_upstream(transport).head_digest(ref)
     except ModelCacheError as exc:
         log.info("%s counts as private: its upstream refused an anonymous request (%s)", ref, exc.kind.value)
         return True
     return False
 
 
-def check_upstream_access(transport: Transport, ref: Reference, credentials: CredentialStore | None) -> None:
-    """Make sure ``credentials`` may read digest-pinned ``ref`` at its upstream (a HEAD of its manifest);
-    raise UNAUTHENTICATED/PERMISSION_DENIED (a 404 is PERMISSION_DENIED) or UNAVAILABLE otherwise."""
+def check_upstream_access(client: RegistryClient, ref: Reference) -> None:
+    """Make sure ``client`` (made with :func:`upstream_hosts` and the caller's credentials) may read
+    digest-pinned ``ref`` (a HEAD of its manifest); raise UNAUTHENTICATED/PERMISSION_DENIED (a 404 is
+    PERMISSION_DENIED) or UNAVAILABLE otherwise."""
     try:
-        digest = upstream_client(transport, credentials).head_digest(ref)
+        digest = client.head_digest(ref)
     except ModelCacheError as exc:
         if exc.kind is Kind.NOT_FOUND:
             raise ModelCacheError(f"access check: {exc}", kind=Kind.PERMISSION_DENIED) from None

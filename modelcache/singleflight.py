@@ -11,9 +11,9 @@ import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from modelcache.access import check_upstream_access
+from modelcache.access import check_upstream_access, upstream_hosts
 from modelcache.cache import ModelCache
 from modelcache.credentials import CredentialStore
 from modelcache.errors import Kind, ModelCacheError, StoreFull
@@ -174,8 +174,8 @@ class PullFlights:
         """Make sure the caller's credentials (with the node's it is lent) may read digest-pinned ``reference``
         at its upstream registry, never a mirror: UNAUTHENTICATED/PERMISSION_DENIED when they may not; an
         unreachable upstream also denies (access cannot be proven)."""
-        check_upstream_access(self.cache.client.transport, reference,
-                              self.settings.credentials(credentials, for_volume=self.for_volumes))
+        upstream = replace(self.settings, hosts=upstream_hosts(self.settings.hosts))
+        check_upstream_access(RegistryClient(upstream.transport(credentials, for_volume=self.for_volumes)), reference)
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Stop: refuse new pulls, cancel queued ones, and make running ones stop at their next read,
