@@ -226,11 +226,13 @@ class Transport:
                 data: bytes | IO[bytes] | Mapping[str, str] | None = None,
                 auth: tuple[str, str] | None = None) -> requests.Response:
         """One request to ``url`` without following redirects, under the address rule for it: ``same`` says
-        ``url`` is on ``endpoint``'s own origin (TLS is always verified anywhere else)."""
+        ``url`` is on ``endpoint``'s own origin. TLS is verified as configured for ``endpoint`` on its host
+        name (any port), always anywhere else."""
+        own_host = egress.origin(url)[1] == egress.origin(endpoint.url)[1]
         with egress.permitting(ANY_BUT_METADATA if same else self._elsewhere(endpoint)):
             return self.session.request(method, url, params=params, headers=headers, data=data, auth=auth,
                                         stream=True, timeout=self._timeouts(), allow_redirects=False,
-                                        verify=endpoint.verify_tls if same else True)
+                                        verify=endpoint.verify_tls if own_host else True)
 
     def used_auth(self, host: str) -> bool:
         """True when requests to ``host`` needed credentials or a token."""

@@ -251,6 +251,10 @@ def test_bearer_realm_on_a_metadata_address_is_refused(serve, realm: str) -> Non
     refused(lambda: make_client().resolve(parse_reference(f"{registry.host}/m:v1")))
 
 
+def test_a_metadata_address_is_no_registry() -> None:
+    refused(lambda: make_client().resolve(parse_reference("169.254.169.254/latest/meta-data:v1")))
+
+
 def test_a_registry_off_loopback_cannot_send_the_node_to_its_loopback(serve) -> None:
     address = own_address()
     if address is None:
