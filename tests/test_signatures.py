@@ -423,3 +423,292 @@ def test_verdicts_survive_a_restart_and_a_changed_policy_checks_again(fixtures: 
     assert again.returncode == 0, again.stderr
     changed = pull(ref, root, "--verify-key", str(other))  # another policy must ask the registry: never a pass
     assert changed.returncode == 5 and "unavailable" in changed.stderr, (changed.returncode, changed.stderr)
+
+
+def ci_and_prod_policy(fixtures: Fixtures, tmp_path: Path) -> tuple[object, object, Path]:
+    """Keys 'ci' and 'release' and a policy file: prod/ needs the release key, ci/ the ci key."""
+    ci_key, _, ci_public = write_keys(tmp_path, "ci")
+    release_key, _, release_public = write_keys(tmp_path, "release")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(json.dumps({"signaturePolicy": [
+        {"name": "prod", "match": [f"{fixtures.host}/prod/*"], "keys": [str(release_public)]},
+        {"name": "ci", "match": [f"{fixtures.host}/ci/*"], "keys": [str(ci_public)]}]}))
+    return ci_key, release_key, policy
+
+
+def same_model_in(fixtures: Fixtures, *repositories: str) -> str:
+    """One model (one digest) pushed to each of ``repositories`` (tag v1)."""
+    files = {"weights.bin": os.urandom(20_000)}
+    digests = {fixtures.raw_model(f"{repository}:v1", files) for repository in repositories}
+    assert len(digests) == 1
+    return digests.pop()
+
+
+def test_a_verdict_is_for_one_rule_and_repository(fixtures: Fixtures, tmp_path: Path) -> None:
+    """A model verified under the ci rule (ci key) is not thereby accepted under prod (release key) when it
+    is named under prod/ with the same digest: the cached tree is served there only after prod's check."""
+    ci_key, release_key, policy = ci_and_prod_policy(fixtures, tmp_path)
+    digest = same_model_in(fixtures, "ci/shared", "prod/shared")
+    cosign_signature(fixtures, "ci/shared", digest, ci_key)
+    cosign_signature(fixtures, "prod/shared", digest, ci_key)  # the ci key naming prod/: not prod's key
+    root = tmp_path / "root"
+    assert pull(fixtures.ref("ci/shared:v1"), root, "--policy", str(policy)).returncode == 0
+    for ref in (fixtures.ref(f"prod/shared@{digest}"), fixtures.ref("prod/shared:v1")):
+        refused = pull(ref, root, "--policy", str(policy))
+        assert refused.returncode == 9, (ref, refused.returncode, refused.stderr)
+        assert f"policy 'prod': no signature by key release.pub for {digest}" in refused.stderr
+    cosign_signature(fixtures, "prod/shared", digest, release_key)
+    accepted = pull(fixtures.ref(f"prod/shared@{digest}"), root, "--policy", str(policy))
+    assert accepted.returncode == 0, accepted.stderr
+    assert json.loads(accepted.stdout)["cached"] is True  # the tree pulled as ci/shared, now checked for prod
+    verdicts = [json.loads(p.read_text()) for p in (root / "verdicts").iterdir()]
+    assert sorted((v["rule"], v["repository"]) for v in verdicts) == [("ci", "ci/shared"), ("prod", "prod/shared")]
+
+
+def test_the_pull_flights_serve_a_cached_tree_only_under_its_rule(fixtures: Fixtures, tmp_path: Path) -> None:
+    """The path of CSI publishes (bind and lazy) and agent prefetches: a digest reference under prod/ that
+    hits a tree pulled as ci/ is checked under prod's rule, in memory and after a restart."""
+    from modelcache.hosts import HostsConfig
+    from modelcache.options import PullOptions
+    from modelcache.settings import Settings
+    from modelcache.signatures import SignatureRefused
+    from modelcache.singleflight import PullFlights
+
+    ci_key, release_key, policy = ci_and_prod_policy(fixtures, tmp_path)
+    digest = same_model_in(fixtures, "ci/flight", "prod/flight")
+    cosign_signature(fixtures, "ci/flight", digest, ci_key)
+
+    def flights() -> PullFlights:
+        settings = Settings.from_mapping({"root": str(tmp_path / "root"), "plainHTTP": True,
+                                          "signaturePolicy": json.loads(policy.read_text())["signaturePolicy"]})
+        assert isinstance(settings.hosts, HostsConfig) and settings.hosts.plain_http
+        return PullFlights(settings, max_parallel=2)
+
+    ci = parse_reference(fixtures.ref(f"ci/flight@{digest}"))
+    prod = parse_reference(fixtures.ref(f"prod/flight@{digest}"))
+    first = flights()
+    try:
+        assert first.start(ci, PullOptions(), None, "").future.result(timeout=60).record.digest == digest
+        assert first.cached(ci, PullOptions()) is not None
+        assert first.cached(prod, PullOptions()) is None  # in the cache, but not verified for prod/
+        assert isinstance(first.start(prod, PullOptions(), None, "").future.exception(timeout=60), SignatureRefused)
+        assert isinstance(_raises(lambda: first.authorize(prod, None)), SignatureRefused)  # the lazy-mount path
+    finally:
+        first.shutdown()
+    again = flights()  # a restart: the verdicts on disk are for ci/flight only
+    try:
+        assert again.cached(ci, PullOptions()) is not None
+        assert isinstance(again.start(prod, PullOptions(), None, "").future.exception(timeout=60), SignatureRefused)
+        cosign_signature(fixtures, "prod/flight", digest, release_key)
+        served = again.start(prod, PullOptions(), None, "").future.result(timeout=60)
+        assert served.cached and again.cached(prod, PullOptions()) is not None
+    finally:
+        again.shutdown()
+
+
+@needs_root
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse is missing")
+def test_a_lazy_volume_is_restored_only_under_the_policy_in_force(fixtures: Fixtures, tmp_path: Path) -> None:
+    """A lazy volume whose helper is gone after a restart is given its cached tree (or a new helper) only
+    when the policy of the restarted plugin accepts it."""
+    import signal
+    import time
+
+    from tests.helpers.csi import helper_pid
+    key, _, public = write_keys(tmp_path, "release")
+    _, _, other = write_keys(tmp_path, "other")
+    digest = same_model_in(fixtures, "prod/restored")
+    cosign_signature(fixtures, "prod/restored", digest, key)
+    config = prod_policy(fixtures, tmp_path, public)
+    csi = CsiProcess(tmp_path / "driver", "--config", str(config))
+    target = tmp_path / "pods" / "a" / "mnt"
+    try:
+        csi.node.NodePublishVolume(publish_request("r", target, fixtures.ref("prod/restored:v1"), mount="lazy"),
+                                   timeout=60)
+        helper = helper_pid(csi, target)
+        csi.stop(signal.SIGKILL)
+        os.kill(helper, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while Path(f"/proc/{helper}").exists() and " Z " not in Path(f"/proc/{helper}/stat").read_text():
+            assert time.monotonic() < deadline, "the helper did not end"
+            time.sleep(0.05)
+        prod_policy(fixtures, tmp_path, other)  # the admin now trusts another key for prod/
+        csi.start()
+        deadline = time.monotonic() + 60
+        while "ModelVolume" not in csi.log_text():
+            assert time.monotonic() < deadline, csi.log_text()[-3000:]
+            time.sleep(0.1)
+        assert "ModelVolumeLost" in csi.log_text() and "ModelVolumeRestored" not in csi.log_text()
+        assert "signature required by policy 'prod': no signature by key other.pub" in csi.log_text()
+        assert not target.exists()
+        csi.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id="r", target_path=str(target)))
+    finally:
+        csi.stop()
+        unmount_tree(tmp_path / "pods")
+
+
+def _raises(call: Callable[[], object]) -> BaseException | None:
+    try:
+        call()
+    except Exception as exc:  # noqa: BLE001 - returned for the caller to check
+        return exc
+    return None
+
+
+def test_a_registry_spelling_does_not_dodge_a_rule(fixtures: Fixtures, tmp_path: Path) -> None:
+    """Host names are case-insensitive, and an IP address has many spellings: rules see one."""
+    key, _, public = write_keys(tmp_path, "release")
+    port = fixtures.host.rsplit(":", 1)[1]
+    unsigned = same_model_in(fixtures, "prod/unsigned")
+    signed = same_model_in(fixtures, "prod/signed")
+    cosign_signature(fixtures, "prod/signed", signed, key, identity=f"LocalHost:{port}/prod/signed:v1")
+    policy = tmp_path / "policy.yaml"
+    for pattern, spellings in (("localhost:{port}/prod/*", ["localhost", "LOCALHOST", "LocalHost"]),
+                               ("LOCALHOST:{port}/PROD/*", ["localhost"]),
+                               ("127.0.0.1:{port}/prod/*", ["127.0.0.1", "127.1", "2130706433", "0x7f.0.0.1"])):
+        policy.write_text(json.dumps({"signaturePolicy": [
+            {"name": "prod", "match": [pattern.format(port=port)], "keys": [str(public)]}]}))
+        for host in spellings:
+            root = tmp_path / f"root-{host}"
+            refused = pull(f"{host}:{port}/prod/unsigned:v1", root, "--policy", str(policy))
+            assert refused.returncode == 9, (pattern, host, refused.returncode, refused.stderr)
+            assert f"policy 'prod': no signature by key release.pub for {unsigned}" in refused.stderr
+            assert nothing_cached(root)
+    other_name = pull(f"127.1:{port}/prod/signed:v1", tmp_path / "root-other-name", "--policy", str(policy))
+    assert other_name.returncode == 9, other_name.stderr  # the rule names 127.0.0.1, the signature localhost
+    rules = [{"name": "prod", "match": [f"localhost:{port}/prod/*"], "keys": [str(public)]}]
+    policy.write_text(json.dumps({"signaturePolicy": rules}))
+    accepted = pull(f"LOCALHOST:{port}/prod/signed:v1", tmp_path / "root-signed", "--policy", str(policy))
+    assert accepted.returncode == 0, accepted.stderr  # the signature's spelling of the name is normalised too
+    # names are compared, not addresses: another name of the same server is another registry, unchecked
+    # unless the policy's default refuses what no rule names
+    assert pull(f"127.0.0.1:{port}/prod/unsigned:v1", tmp_path / "root-by-address", "--policy",
+                str(policy)).returncode == 0
+    policy.write_text(json.dumps({"signaturePolicy": {"default": "signed", "rules": rules}}))
+    assert pull(f"127.0.0.1:{port}/prod/unsigned:v1", tmp_path / "root-default", "--policy",
+                str(policy)).returncode == 9
+
+
+def test_rule_patterns_are_normalised_when_the_policy_is_loaded(tmp_path: Path) -> None:
+    from modelcache.errors import ModelCacheError
+    from modelcache.signatures import SignaturePolicy
+    _, _, public = write_keys(tmp_path, "release")
+
+    def rule_for(pattern: str, reference: str) -> str | None:
+        policy = SignaturePolicy.from_mapping([{"name": "r", "match": [pattern], "keys": [str(public)]}], "test")
+        rule = policy.rule_for(parse_reference(reference))
+        return rule.name if rule else None
+
+    assert rule_for("Registry.Example.com:443/prod/*", "registry.example.com/prod/m") == "r"
+    assert rule_for("registry.example.com/prod/*", "REGISTRY.example.com:443/prod/m") == "r"
+    assert rule_for("index.docker.io/library/*", "ubuntu") == "r"
+    assert rule_for("registry-1.docker.io/library/*", "docker.io/ubuntu") == "r"
+    assert rule_for("[0:0::1]:5000/prod/*", "[::1]:5000/prod/m") == "r"  # brackets are not a glob class
+    assert rule_for("[::1]:5000/prod/*", "[0::1]:5000/prod/m") == "r"
+    assert rule_for("[::1]:5000/prod/*", "[::1]:5000/dev/m") is None
+    assert rule_for("*.Example.com/prod/*", "eu.example.com/prod/m") == "r"  # a glob host: lower-cased
+    assert rule_for("*", "anything.example/x") == "r"
+    for bad in ("localhost.:5000/prod/*", "r.io:0/prod/*", "[zz]:5000/*"):
+        with pytest.raises(ModelCacheError, match="pattern"):
+            rule_for(bad, "r.io/m")
+
+
+def test_default_signed_refuses_what_no_rule_names(fixtures: Fixtures, tmp_path: Path) -> None:
+    key, _, public = write_keys(tmp_path, "release")
+    signed = same_model_in(fixtures, "prod/named")
+    cosign_signature(fixtures, "prod/named", signed, key)
+    other = same_model_in(fixtures, "elsewhere/unnamed")
+    same_model_in(fixtures, "scratch/free")
+    rules = [{"name": "prod", "match": [f"{fixtures.host}/prod/*"], "keys": [str(public)]},
+             {"name": "scratch", "match": [f"{fixtures.host}/scratch/*"], "require": "none"}]
+    policy, settings = tmp_path / "policy.yaml", tmp_path / "node.yaml"
+    policy.write_text(json.dumps({"default": "signed", "rules": rules}))  # a policy file: the mapping itself
+    settings.write_text(json.dumps({"signaturePolicy": {"default": "signed", "rules": rules}}))
+    for option in (["--policy", str(policy)], ["--config", str(settings)]):
+        root = tmp_path / f"root{option[0]}"
+        refused = pull(fixtures.ref("elsewhere/unnamed:v1"), root, *option)
+        assert refused.returncode == 9, (option, refused.returncode, refused.stderr)
+        assert f"signature required by the policy's default: no rule names {fixtures.host}/elsewhere/unnamed" \
+               in refused.stderr, refused.stderr
+        assert nothing_cached(root)
+        assert pull(fixtures.ref("prod/named:v1"), root, *option).returncode == 0
+        assert pull(fixtures.ref("scratch/free:v1"), root, *option).returncode == 0
+    assert other != signed
+    policy.write_text(json.dumps({"default": "none", "rules": rules}))  # explicitly the old behaviour
+    assert pull(fixtures.ref("elsewhere/unnamed:v1"), tmp_path / "root-none", "--policy", str(policy)).returncode == 0
+
+
+@pytest.mark.parametrize("policy,message", [
+    ({"default": "sometimes", "rules": []}, "default must be signed or none"),
+    ({"default": "signed", "rules": [], "extra": 1}, "unknown keys ['extra']"),
+    ({"default": "signed", "rules": {"name": "x"}}, "rules must be a list"),
+    ({"rules": [{"name": "x", "match": "r.io/*", "require": "signed"}]}, "require must be none or keys"),
+    ("signed", "must be a list of rules or a mapping"),
+])
+def test_a_malformed_policy_is_refused_when_loaded(tmp_path: Path, policy: object, message: str) -> None:
+    from modelcache.errors import Kind, ModelCacheError
+    from modelcache.signatures import SignaturePolicy
+    with pytest.raises(ModelCacheError) as info:
+        SignaturePolicy.from_mapping(policy, "node.yaml")  # type: ignore[arg-type]
+    assert info.value.kind is Kind.INVALID_ARGUMENT and message in str(info.value), str(info.value)
+
+
+def dsse_bundle(key: ec.EllipticCurvePrivateKey, subjects: list[dict[str, object]]) -> tuple[bytes, dict[str, object]]:
+    """A Sigstore bundle (v0.3) over an in-toto statement with ``subjects``, signed with ``key``."""
+    statement = json.dumps({"_type": "https://in-toto.io/Statement/v1", "subject": subjects,
+                            "predicateType": "https://sigstore.dev/cosign/sign/v1", "predicate": {}}).encode()
+    payload_type = b"application/vnd.in-toto+json"
+    pae = b"DSSEv1 %d %s %d %s" % (len(payload_type), payload_type, len(statement), statement)
+    signature = base64.b64encode(key.sign(pae, ec.ECDSA(hashes.SHA256()))).decode()
+    bundle = {"mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json",
+              "verificationMaterial": {"publicKey": {"hint": "release"}, "tlogEntries": []},
+              "dsseEnvelope": {"payload": base64.b64encode(statement).decode(), "payloadType": payload_type.decode(),
+                               "signatures": [{"sig": signature, "keyid": ""}]}}
+    return json.dumps(bundle).encode(), bundle
+
+
+def test_a_bundle_subject_must_name_the_repository(tmp_path: Path) -> None:
+    """An in-toto subject without a name, or naming another repository (or another digest), matches nothing;
+    the name may be spelled with a tag, the digest itself, or another spelling of the registry."""
+    from modelcache.bundles import verify_bundles
+    from modelcache.sigkeys import load_public_key
+    key, _, public = write_keys(tmp_path, "release")
+    trusted = [load_public_key(public)]
+    digest = Digest.of_bytes(b"the model's manifest")
+    ref = parse_reference(f"localhost:5000/prod/m@{digest}")
+    sha = {"sha256": digest.hex}
+    cases: dict[str, tuple[list[dict[str, object]], bool]] = {
+        "named": ([{"name": "localhost:5000/prod/m", "digest": sha}], True),
+        "named with a tag": ([{"name": "localhost:5000/prod/m:v1", "digest": sha}], True),
+        "named with the digest": ([{"name": f"localhost:5000/prod/m@{digest}", "digest": sha}], True),
+        "another spelling": ([{"name": "LOCALHOST:5000/prod/m", "digest": sha}], True),
+        "no name": ([{"digest": sha}], False),
+        "an empty name": ([{"name": "", "digest": sha}], False),
+        "another repository": ([{"name": "localhost:5000/ci/m", "digest": sha}], False),
+        "another registry": ([{"name": "elsewhere:5000/prod/m", "digest": sha}], False),
+        "a name that is no reference": ([{"name": "prod/m is fine", "digest": sha}], False),
+        "the name with another digest": ([{"name": f"localhost:5000/prod/m@{Digest.of_bytes(b'x')}",
+                                           "digest": sha}], False),
+        "name and digest in different subjects": ([{"name": "localhost:5000/prod/m", "digest": {"sha256": "0" * 64}},
+                                                   {"digest": sha}], False),
+    }
+    for case, (subjects, accepted) in cases.items():
+        found = verify_bundles([dsse_bundle(key, subjects)], ref, trusted)  # type: ignore[arg-type]
+        assert (found == "release.pub") is accepted, case
+
+
+def test_a_cosign_payload_must_name_the_repository_and_digest(fixtures: Fixtures, tmp_path: Path) -> None:
+    from modelcache.cosign import verify_cosign
+    from modelcache.sigkeys import load_public_key
+    key, _, public = write_keys(tmp_path, "release")
+    trusted = [load_public_key(public)]
+    port = fixtures.host.rsplit(":", 1)[1]
+    cases = {"": True, f"LOCALHOST:{port}/cosign/case-1:v1": True, f"localhost:{port}/cosign/case-2@{{digest}}": True,
+             f"localhost:{port}/cosign/other": False, f"localhost:{port}/cosign/case-4@{Digest.of_bytes(b'x')}": False,
+             "not a reference!": False}
+    for i, (identity, accepted) in enumerate(cases.items()):
+        digest = same_model_in(fixtures, f"cosign/case-{i}")
+        cosign_signature(fixtures, f"cosign/case-{i}", digest, key, identity=identity.format(digest=digest) or
+                         f"localhost:{port}/cosign/case-{i}")
+        ref = parse_reference(f"localhost:{port}/cosign/case-{i}@{digest}")
+        assert (verify_cosign(fixtures.client, ref, trusted) == "release.pub") is accepted, identity

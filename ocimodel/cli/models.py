@@ -8,13 +8,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from modelcache.cosign import sign_cosign
 from modelcache.mediatypes import Compression
 from modelcache.options import PullOptions
 from modelcache.progress import Progress
 from modelcache.push import push_directory
 from modelcache.reference import parse_reference
 from modelcache.registry import RegistryClient
-from modelcache.signatures import load_private_key, sign_cosign
+from modelcache.sigkeys import load_private_key
 from ocimodel.cli.options import add_common, add_policy_options, emit, explicit_credentials, settings_from_args
 from ocimodel.progress import ProgressLine
 

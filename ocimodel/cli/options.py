@@ -46,7 +46,8 @@ def add_policy_options(parser: argparse.ArgumentParser) -> None:
     """``--verify-key`` (repeatable) and ``--policy``: a signature policy for this command."""
     parser.add_argument("--verify-key", action="append", metavar="PATH",
                         help="require a cosign signature by this PEM public key or certificate (repeatable)")
-    parser.add_argument("--policy", metavar="FILE", help="signature policy file (YAML: a signaturePolicy list)")
+    parser.add_argument("--policy", metavar="FILE", help="signature policy file (YAML: a signaturePolicy list of "
+                        "rules, or {default: signed|none, rules: [...]})")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -60,8 +61,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             data = yaml.safe_load(path.read_text())
         except (OSError, yaml.YAMLError) as exc:
             raise ModelCacheError(f"policy {path}: {exc}", kind=Kind.INVALID_ARGUMENT) from None
-        rules = data.get("signaturePolicy") if isinstance(data, dict) else data
-        settings.signature_policy = SignaturePolicy.from_mapping(rules, str(path), path.parent)
+        # a node settings file (its signaturePolicy), or the policy itself: a list of rules or {default, rules}
+        policy = data["signaturePolicy"] if isinstance(data, dict) and "signaturePolicy" in data else data
+        settings.signature_policy = SignaturePolicy.from_mapping(policy, str(path), path.parent)
     if getattr(args, "root", None):
         settings.root = Path(args.root)
     if getattr(args, "plain_http", False):
