@@ -105,7 +105,9 @@ class ModelCache:
 
     # -- pulling ----------------------------------------------------------------------------------------
     def cached(self, reference: str | Reference, options: PullOptions = PullOptions()) -> PullResult | None:
-        """A digest reference already in the cache, without touching the network; else None."""
+        """A digest reference already in the cache, without touching the network; else None. Knows no
+        signature policy (trees are kept per digest, whatever name pulled them): a caller serving the tree
+        checks the policy for ``reference`` first, as :meth:`PullFlights.cached` and ``ocimodel pull`` do."""
         ref = parse_reference(reference) if isinstance(reference, str) else reference
         if ref.digest is None:
             return None
