@@ -212,9 +212,31 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+CAP_BITS = {"NET_BIND_SERVICE": 10, "IPC_LOCK": 14, "SYS_ADMIN": 21, "SYS_RESOURCE": 24}
+
+
+def confined(obj: dict[str, Any], container: dict[str, Any]) -> list[str]:
+    """A setpriv prefix that runs a process with only what the container's securityContext grants: its uid,
+    the capabilities it adds (all others dropped from the bounding set) and no_new_privs. Privileged
+    containers run as they are."""
+    security = effective_security(obj, container)
+    if security.get("privileged"):
+        return []
+    uid = security.get("runAsUser", 0)
+    added = [c.lower() for c in (security.get("capabilities") or {}).get("add") or []]
+    prefix = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all",
+              "--bounding-set=" + ",".join(["-all", *(f"+{c}" for c in added)])]
+    if security.get("allowPrivilegeEscalation") is False:
+        prefix.append("--no-new-privs")
+    return prefix
+
+
 @needs_kubectl
 @needs_root
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) missing")
 def test_node_containers_start_with_the_daemonset_arguments(tmp_path: Path) -> None:
+    """The ocimodel containers of the DaemonSet started with its arguments, and each with no more privilege
+    than its securityContext grants (the agent: uid 0 with IPC_LOCK alone, no_new_privs)."""
     objects = render("deploy/base")
     daemonset = by_kind(objects, "DaemonSet")[0]
     config_text = by_kind(objects, "ConfigMap")[0]["data"]["config.yaml"]
@@ -238,6 +260,7 @@ def test_node_containers_start_with_the_daemonset_arguments(tmp_path: Path) -> N
                                       "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
                                       "users": [{"name": "u", "user": {}}]}))
     processes = []
+    bounded: dict[int, int] = {}  # index in processes -> the capability set it may hold
     ports = {}
     try:
         for container in pod_spec(daemonset)["containers"]:
@@ -256,7 +279,11 @@ def test_node_containers_start_with_the_daemonset_arguments(tmp_path: Path) -> N
                     arg = f"--metrics-address=127.0.0.1:{ports[container['name']]}"
                 args.append(arg)
             log = (tmp_path / f"{container['name']}.log").open("wb")
-            processes.append(subprocess.Popen([sys.executable, "-m", "ocimodel.cli", *args], env=env, stdout=log,
+            if confined(daemonset, container):
+                security = effective_security(daemonset, container)
+                bounded[len(processes)] = sum(1 << CAP_BITS[c] for c in security["capabilities"].get("add", []))
+            processes.append(subprocess.Popen([*confined(daemonset, container), sys.executable, "-m", "ocimodel.cli",
+                                               *args], env=env, stdout=log,
                                               stderr=subprocess.STDOUT))
         channel = grpc.insecure_channel(f"unix:{tmp_path / 'csi' / 'csi.sock'}")
         identity = csi_pb2_grpc.IdentityStub(channel)
@@ -280,6 +307,11 @@ def test_node_containers_start_with_the_daemonset_arguments(tmp_path: Path) -> N
                     time.sleep(0.1)
             assert "ocimodel_" in text, (name, (tmp_path / f"{name}.log").read_text())
         assert all(p.poll() is None for p in processes)
+        assert bounded  # the agent at least
+        for index, mask in bounded.items():
+            status = Path(f"/proc/{processes[index].pid}/status").read_text()
+            caps = dict(line.split(":\t") for line in status.splitlines() if line.startswith("Cap"))
+            assert int(caps["CapBnd"], 16) == mask and int(caps["CapEff"], 16) & ~mask == 0, caps
         assert any(r.path == "/api/v1/nodes/node-x" for r in api.requests)
     finally:
         for process in processes:
@@ -414,11 +446,11 @@ def test_host_paths_are_only_what_each_container_uses(path: str) -> None:
         for container in [*pod_spec(obj).get("initContainers", []), *pod_spec(obj)["containers"]]:
             privileged = bool(effective_security(obj, container).get("privileged"))
             for mount in container.get("volumeMounts", []):
-                host = paths.get(mount["name"])
-                where = f"{path}: {container['name']} mounts {host} at {mount['mountPath']}"
+                source = paths.get(mount["name"], "")
+                where = f"{path}: {container['name']} mounts {source} at {mount['mountPath']}"
                 if mount.get("mountPropagation") == "Bidirectional":
-                    assert privileged and host == KUBELET_PODS, where
-                if host in KUBELET_WRITERS and container["name"] not in KUBELET_WRITERS[host]:
+                    assert privileged and source == KUBELET_PODS, where
+                if source in KUBELET_WRITERS and container["name"] not in KUBELET_WRITERS[source]:
                     assert mount.get("readOnly") is True, f"{where}: it only reads there, so read-only"
 
 
