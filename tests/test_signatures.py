@@ -14,6 +14,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -649,21 +650,23 @@ def test_a_malformed_policy_is_refused_when_loaded(tmp_path: Path, policy: objec
     from modelcache.errors import Kind, ModelCacheError
     from modelcache.signatures import SignaturePolicy
     with pytest.raises(ModelCacheError) as info:
-        SignaturePolicy.from_mapping(policy, "node.yaml")  # type: ignore[arg-type]
+        SignaturePolicy.from_mapping(policy, "node.yaml")
     assert info.value.kind is Kind.INVALID_ARGUMENT and message in str(info.value), str(info.value)
 
 
-def dsse_bundle(key: ec.EllipticCurvePrivateKey, subjects: list[dict[str, object]]) -> tuple[bytes, dict[str, object]]:
+def dsse_bundle(key: object, subjects: list[dict[str, object]]) -> tuple[bytes, dict[str, Any]]:
     """A Sigstore bundle (v0.3) over an in-toto statement with ``subjects``, signed with ``key``."""
     statement = json.dumps({"_type": "https://in-toto.io/Statement/v1", "subject": subjects,
                             "predicateType": "https://sigstore.dev/cosign/sign/v1", "predicate": {}}).encode()
     payload_type = b"application/vnd.in-toto+json"
     pae = b"DSSEv1 %d %s %d %s" % (len(payload_type), payload_type, len(statement), statement)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
     signature = base64.b64encode(key.sign(pae, ec.ECDSA(hashes.SHA256()))).decode()
-    bundle = {"mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json",
-              "verificationMaterial": {"publicKey": {"hint": "release"}, "tlogEntries": []},
-              "dsseEnvelope": {"payload": base64.b64encode(statement).decode(), "payloadType": payload_type.decode(),
-                               "signatures": [{"sig": signature, "keyid": ""}]}}
+    bundle: dict[str, Any] = {"mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json",
+                              "verificationMaterial": {"publicKey": {"hint": "release"}, "tlogEntries": []},
+                              "dsseEnvelope": {"payload": base64.b64encode(statement).decode(),
+                                               "payloadType": payload_type.decode(),
+                                               "signatures": [{"sig": signature, "keyid": ""}]}}
     return json.dumps(bundle).encode(), bundle
 
 
@@ -693,7 +696,7 @@ def test_a_bundle_subject_must_name_the_repository(tmp_path: Path) -> None:
                                                    {"digest": sha}], False),
     }
     for case, (subjects, accepted) in cases.items():
-        found = verify_bundles([dsse_bundle(key, subjects)], ref, trusted)  # type: ignore[arg-type]
+        found = verify_bundles([dsse_bundle(key, subjects)], ref, trusted)
         assert (found == "release.pub") is accepted, case
 
 
