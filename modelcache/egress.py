@@ -3,7 +3,8 @@
 A pod author picks the registry, so the registry picks token realms, redirect targets and upload locations.
 Each connection the transport opens resolves its host once, checks every address against the classes the
 current request permits (:func:`permitting`) and connects to a checked address, so a name that changes its
-answer between a check and a connect (DNS rebinding) gains nothing. Cloud metadata addresses are never
+answer between a check and a connect (DNS rebinding) gains nothing; a kept-alive connection taken from a
+pool is checked again against the rule of the request that takes it. Cloud metadata addresses are never
 permitted. Connections through an HTTP(S) proxy from the environment are the proxy's to resolve: the rule
 does not reach them.
 """
@@ -18,7 +19,7 @@ import socket
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import requests
@@ -29,6 +30,9 @@ from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConn
 
 from modelcache.errors import Kind, RegistryError
 from modelcache.reference import normalise_registry
+
+if TYPE_CHECKING:
+    from urllib3._base_connection import BaseHTTPConnection
 
 # instance metadata and credential services of the clouds (AWS IMDS and ECS/EKS credential agents, Alibaba,
 # Azure's wireserver, Oracle's legacy address); GCP and Azure IMDS answer on 169.254.169.254 too
@@ -169,12 +173,32 @@ class _TLSConnection(HTTPSConnection):
         return _connect(self)
 
 
+def _rechecked(conn: BaseHTTPConnection) -> BaseHTTPConnection:
+    """A pooled connection, closed (so that it is opened again, checked) when the request taking it may not
+    reach the address it is connected to."""
+    sock = getattr(conn, "sock", None)
+    if sock is not None:
+        try:
+            address = str(sock.getpeername()[0])
+        except OSError:
+            return conn
+        if classify(address) not in getattr(_current, "permitted", ANY_BUT_METADATA):
+            conn.close()
+    return conn
+
+
 class _Pool(HTTPConnectionPool):
     ConnectionCls = _Connection
+
+    def _get_conn(self, timeout: float | None = None) -> BaseHTTPConnection:
+        return _rechecked(super()._get_conn(timeout))
 
 
 class _TLSPool(HTTPSConnectionPool):
     ConnectionCls = _TLSConnection
+
+    def _get_conn(self, timeout: float | None = None) -> BaseHTTPConnection:
+        return _rechecked(super()._get_conn(timeout))
 
 
 class GuardedAdapter(requests.adapters.HTTPAdapter):

@@ -265,6 +265,25 @@ def test_a_registry_off_loopback_cannot_send_the_node_to_its_loopback(serve) -> 
     assert local_service.seen == []
 
 
+def test_a_kept_alive_connection_is_checked_again_for_each_request(serve) -> None:
+    """A connection the node keeps open to a loopback registry is not reused for a token request that a
+    registry off loopback names (one thread, one pool)."""
+    address = own_address()
+    if address is None:
+        pytest.skip("this machine has no address besides loopback")
+
+    def loopback_registry(hostile: Hostile, h: BaseHTTPRequestHandler) -> None:
+        reply(h, 200 if h.path.startswith("/token") else 404, b'{"token": "t0ken"}')
+
+    local = serve("127.0.0.3", loopback_registry)
+    client = make_client()
+    with pytest.raises(RegistryError):
+        client.resolve(parse_reference(f"{local.host}/m:v1"))
+    remote = serve(address, bearer_to(f"{local.url}/token"))
+    refused(lambda: client.resolve(parse_reference(f"{remote.host}/m:v1")))
+    assert not any(s.path.startswith("/token") for s in local.seen)
+
+
 def test_registry_credentials_go_to_a_token_service_on_another_host_only_over_https(serve, trusted_tls) -> None:
     def issue(hostile: Hostile, h: BaseHTTPRequestHandler) -> None:
         reply(h, 200, b'{"token": "t0ken"}')
