@@ -117,12 +117,17 @@ _current = threading.local()  # .permitted: classes the request in flight may co
 @contextmanager
 def permitting(classes: frozenset[AddressClass]) -> Iterator[None]:
     """Connections opened by this thread inside the block may reach only addresses of ``classes``."""
-    previous = getattr(_current, "permitted", ANY_BUT_METADATA)
+    previous = _permitted()
     _current.permitted = classes - {AddressClass.METADATA}
     try:
         yield
     finally:
         _current.permitted = previous
+
+
+def _permitted() -> frozenset[AddressClass]:
+    permitted: frozenset[AddressClass] = getattr(_current, "permitted", ANY_BUT_METADATA)
+    return permitted
 
 
 def peer_class(url: str) -> AddressClass | None:
@@ -134,7 +139,7 @@ def peer_class(url: str) -> AddressClass | None:
 
 def _connect(conn: HTTPConnection) -> socket.socket:
     """Resolve ``conn``'s host, refuse it unless every address is permitted, connect to a checked address."""
-    permitted: frozenset[AddressClass] = getattr(_current, "permitted", ANY_BUT_METADATA)
+    permitted = _permitted()
     try:
         infos = socket.getaddrinfo(conn.host, conn.port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
@@ -182,7 +187,7 @@ def _rechecked(conn: BaseHTTPConnection) -> BaseHTTPConnection:
             address = str(sock.getpeername()[0])
         except OSError:
             return conn
-        if classify(address) not in getattr(_current, "permitted", ANY_BUT_METADATA):
+        if classify(address) not in _permitted():
             conn.close()
     return conn
 
