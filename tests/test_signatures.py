@@ -545,7 +545,7 @@ def test_a_lazy_volume_is_restored_only_under_the_policy_in_force(fixtures: Fixt
         csi.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id="r", target_path=str(target)))
     finally:
         csi.stop()
-        unmount_tree(tmp_path / "pods")
+        unmount_tree(target)
 
 
 def _raises(call: Callable[[], object]) -> BaseException | None:
