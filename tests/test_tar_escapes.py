@@ -1,0 +1,252 @@
+"""Tar layers crafted to escape the cache (the 2025 tarfile CVEs and the classics), pulled through the real
+command line and indexed by the lazy view: each is refused with one line and exit status 6, and nothing
+outside the cache changes (a snapshot of the directory around the cache root is taken before and after)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import subprocess
+import sys
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from modelcache import mediatypes as mt
+from modelcache.cache import ModelCache
+from modelcache.errors import Kind, ModelCacheError
+from modelcache.lazy import LazyModel
+from modelcache.options import PullOptions
+from modelcache.reference import parse_reference
+from modelcache.store import ContentStore
+from tests.conftest import make_client
+from tests.helpers.oci import Entry, Fixtures, compress, make_tar
+
+TAR = mt.Compression.TAR
+SYM, LNK, DIR = tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.DIRTYPE
+STEPS = "abcdefghijklmnop"
+UP = "../../.."  # from a staging directory (cache/layers/.tmp-* or cache/trees/.tmp-*) to the test's directory
+Snapshot = dict[str, tuple[int, int, int, str]]
+
+
+def snapshot(top: Path, skip: Path) -> Snapshot:
+    """path -> (mode, size, mtime_ns, sha256 or link target) of everything under ``top`` but ``skip``."""
+    view: Snapshot = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        dirnames[:] = [d for d in dirnames if Path(dirpath, d) != skip]
+        for name in dirnames + filenames:
+            path = Path(dirpath, name)
+            st = path.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                content = os.readlink(path)
+            elif stat.S_ISREG(st.st_mode):
+                content = hashlib.sha256(path.read_bytes()).hexdigest()
+            else:
+                content = ""
+            view[str(path.relative_to(top))] = (st.st_mode, st.st_size, st.st_mtime_ns, content)
+    return view
+
+
+def staging_length(cache_root: Path) -> int:
+    """The length of the real path of a layer's staging directory, ``layers/.tmp-sha256-<hex>-<8 random>``."""
+    return len(os.path.realpath(cache_root / "layers")) + len("/.tmp-sha256-") + 64 + 1 + 8
+
+
+def path_max_chain(dest_length: int) -> list[Entry]:
+    """CVE-2025-4517: sixteen directories with long names, each reached through a one-letter symlink, so that
+    resolving ``a/b/.../p`` passes PATH_MAX and ``os.path.realpath`` goes on lexically; then ``a/.../p/lll``
+    climbing sixteen levels (back to the extraction directory, which realpath never sees), and ``escape``
+    pointing at ``a/.../p/lll/../../..``: lexically inside, physically the test's directory (three levels up)."""
+    component = "d" * ((4096 - dest_length) // (len(STEPS) + 1))
+    entries, path = [], ""
+    for step in STEPS:
+        entries.append(Entry(f"{path}{component}", type=DIR, mode=0o755))
+        entries.append(Entry(f"{path}{step}", type=SYM, linkname=component))
+        path += component + "/"
+    linkpath = "/".join(STEPS) + "/" + "l" * 254
+    entries.append(Entry(linkpath, type=SYM, linkname="/".join([".."] * len(STEPS))))
+    entries.append(Entry("escape", type=SYM, linkname=f"{linkpath}/../../.."))
+    return entries
+
+
+def invalid_header_in_the_middle() -> bytes:
+    """CVE-2025-4435's class: a member tarfile gives up on silently (a bad header after the first), so the
+    members after it would be left out without a word."""
+    first, last = make_tar([Entry("first", b"1")]), make_tar([Entry("after-the-bad-header", b"2")])
+    body = first[:1024]  # header and data block of "first", without the end-of-archive blocks
+    return body + b"\x7fgarbage" * 64 + last
+
+
+# case -> (entries, given the staging path length; where an escape would land, relative to the test directory)
+Builder = Callable[[int], list[Entry]]
+CASES: dict[str, tuple[Builder, str]] = {
+    "cve-2025-4517-file-through-chain": (
+        lambda n: [*path_max_chain(n), Entry("escape/pwned", b"owned")], "pwned"),
+    "cve-2025-4517-hardlink-then-overwrite": (
+        lambda n: [*path_max_chain(n), Entry("flag", type=LNK, linkname="escape/outside/victim.txt"),
+                   Entry("flag", b"overwritten")], "outside/victim.txt"),
+    "cve-2025-4330-symlink-out": (
+        lambda n: [*path_max_chain(n), Entry("out", type=SYM, linkname="escape/outside")], "pwned"),
+    "cve-2025-4138-hardlink-out": (
+        lambda n: [*path_max_chain(n), Entry("copy", type=LNK, linkname="escape/outside/victim.txt")],
+        "outside/victim.txt"),
+    "cve-2024-12718-metadata-through-link": (
+        lambda n: [*path_max_chain(n), Entry("meta", type=LNK, linkname="escape/outside/victim.txt",
+                                                  mode=0o777)], "outside/victim.txt"),
+    "cve-2025-4435-refused-entry-among-good-ones": (
+        lambda n: [Entry("good", b"g"), Entry("abs", type=SYM, linkname="/etc/passwd"), Entry("more", b"m")],
+        "pwned"),
+    "absolute-path": (lambda n: [Entry(f"/{UP}/pwned", b"x")], "pwned"),
+    "dotdot": (lambda n: [Entry(f"{UP}/pwned", b"x")], "pwned"),
+    "hardlink-out": (lambda n: [Entry("h", type=LNK, linkname=f"{UP}/outside/victim.txt")], "outside/victim.txt"),
+    "symlink-to-absolute-dir-then-file": (
+        lambda n: [Entry("etc", type=SYM, linkname=str(OUTSIDE_ROOT)), Entry("etc/pwned", b"x")], "outside/pwned"),
+    "symlink-out-then-file": (
+        lambda n: [Entry("etc", type=SYM, linkname=f"{UP}/outside"), Entry("etc/pwned", b"x")], "outside/pwned"),
+    "char-device": (lambda n: [Entry("null", type=tarfile.CHRTYPE)], "pwned"),
+    "fifo": (lambda n: [Entry("pipe", type=tarfile.FIFOTYPE)], "pwned"),
+    "setuid": (lambda n: [Entry("bin", b"elf", mode=0o4755)], "pwned"),
+    "duplicate-name-replaces-a-link-out": (
+        lambda n: [*path_max_chain(n), Entry("l", type=SYM, linkname="escape/outside/victim.txt"),
+                   Entry("l", b"written through the link?")], "outside/victim.txt"),
+    "directory-replaced-by-a-symlink-then-files": (
+        lambda n: [*path_max_chain(n), Entry("d", type=DIR), Entry("d/ok", b"ok"),
+                   Entry("d", type=SYM, linkname="escape/outside"), Entry("d/pwned", b"x")], "outside/pwned"),
+    "dotdot-after-a-link-to-the-root": (
+        lambda n: [Entry("b", type=SYM, linkname="."), Entry("x", type=SYM, linkname="b/.."),
+                   Entry("x/pwned", b"x")], "pwned"),
+}
+OUTSIDE_ROOT = Path("/nonexistent")  # set per test: the absolute path of the outside directory
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    global OUTSIDE_ROOT
+    directory = tmp_path / "outside"
+    directory.mkdir()
+    (directory / "victim.txt").write_text("the victim's content")
+    os.chmod(directory / "victim.txt", 0o640)
+    os.utime(directory / "victim.txt", (1_600_000_000, 1_600_000_000))
+    OUTSIDE_ROOT = directory
+    return directory
+
+
+def cli_pull(ref: str, root: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ocimodel.cli", "pull", ref, "--plain-http", "--root", str(root),
+                           *extra], capture_output=True, text=True, timeout=300)
+
+
+def assert_refused_in_one_line(proc: subprocess.CompletedProcess[str]) -> None:
+    assert proc.returncode == 6, (proc.returncode, proc.stdout[-2000:], proc.stderr[-4000:])
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ocimodel: unsafe content: "), proc.stderr[-4000:]
+
+
+def lazy_outcome(root: Path, ref: str) -> object:
+    """The kind of error building the lazy view raises, or the view's paths when it accepts the model."""
+    cache = ModelCache(ContentStore(root), make_client())
+    try:
+        model = LazyModel(cache, cache.client.resolve(parse_reference(ref)), PullOptions())
+        model.build()
+    except ModelCacheError as exc:
+        return exc.kind
+    paths = sorted(model.root.children)
+    model.close()
+    return paths
+
+
+def assert_cache_clean(root: Path) -> None:
+    """Nothing half-written is visible: no tree, no extracted layer, no staging directory, no record."""
+    for sub in ("trees", "layers", "models"):
+        assert sorted(p.name for p in (root / sub).iterdir()) == [], sub
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_escape_is_refused_by_the_cli_and_the_lazy_view(fixtures: Fixtures, tmp_path: Path, outside: Path,
+                                                        case: str) -> None:
+    root = tmp_path / "cache"
+    build, target = CASES[case]
+    name = f"escape/{case}:v1"
+    fixtures.manifest(name, [fixtures.layer(name, make_tar(build(staging_length(root))),
+                                            mt.model_layer_type("weight", TAR))])
+    before = snapshot(tmp_path, root)
+    proc = cli_pull(fixtures.ref(name), root)
+    assert snapshot(tmp_path, root) == before
+    if target != "outside/victim.txt":
+        assert not os.path.lexists(tmp_path / target)
+    assert_refused_in_one_line(proc)
+    assert_cache_clean(root)
+    assert lazy_outcome(root, fixtures.ref(name)) is Kind.UNSAFE_CONTENT
+    assert snapshot(tmp_path, root) == before
+
+
+def test_the_path_max_chain_compressed(fixtures: Fixtures, tmp_path: Path, outside: Path) -> None:
+    root = tmp_path / "cache"
+    name = "escape/chain-gzip:v1"
+    entries = [*path_max_chain(staging_length(root)), Entry("escape/pwned", b"owned")]
+    fixtures.manifest(name, [fixtures.layer(name, compress(make_tar(entries), mt.Compression.TAR_GZIP),
+                                            mt.model_layer_type("weight", mt.Compression.TAR_GZIP))])
+    before = snapshot(tmp_path, root)
+    proc = cli_pull(fixtures.ref(name), root)
+    assert snapshot(tmp_path, root) == before and not (tmp_path / "pwned").exists()
+    assert_refused_in_one_line(proc)
+    assert_cache_clean(root)
+
+
+def test_invalid_header_in_the_middle_is_refused_not_skipped(fixtures: Fixtures, tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    name = "escape/bad-header:v1"
+    fixtures.manifest(name, [fixtures.layer(name, invalid_header_in_the_middle(),
+                                            mt.model_layer_type("weight", TAR))])
+    assert_refused_in_one_line(cli_pull(fixtures.ref(name), root))
+    assert_cache_clean(root)
+    assert lazy_outcome(root, fixtures.ref(name)) is Kind.UNSAFE_CONTENT
+
+
+@pytest.mark.parametrize("marker", [".wh...", ".wh..", "sub/.wh..."])
+def test_whiteout_of_dot_or_dotdot_is_refused(fixtures: Fixtures, tmp_path: Path, outside: Path,
+                                              marker: str) -> None:
+    """A whiteout names what it removes: ``.wh...`` would remove the directory above the one it is in."""
+    root = tmp_path / "cache"
+    fixtures.raw_model("escape/bystander:v1", {"keep.bin": b"k"})
+    bystander = cli_pull(fixtures.ref("escape/bystander:v1"), root)
+    assert bystander.returncode == 0, bystander.stderr
+    name = f"escape/whiteout-{len(marker)}-{marker.count('/')}:v1"
+    layers = [make_tar([Entry("sub/file", b"f"), Entry("top", b"t")]), make_tar([Entry(marker, b"")])]
+    fixtures.manifest(name, [fixtures.layer(name, data, mt.model_layer_type("weight", TAR)) for data in layers])
+    trees_before = sorted(p.name for p in (root / "trees").iterdir())
+    before = snapshot(tmp_path, root)
+    assert_refused_in_one_line(cli_pull(fixtures.ref(name), root))
+    assert snapshot(tmp_path, root) == before
+    assert sorted(p.name for p in (root / "trees").iterdir()) == trees_before
+    assert cli_pull(fixtures.ref("escape/bystander:v1"), root).returncode == 0
+    assert lazy_outcome(root, fixtures.ref(name)) is Kind.UNSAFE_CONTENT
+
+
+def test_dotdot_after_a_link_across_layers(fixtures: Fixtures, tmp_path: Path, outside: Path) -> None:
+    """Each layer is fine alone; together ``x -> b/..`` with ``b -> .`` leads above the model."""
+    root = tmp_path / "cache"
+    name = "escape/across-layers:v1"
+    layers = [make_tar([Entry("b", type=SYM, linkname=".")]), make_tar([Entry("x", type=SYM, linkname="b/..")])]
+    fixtures.manifest(name, [fixtures.layer(name, data, mt.model_layer_type("weight", TAR)) for data in layers])
+    assert_refused_in_one_line(cli_pull(fixtures.ref(name), root))
+    assert [p.name for p in (root / "trees").iterdir()] == [] and [p.name for p in (root / "models").iterdir()] == []
+    assert lazy_outcome(root, fixtures.ref(name)) is Kind.UNSAFE_CONTENT
+
+
+def test_a_later_file_replaces_a_link_without_writing_through_it(fixtures: Fixtures, tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    name = "escape/replace-link:v1"
+    entries = [Entry("x", b"the original"), Entry("l", type=SYM, linkname="x"), Entry("l", b"a new file"),
+               Entry("d", type=SYM, linkname="x"), Entry("d", type=DIR), Entry("d/f", b"in a directory")]
+    fixtures.manifest(name, [fixtures.layer(name, make_tar(entries), mt.model_layer_type("weight", TAR))])
+    proc = cli_pull(fixtures.ref(name), root)
+    assert proc.returncode == 0, proc.stderr
+    tree = next(p for p in (root / "trees").iterdir())
+    assert (tree / "x").read_bytes() == b"the original"
+    assert not (tree / "l").is_symlink() and (tree / "l").read_bytes() == b"a new file"
+    assert (tree / "d").is_dir() and not (tree / "d").is_symlink() and (tree / "d/f").read_bytes() == b"in a directory"
+    assert lazy_outcome(root, fixtures.ref(name)) == ["d", "l", "x"]
