@@ -30,6 +30,7 @@ DEFAULT_EXPAND_RATIO = 100
 DEFAULT_CONNECTIONS = 8  # concurrent Range requests per large blob
 DEFAULT_RANGED_MIN_SIZE = 64 << 20  # blobs at least this large are fetched in ranges
 DEFAULT_MAX_MODEL_BYTES = 1 << 40  # 1 TiB: a 405B-parameter model in bf16 is about 810 GB
+DEFAULT_MAX_MODEL_FILES = 100_000  # files, directories and links of one model, across its layers
 TreeCheck = Callable[[Path], object]  # run on a tree before it is used; raises to refuse it
 
 
@@ -39,7 +40,8 @@ class ModelCache:
     def __init__(self, store: ContentStore, client: RegistryClient | None = None, *, workers: int = 4,
                  expand_ratio: int = DEFAULT_EXPAND_RATIO, connections_per_blob: int = DEFAULT_CONNECTIONS,
                  ranged_min_size: int = DEFAULT_RANGED_MIN_SIZE,
-                 max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES) -> None:
+                 max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES, max_model_files: int = DEFAULT_MAX_MODEL_FILES
+                 ) -> None:
         self.store = store
         self.client = client or RegistryClient()
         self.workers = workers
@@ -47,6 +49,7 @@ class ModelCache:
         self.connections_per_blob = connections_per_blob
         self.ranged_min_size = ranged_min_size
         self.max_model_bytes = max_model_bytes
+        self.max_model_files = max_model_files
         store.ensure()
 
     # -- lookups ----------------------------------------------------------------------------------------
@@ -161,7 +164,8 @@ class ModelCache:
                 self.store.put_bytes(manifest.config.digest, self.client.get_small_blob(ref, manifest.config))
             download_blobs(self.store, self.client, ref, [s.descriptor for s in steps], progress, self.workers,
                            cancel, connections=self.connections_per_blob, ranged_min_size=self.ranged_min_size)
-            layer_dirs = extract_layers(self.store, steps, progress, self.expand_ratio)
+            layer_dirs = extract_layers(self.store, steps, progress, self.expand_ratio,
+                                        max_bytes=self.max_model_bytes, max_files=self.max_model_files)
             progress.set("assembling")
             stats_record = assemble_tree(self.store, key, plan, steps, layer_dirs, options)
             if check_tree is not None:

@@ -43,6 +43,7 @@ from modelcache.rangedingest import covers
 from modelcache.records import PullResult
 from modelcache.registry import Resolved
 from modelcache.safetar import OPAQUE, WHITEOUT, checked_members, open_tar, tar_errors
+from modelcache.treerules import Budget, check_symlink
 
 log = logging.getLogger(__name__)
 
@@ -219,16 +220,22 @@ class LazyModel:
         if self.plan.layout == "image":
             self.pending = True
             return
-        for step in self.plan.needed(path_filter):
+        steps = self.plan.needed(path_filter)
+        budget = Budget.for_model(self.cache.max_model_files, self.cache.max_model_bytes,
+                                  sum(s.descriptor.size for s in steps if s.compression.is_tar),
+                                  self.cache.expand_ratio)
+        for step in steps:
             descriptor = step.descriptor
             if step.compression is Compression.RAW:
+                budget.charge(f"layer {descriptor.digest}", entries=1, nbytes=descriptor.size)
                 self._add_file(step.dest, Source(descriptor.digest, descriptor.size, 0, descriptor.size), 0o444)
             elif step.compression is Compression.TAR:
-                layer = self._index_tar(descriptor.digest, descriptor.size)
+                layer = self._index_tar(descriptor.digest, descriptor.size, budget)
                 base = _ensure_dir(self.root, step.dest.split("/")) if step.dest else self.root
                 _merge_layer(base, layer, step.dest, path_filter)
             else:
                 self.pending = True
+        _check_links(self.root)
         if self.plan.subpath:
             sub = self.lookup_path(self.plan.subpath)
             if sub is not None and sub.kind == "dir":
@@ -260,38 +267,37 @@ class LazyModel:
             node = child
         return node
 
-    def _index_tar(self, digest: Digest, size: int) -> Node:
-        """The tree of an uncompressed tar blob, from its headers only (read with range requests), checked
-        by the same rules as extraction (:func:`modelcache.safetar.checked_members`)."""
+    def _index_tar(self, digest: Digest, size: int, budget: Budget) -> Node:
+        """The tree of an uncompressed tar blob, from its headers only (read with range requests), built from
+        the members as extraction creates them (:func:`modelcache.safetar.checked_members`: the same checks,
+        the same order, links last, the same charges to the model's ``budget``)."""
         what = f"layer {digest}"
         layer = Node("dir", 0o555)
-        files: dict[str, Source] = {}
+        files: dict[str, Node] = {}
         with tar_errors(what, Compression.TAR), open_tar(_BlobReader(self, digest, size), streaming=False) as archive:
-            for member in checked_members(archive, prefix="", dest=VIRTUAL_ROOT, max_bytes=size, what=what):
+            for member in checked_members(archive, prefix="", budget=budget, what=what):
                 info = member.info
-                if member.opaque_root:
-                    layer.children[OPAQUE] = Node("file", 0o444)
-                    continue
                 parts = info.name.split("/")
                 parent = _ensure_dir(layer, parts[:-1])
-                if info.isdir():
+                if member.removes:
+                    parent.children.pop(parts[-1], None)
+                elif info.isdir():
                     existing = parent.children.get(parts[-1])
                     if existing is None or existing.kind != "dir":
                         parent.children[parts[-1]] = Node("dir", 0o555)
                 elif info.isreg():
-                    files[info.name] = Source(digest, size, info.offset_data, info.size)
-                    parent.children[parts[-1]] = Node("file", (info.mode & 0o555) | 0o444, info.size,
-                                                      source=files[info.name])
+                    files[info.name] = parent.children[parts[-1]] = Node(
+                        "file", (info.mode & 0o555) | 0o444, info.size,
+                        source=Source(digest, size, info.offset_data, info.size))
                 elif info.issym():
-                    _check_symlink(info.name, info.linkname, digest)
                     parent.children[parts[-1]] = Node("symlink", 0o777, len(info.linkname), target=info.linkname)
-                else:  # a hard link, to a file earlier in this layer (checked_members kept it inside)
+                else:  # a hard link: the same file as the one it names (checked_members: a file of this layer)
                     source = files.get(info.linkname)
                     if source is None:
                         raise UnsafeContent(f"{what}: hard link {info.name!r} points to {info.linkname!r}, "
                                             f"which is not a file of this layer")
-                    files[info.name] = source
-                    parent.children[parts[-1]] = Node("file", 0o444, source.size, source=source)
+                    files[info.name] = parent.children[parts[-1]] = Node("file", source.mode, source.size,
+                                                                         source=source.source)
         return layer
 
     # -- the background pull ----------------------------------------------------------------------------
@@ -706,20 +712,24 @@ def _differing_units(fd: int, committed: Path, units: set[int]) -> list[int]:
         os.close(blob)
 
 
-def _check_symlink(name: str, target: str, digest: Digest) -> None:
-    if target.startswith("/"):
-        raise UnsafeContent(f"layer {digest}: symlink {name!r} has an absolute link target")
-    depth = len(name.split("/")) - 1
-    for part in target.split("/"):
-        if part == "..":
-            depth -= 1
-            if depth < 0:
-                raise UnsafeContent(f"layer {digest}: symlink {name!r} points outside the tree")
-        elif part not in ("", "."):
-            depth += 1
+def _check_links(root: Node) -> None:
+    """Check every symlink of the merged tree by the rule the assembled tree obeys
+    (:func:`modelcache.treerules.check_symlink`): inside, from its own directory, never climbing out of a link."""
+    def kind_of(relpath: str) -> str | None:
+        node: Node | None = root
+        for part in relpath.split("/"):
+            node = node.children.get(part) if node is not None and node.kind == "dir" else None
+        return None if node is None else node.kind
 
-
-VIRTUAL_ROOT = "/ocimodel-lazy-tree"  # what tarfile's data filter checks lazy members against
+    pending = [("", root)]
+    while pending:
+        base, node = pending.pop()
+        for name, child in node.children.items():
+            path = f"{base}/{name}" if base else name
+            if child.kind == "dir":
+                pending.append((path, child))
+            elif child.kind == "symlink":
+                check_symlink(path, child.target, kind_of, "model")
 
 
 class _BlobReader:

@@ -7,6 +7,7 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import threading
 from collections.abc import Callable
@@ -14,9 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO
 
+from modelcache import fdtree
 from modelcache.digest import Digest, Verifier
 from modelcache.errors import IntegrityError, Kind, ModelCacheError, PullCancelled, StoreFull
-from modelcache.fsutil import fsync_dir, remove_tree
+from modelcache.fsutil import fsync_dir
 from modelcache.layout import Plan, Step
 from modelcache.manifest import Descriptor
 from modelcache.options import PullOptions
@@ -27,9 +29,9 @@ from modelcache.registry import RegistryClient
 from modelcache.safetar import extract_tar
 from modelcache.store import ContentStore
 from modelcache.tree import TreeBuilder
+from modelcache.treerules import Budget
 
 log = logging.getLogger(__name__)
-EXPAND_SLACK = 64 << 20
 
 
 def download_blobs(store: ContentStore, client: RegistryClient, ref: Reference, descriptors: list[Descriptor],
@@ -105,35 +107,63 @@ def layer_name(step: Step) -> str:
     return f"{digest.algorithm}-{digest.hex}{suffix}"
 
 
-def extract_layers(store: ContentStore, steps: list[Step], progress: Progress, expand_ratio: int
-                   ) -> dict[tuple[str, str], Path]:
-    """Extract each tar layer once per (digest, prefix) into ``layers/``; return their directories."""
+def extract_layers(store: ContentStore, steps: list[Step], progress: Progress, expand_ratio: int, *,
+                   max_bytes: int, max_files: int) -> dict[tuple[str, str], Path]:
+    """Extract each tar layer once per (digest, prefix) into ``layers/``; return their directories.
+
+    One budget for the whole model: its raw layers (their size, one entry each) and what its tar layers hold
+    (a layer extracted before, maybe for another model, is charged what its directory holds) stay within
+    ``max_bytes`` and ``max_files``, and its tar layers expand to at most ``expand_ratio`` times their
+    compressed total plus one slack (:meth:`Budget.for_model`)."""
     result: dict[tuple[str, str], Path] = {}
     tar_steps = [s for s in steps if s.compression.is_tar]
+    budget = Budget.for_model(max_files, max_bytes, sum(s.descriptor.size for s in tar_steps), expand_ratio)
     if tar_steps:
         progress.set("extracting")
-    for step in tar_steps:
+    for step in steps:
         digest = step.descriptor.digest
+        what = f"layer {digest}"
+        if not step.compression.is_tar:
+            budget.charge(what, entries=1, nbytes=step.descriptor.size)
+            continue
         name = layer_name(step)
         target = store.layers / name
         result[(str(digest), step.prefix)] = target
-        if target.is_dir():
-            continue
-        with store.lock(f"layer-{name}"):
-            if target.is_dir():
-                continue
-            staging = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=store.layers))
-            try:
-                limit = step.descriptor.size * expand_ratio + EXPAND_SLACK
-                limit = min(limit, shutil.disk_usage(store.root).free)
-                extract_tar(store.blob_path(digest), step.compression, staging, max_bytes=limit,
-                            prefix=step.prefix, what=f"layer {digest}")
-                os.rename(staging, target)
-                fsync_dir(store.layers)
-            except BaseException:
-                remove_tree(staging)
-                raise
+        if not target.is_dir():
+            with store.lock(f"layer-{name}"):
+                if not target.is_dir():
+                    _extract(store, step, target, budget, what)
+                    continue
+        _charge_extracted(target, budget, what)
     return result
+
+
+def _extract(store: ContentStore, step: Step, target: Path, budget: Budget, what: str) -> None:
+    """Extract the layer of ``step`` in a staging directory (charging ``budget``) and rename it to ``target``;
+    nothing of a refused or failed extraction stays."""
+    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=store.layers))
+    try:
+        extract_tar(store.blob_path(step.descriptor.digest), step.compression, staging, budget=budget,
+                    prefix=step.prefix, what=what)
+        os.rename(staging, target)
+        fsync_dir(store.layers)
+    except BaseException:
+        fdtree.remove_path(staging)
+        raise
+
+
+def _charge_extracted(layer: Path, budget: Budget, what: str) -> None:
+    """Charge what an extracted layer holds: each entry, and the bytes of each file once per inode."""
+    seen: set[int] = set()
+    with fdtree.refusing(what):
+        root = fdtree.open_path(layer)
+        try:
+            for _, _, entries in fdtree.walk(root):
+                files = [st for _, st in entries if stat.S_ISREG(st.st_mode) and st.st_ino not in seen]
+                seen.update(st.st_ino for st in files)
+                budget.charge(what, entries=len(entries), nbytes=sum(st.st_size for st in files))
+        finally:
+            os.close(root)
 
 
 def assemble_tree(store: ContentStore, key: str, plan: Plan, steps: list[Step],
@@ -141,28 +171,27 @@ def assemble_tree(store: ContentStore, key: str, plan: Plan, steps: list[Step],
     """Build the tree of ``key`` from hardlinks in a staging directory and publish it with one rename;
     return (files, bytes)."""
     for stale in store.trees.glob(f".tmp-{key}-*"):
-        remove_tree(stale)
+        fdtree.remove_path(stale)
     final = store.trees / key
-    if final.exists():
-        remove_tree(final)
+    fdtree.remove_path(final)
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=store.trees))
     try:
-        builder = TreeBuilder(staging, options.path_filter)
-        for step in steps:
-            if step.compression.is_tar:
-                builder.overlay(layer_dirs[(str(step.descriptor.digest), step.prefix)], step.dest)
-            else:
-                builder.add_file(step.dest, store.blob_path(step.descriptor.digest))
-        if plan.layout == "image" and not any(staging.iterdir()):
-            raise ModelCacheError(f"the image has nothing under /{plan.subpath}; set the path to the "
-                                  f"directory that holds the model", kind=Kind.NOT_FOUND)
-        if plan.layout != "image" and plan.subpath and not (staging / plan.subpath).is_dir():
-            raise ModelCacheError(f"path {plan.subpath!r} is not a directory in the model", kind=Kind.NOT_FOUND)
-        stats = builder.finish()
-        os.chmod(staging, 0o555)
+        with TreeBuilder(staging, options.path_filter) as builder:
+            for step in steps:
+                if step.compression.is_tar:
+                    builder.overlay(layer_dirs[(str(step.descriptor.digest), step.prefix)], step.dest)
+                else:
+                    builder.add_file(step.dest, store.blob_path(step.descriptor.digest))
+            if plan.layout == "image" and not any(staging.iterdir()):
+                raise ModelCacheError(f"the image has nothing under /{plan.subpath}; set the path to the "
+                                      f"directory that holds the model", kind=Kind.NOT_FOUND)
+            if plan.layout != "image" and plan.subpath and not builder.is_dir(plan.subpath):
+                raise ModelCacheError(f"path {plan.subpath!r} is not a directory in the model",
+                                      kind=Kind.NOT_FOUND)
+            stats = builder.finish()
         os.rename(staging, final)
         fsync_dir(store.trees)
     except BaseException:
-        remove_tree(staging)
+        fdtree.remove_path(staging)
         raise
     return stats.files, stats.bytes

@@ -1,8 +1,12 @@
-"""Extraction of tar layers from a registry, treating every byte as hostile.
+"""Tar layers from a registry, every byte treated as hostile: one set of rules (:func:`checked_members`) for
+extraction and for the lazy index, and an extraction that cannot escape by construction, whatever Python's
+tarfile would do.
 
-tarfile's ``data`` filter rejects absolute paths, escaping members and links, and device files;
-on top of it this refuses setuid/setgid bits (instead of silently clearing them), oversized
-pax/GNU headers, and more output than a decompression-bomb limit allows.
+tarfile only parses here: headers (pax and GNU long names bounded, a bad header refused rather than taken
+for the end) and file data out of the stream (decompression bounded by the model's budget). No
+``TarFile.extract*`` and no data filter: every entry is created relative to the descriptor of its directory,
+each path component opened with O_NOFOLLOW (:mod:`modelcache.fdtree`), and links are created last, once the
+whole layer has shown that they stay inside.
 """
 
 from __future__ import annotations
@@ -10,31 +14,45 @@ from __future__ import annotations
 import gzip
 import os
 import posixpath
-import shutil
 import stat
 import tarfile
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Self
 
 import zstandard
 
+from modelcache import fdtree
 from modelcache.errors import IntegrityError, UnsafeContent
 from modelcache.mediatypes import Compression
 from modelcache.paths import safe_relpath
+from modelcache.treerules import Budget, check_depth, check_symlink
 
 MAX_HEADER_BYTES = 1 << 20
-MAX_MEMBERS = 2_000_000
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 ZSTD_MAX_WINDOW = 1 << 27
+MAX_MTIME = 1 << 34
+# header errors tarfile takes for the end of the archive after its first member (typeshed does not list them)
+_BAD_HEADER: tuple[type[Exception], ...] = (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError)  # type: ignore[attr-defined]
 
 
 class _BoundedTarInfo(tarfile.TarInfo):
-    """Refuses pax and GNU long-name headers larger than MAX_HEADER_BYTES before reading them."""
+    """Refuses pax and GNU long-name headers larger than MAX_HEADER_BYTES before reading them, and a bad
+    header after the first one (tarfile would take it for the end and skip what follows without a word)."""
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> Self:
+        try:
+            return super().fromtarfile(tarfile_)
+        except _BAD_HEADER as exc:
+            if not tarfile_.offset:
+                raise
+            raise UnsafeContent(f"the tar header at offset {tarfile_.offset} is invalid ({exc}); refusing the "
+                                f"layer rather than skipping the rest of it") from None
 
     def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
         header_types = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
@@ -45,28 +63,17 @@ class _BoundedTarInfo(tarfile.TarInfo):
 
 
 class _LimitedReader:
-    """A read-only stream that fails once more than ``limit`` bytes have come out of it."""
+    """A read-only stream that charges what comes out of it to the model's budget (decompression bombs)."""
 
-    def __init__(self, inner: IO[bytes] | Any, limit: int, what: str) -> None:
+    def __init__(self, inner: IO[bytes] | Any, budget: Budget, what: str) -> None:
         self.inner = inner
-        self.limit = limit
-        self.total = 0
+        self.budget = budget
         self.what = what
 
     def read(self, size: int = -1) -> bytes:
         data: bytes = self.inner.read(size if size is not None and size >= 0 else 1 << 20)
-        self.total += len(data)
-        if self.total > self.limit:
-            raise UnsafeContent(f"{self.what}: expands to more than {self.limit} bytes (decompression bomb?)")
+        self.budget.expand(len(data), self.what)
         return data
-
-
-@dataclass
-class ExtractStats:
-    """What an extraction produced."""
-
-    files: int = 0
-    bytes: int = 0
 
 
 def _open_decompressed(raw: IO[bytes], compression: Compression) -> Any:
@@ -103,17 +110,131 @@ def _refuse_special(member: tarfile.TarInfo, what: str) -> None:
         raise UnsafeContent(f"{what}: {member.name!r} has the setuid/setgid bit")
     if member.ischr() or member.isblk() or member.isfifo() or member.isdev():
         raise UnsafeContent(f"{what}: {member.name!r} is a device or FIFO")
-    if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
+    if not (member.isreg() or member.isdir() or member.issym() or member.islnk()) or member.issparse():
         raise UnsafeContent(f"{what}: {member.name!r} has unsupported tar type {member.type!r}")
+    if member.size < 0:
+        raise UnsafeContent(f"{what}: {member.name!r} has a negative size")
+
+
+def _check_text(text: str, what: str) -> None:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise UnsafeContent(f"{what}: {text[:120]!r} is not valid UTF-8") from None
+
+
+def _checked_name(name: str, what: str) -> str:
+    """A member's path, normalised: never absolute, never climbing, UTF-8."""
+    if name.startswith("/") or ".." in name.split("/"):
+        raise UnsafeContent(f"{what}: member {name[:200]!r} escapes the tree")
+    _check_text(name, what)
+    return "/".join(p for p in name.split("/") if p not in ("", "."))
+
+
+def _checked_path(mapped: str, what: str) -> str:
+    mapped = safe_relpath(mapped, what)
+    check_depth(mapped, what)
+    base = mapped.rpartition("/")[2]
+    if base.startswith(WHITEOUT) and base != OPAQUE and base[len(WHITEOUT):] in ("", ".", ".."):
+        raise UnsafeContent(f"{what}: whiteout {mapped!r} names no file (it would remove a directory above it)")
+    return mapped
+
+
+def _hardlink_target(member: tarfile.TarInfo, prefix: str, what: str) -> str:
+    linkname = member.linkname
+    if linkname.startswith("/") or ".." in linkname.split("/"):
+        raise UnsafeContent(f"{what}: hard link {member.name!r} points outside the tree ({linkname[:200]!r})")
+    target, _ = _strip_prefix(_checked_name(linkname, what), prefix)
+    if not target:
+        raise UnsafeContent(f"{what}: hard link {member.name!r} points outside the tree ({linkname[:200]!r})")
+    return _checked_path(target, what)
 
 
 @dataclass(frozen=True)
 class Member:
-    """A tar member that passed every check, renamed into the exposed sub-tree and through tarfile's data
-    filter. ``opaque_root``: a whiteout of the sub-tree or an ancestor (what lower layers hold is gone)."""
+    """A tar member that passed every check, renamed into the exposed sub-tree. ``opaque_root``: a whiteout
+    of the sub-tree or an ancestor (what lower layers hold is gone). ``removes``: what is at the name goes now
+    (a link was declared there; it comes again, with the other links, at the end)."""
 
     info: tarfile.TarInfo
     opaque_root: bool = False
+    removes: bool = False
+
+
+@dataclass
+class _Slot:
+    kind: str  # "dir", "file", "symlink" or "hardlink"
+    seq: int = 0
+    link: tarfile.TarInfo | None = None  # a link's renamed member, yielded at the end
+    children: dict[str, _Slot] = field(default_factory=dict)
+
+
+class _LayerIndex:
+    """What each path of one layer is so far: no path goes through a file or a link, a member replaces what
+    was at its name (a directory with all beneath it), links wait for the end of the layer."""
+
+    def __init__(self, budget: Budget, what: str) -> None:
+        self.root = _Slot("dir")
+        self.budget = budget
+        self.what = what
+        self.seq = 0
+
+    def lookup(self, relpath: str) -> _Slot | None:
+        node: _Slot | None = self.root
+        for part in relpath.split("/"):
+            if node is None or node.kind != "dir":
+                return None
+            node = node.children.get(part)
+        return node
+
+    def kind_of(self, relpath: str) -> str | None:
+        slot = self.lookup(relpath)
+        return None if slot is None else slot.kind
+
+    def place(self, relpath: str, kind: str, link: tarfile.TarInfo | None = None) -> bool:
+        """Record ``kind`` at ``relpath`` (missing directories above it too, charged to the budget); True when
+        it replaces a file or directory that extraction has already created."""
+        parts = relpath.split("/")
+        node = self.root
+        for depth, part in enumerate(parts[:-1]):
+            child = node.children.get(part)
+            if child is None:
+                self.budget.charge(self.what, entries=1)
+                child = node.children[part] = _Slot("dir")
+            elif child.kind != "dir":
+                raise UnsafeContent(f"{self.what}: {relpath[:200]!r} goes through "
+                                    f"{'/'.join(parts[:depth + 1])[:200]!r}, a {child.kind}, not a directory")
+            node = child
+        existing = node.children.get(parts[-1])
+        if kind == "dir" and existing is not None and existing.kind == "dir":
+            return False
+        self.seq += 1
+        node.children[parts[-1]] = _Slot(kind, self.seq, link)
+        return existing is not None and existing.kind in ("dir", "file")
+
+    def links(self) -> Iterator[Member]:
+        """The links still in the layer, in the order they came, each checked against the whole layer."""
+        found: list[tuple[int, str, _Slot]] = []
+        pending = [("", self.root)]
+        while pending:
+            base, node = pending.pop()
+            for name, child in node.children.items():
+                path = f"{base}/{name}" if base else name
+                if child.kind == "dir":
+                    pending.append((path, child))
+                elif child.link is not None:
+                    found.append((child.seq, path, child))
+        for _, path, slot in sorted(found, key=lambda item: item[0]):
+            assert slot.link is not None
+            if slot.kind == "symlink":
+                check_symlink(path, slot.link.linkname, self.kind_of, self.what)
+            else:
+                source = self.lookup(slot.link.linkname)
+                if source is None or source.kind not in ("file", "hardlink") or \
+                        (source.kind == "hardlink" and source.seq >= slot.seq):
+                    raise UnsafeContent(f"{self.what}: hard link {path!r} points to {slot.link.linkname!r}, which "
+                                        f"is not a file of this layer")
+            yield Member(slot.link)
 
 
 def open_tar(stream: IO[bytes] | Any, *, streaming: bool) -> tarfile.TarFile:
@@ -123,106 +244,148 @@ def open_tar(stream: IO[bytes] | Any, *, streaming: bool) -> tarfile.TarFile:
                         tarinfo=_BoundedTarInfo, copybufsize=1 << 20)
 
 
-def checked_members(archive: tarfile.TarFile, *, prefix: str, dest: str, max_bytes: int, what: str
-                    ) -> Iterator[Member]:
-    """The members of ``archive`` under ``prefix``, each checked (no escapes, devices, FIFOs, setuid or
-    unknown types; links inside; at most ``max_bytes`` of file data) and renamed relative to the prefix;
-    ``dest`` is the directory tarfile's data filter checks against (real or not). One set of rules for
-    extraction and for the lazy index."""
-    total = 0
-    for count, member in enumerate(archive):
-        if count >= MAX_MEMBERS:
-            raise UnsafeContent(f"{what}: more than {MAX_MEMBERS} entries")
-        if member.name.startswith("/") or ".." in member.name.split("/"):
-            raise UnsafeContent(f"{what}: member {member.name!r} escapes the tree")
-        name = "/".join(p for p in member.name.split("/") if p not in ("", "."))
+def checked_members(archive: tarfile.TarFile, *, prefix: str, budget: Budget, what: str) -> Iterator[Member]:
+    """The members of ``archive`` under ``prefix``, renamed relative to it and checked: no escaping or
+    non-UTF-8 names, no devices, FIFOs, setuid bits, sparse or unknown types, no path through a file or a
+    link, at most MAX_DEPTH deep, whiteouts that name a file, and every entry and byte charged to the model's
+    ``budget``. Directories and files come in archive order; symlinks and hard links come last, those still
+    there at the end of the layer, checked against all of it (symlinks stay inside the tree and never climb
+    out of a link; hard links point to a file of the layer). One set of rules for extraction and for the lazy
+    index."""
+    index = _LayerIndex(budget, what)
+    for member in archive:
+        del archive.members[:]  # type: ignore[attr-defined]  # tarfile keeps every header; none is needed again
+        name = _checked_name(member.name, what)
         mapped, clears_all = _strip_prefix(name, prefix)
         if clears_all:
+            budget.charge(what, entries=1)
+            index.place(OPAQUE, "file")
             yield Member(tarfile.TarInfo(OPAQUE), opaque_root=True)
             continue
-        if mapped is None or mapped == "":
+        if not mapped:
             continue
         _refuse_special(member, what)
-        mapped = safe_relpath(mapped, what)
-        if member.islnk():
-            link = "/".join(p for p in member.linkname.split("/") if p not in ("", "."))
-            target, _ = _strip_prefix(link, prefix)
-            if target is None or target == "" or target.startswith("..") or member.linkname.startswith("/"):
-                raise UnsafeContent(f"{what}: hard link {member.name!r} points outside the tree ({member.linkname!r})")
-            member = member.replace(linkname=target, deep=False)
-        member = tarfile.data_filter(member.replace(name=mapped, deep=False), dest)
-        total += member.size if member.isreg() else 0
-        if total > max_bytes:
-            raise UnsafeContent(f"{what}: expands to more than {max_bytes} bytes (decompression bomb?)")
-        yield Member(member)
+        mapped = _checked_path(mapped, what)
+        budget.charge(what, entries=1, nbytes=member.size if member.isreg() else 0)
+        if member.isdir() or member.isreg():
+            index.place(mapped, "dir" if member.isdir() else "file")
+            yield Member(member.replace(name=mapped, deep=False))
+            continue
+        if member.issym():
+            _check_text(member.linkname, what)
+            check_symlink(mapped, member.linkname, lambda _: None, what)  # lexically now, against the layer last
+            link, kind = member.replace(name=mapped, deep=False), "symlink"
+        else:
+            link = member.replace(name=mapped, linkname=_hardlink_target(member, prefix, what), deep=False)
+            if index.kind_of(link.linkname) not in ("file", "hardlink"):
+                raise UnsafeContent(f"{what}: hard link {mapped!r} points to {link.linkname!r}, which is not a "
+                                    f"file of this layer")
+            kind = "hardlink"
+        if index.place(mapped, kind, link):
+            yield Member(link, removes=True)
+    yield from index.links()
 
 
 @contextmanager
 def tar_errors(what: str, compression: Compression) -> Iterator[None]:
-    """Map what reading a hostile tar can raise to this package's errors."""
+    """Map what reading (and extracting) a hostile tar can raise to this package's errors."""
     try:
-        yield
-    except UnsafeContent:
-        raise
-    except tarfile.FilterError as exc:
+        with fdtree.refusing(what):
+            yield
+    except UnsafeContent as exc:
+        if str(exc).startswith(what):
+            raise
         raise UnsafeContent(f"{what}: {exc}") from None
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError) as exc:
         raise IntegrityError(f"{what}: not a valid {compression.value} archive ({exc})") from None
-    except OSError as exc:
-        if exc.errno in (36,):  # ENAMETOOLONG
-            raise UnsafeContent(f"{what}: a name is too long for the filesystem") from None
-        raise
 
 
-def extract_tar(blob: Path, compression: Compression, dest: Path, *, max_bytes: int, prefix: str = "",
-                what: str = "layer") -> ExtractStats:
-    """Extract the tar ``blob`` into the empty directory ``dest``; only members under ``prefix``.
+def extract_tar(blob: Path, compression: Compression, dest: Path, *, budget: Budget, prefix: str = "",
+                what: str = "layer") -> None:
+    """Extract the tar ``blob`` into the empty directory ``dest``, only members under ``prefix``, charging
+    what it holds to ``budget``. Directories end read-only.
 
     Whiteouts are kept as empty marker files for the tree assembler; a whiteout of the prefix or
     one of its ancestors becomes an opaque marker at the root of ``dest``.
     """
     prefix = safe_relpath(prefix, what) if prefix.strip("/") else ""
     dest.mkdir(parents=True, exist_ok=True)
-    stats = ExtractStats()
-    real_dest = os.path.realpath(dest)
-    with tar_errors(what, compression), open(blob, "rb") as raw:
-        stream = _LimitedReader(_open_decompressed(raw, compression), max_bytes, what)
-        with open_tar(stream, streaming=True) as archive:
-            for member in checked_members(archive, prefix=prefix, dest=real_dest, max_bytes=max_bytes, what=what):
-                _extract_member(archive, member, dest, real_dest, stats)
-    _drop_write_bits(dest)
-    return stats
+    root = fdtree.open_path(dest)
+    try:
+        with tar_errors(what, compression), open(blob, "rb") as raw:
+            stream = _LimitedReader(_open_decompressed(raw, compression), budget, what)
+            with open_tar(stream, streaming=True) as archive:
+                writer = _Writer(archive, root, what)
+                try:
+                    for member in checked_members(archive, prefix=prefix, budget=budget, what=what):
+                        writer.place(member)
+                finally:
+                    writer.close()
+            for _, fd, _ in fdtree.walk(root):
+                os.fchmod(fd, 0o555)
+    finally:
+        os.close(root)
 
 
-def _extract_member(archive: tarfile.TarFile, member: Member, dest: Path, real_dest: str,
-                    stats: ExtractStats) -> None:
-    if member.opaque_root:
-        (dest / OPAQUE).touch()
-        return
-    info = member.info
-    stats.bytes += info.size if info.isreg() else 0
-    target_path = dest / info.name
-    if os.path.lexists(target_path) and not (info.isdir() and target_path.is_dir() and
-                                              not target_path.is_symlink()):
-        if target_path.is_dir() and not target_path.is_symlink():
-            shutil.rmtree(target_path)
+class _Writer:
+    """Creates checked members beneath the layer's root descriptor, never through a link: each directory is
+    opened component by component with O_NOFOLLOW, files with O_EXCL after removing what was there."""
+
+    def __init__(self, archive: tarfile.TarFile, root: int, what: str) -> None:
+        self.archive = archive
+        self.root = root
+        self.what = what
+        self.parent: tuple[str, int] | None = None  # the last directory written to, kept open
+
+    def _directory(self, relpath: str) -> int:
+        if self.parent is not None and self.parent[0] == relpath:
+            return self.parent[1]
+        self.close()
+        fd = fdtree.open_dir(self.root, relpath, create=True)
+        self.parent = (relpath, fd)
+        return fd
+
+    def close(self) -> None:
+        """Close the directory kept open."""
+        if self.parent is not None:
+            os.close(self.parent[1])
+            self.parent = None
+
+    def place(self, member: Member) -> None:
+        """Create ``member`` (or, with ``removes``, remove what is at its name)."""
+        info = member.info
+        parent, _, name = info.name.rpartition("/")
+        directory = self._directory(parent)
+        if member.opaque_root:
+            os.close(fdtree.new_file(directory, name))
+        elif member.removes:
+            fdtree.remove(directory, name)
+        elif info.isdir():
+            if fdtree.kind(directory, name) != "dir":
+                fdtree.remove(directory, name)
+                os.mkdir(name, 0o755, dir_fd=directory)
+        elif info.isreg():
+            self._write(directory, name, info)
+        elif info.issym():
+            fdtree.remove(directory, name)
+            os.symlink(info.linkname, name, dir_fd=directory)
         else:
-            target_path.unlink()
-    archive.extract(info, real_dest, set_attrs=info.isdir() is False, filter="fully_trusted")
-    if info.isreg() or info.islnk():
-        stats.files += 1
+            source_dir, _, source_name = info.linkname.rpartition("/")
+            with fdtree.opened(self.root, source_dir) as source:
+                if fdtree.kind(source, source_name) != "file":
+                    raise UnsafeContent(f"{self.what}: hard link {info.name!r} points to {info.linkname!r}, "
+                                        f"which is not a regular file")
+                fdtree.link_or_copy(source, source_name, directory, name)
 
-
-def _drop_write_bits(root: Path) -> None:
-    """Files keep their read/exec bits, lose write; directories become 0555."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            st = os.lstat(path)
-            if stat.S_ISREG(st.st_mode):
-                os.chmod(path, (st.st_mode & 0o555) | 0o444)
-        for name in dirnames:
-            path = os.path.join(dirpath, name)
-            if not os.path.islink(path):
-                os.chmod(path, 0o555)
-    os.chmod(root, 0o555)
+    def _write(self, directory: int, name: str, info: tarfile.TarInfo) -> None:
+        fd = fdtree.new_file(directory, name)
+        try:
+            data = self.archive.extractfile(info)
+            assert data is not None
+            while chunk := data.read(fdtree.COPY_SIZE):
+                fdtree.write_all(fd, chunk)
+            os.fchmod(fd, (info.mode & 0o555) | 0o444)
+            if 0 <= info.mtime < MAX_MTIME:
+                os.utime(fd, (info.mtime, info.mtime))
+        finally:
+            os.close(fd)

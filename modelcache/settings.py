@@ -12,6 +12,7 @@ from modelcache.cache import (
     DEFAULT_CONNECTIONS,
     DEFAULT_EXPAND_RATIO,
     DEFAULT_MAX_MODEL_BYTES,
+    DEFAULT_MAX_MODEL_FILES,
     DEFAULT_RANGED_MIN_SIZE,
     ModelCache,
 )
@@ -27,7 +28,6 @@ KNOWN_KEYS = {"root", "registries", "plainHTTP", "dockerConfig", "pullWorkers", 
               "highWatermark", "lowWatermark", "warmMemoryShare", "readTimeoutSeconds", "verifyIntervalHours",
               "signaturePolicy", "connectionsPerBlob", "rangedMinSizeMiB",
               "maxConnections", "allowedRegistries", "nodeCredentialRegistries", "maxModelGiB", "maxModelFiles"}
-DEFAULT_MAX_MODEL_FILES = 100_000
 
 
 @dataclass
@@ -153,7 +153,7 @@ class Settings:
                           RegistryClient(self.transport(extra, retry, for_volume=for_volume)),
                           workers=self.pull_workers, expand_ratio=self.max_expand_ratio,
                           connections_per_blob=self.connections_per_blob, ranged_min_size=self.ranged_min_size,
-                          max_model_bytes=self.max_model_bytes)
+                          max_model_bytes=self.max_model_bytes, max_model_files=self.max_model_files)
 
 
 def _globs(data: dict[str, Any], key: str, source: str) -> tuple[str, ...]:

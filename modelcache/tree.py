@@ -1,18 +1,20 @@
-"""Assembly of a model tree from committed blobs (hardlinks) and extracted tar layers (overlay merge)."""
+"""Assembly of a model tree from committed blobs (hardlinks) and extracted tar layers (overlay merge), all of
+it relative to directory descriptors (:mod:`modelcache.fdtree`): no path operation can follow a link a layer
+planted, and the finished tree's links are checked by the same rule as a layer's
+(:func:`modelcache.treerules.check_symlink`), without resolving them."""
 
 from __future__ import annotations
 
-import errno
 import os
-import posixpath
-import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from modelcache import fdtree
 from modelcache.errors import UnsafeContent
 from modelcache.paths import PathFilter
 from modelcache.safetar import OPAQUE, WHITEOUT
+from modelcache.treerules import check_symlink
 
 
 @dataclass
@@ -23,106 +25,107 @@ class TreeStats:
     bytes: int = 0
 
 
-def _clear(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        path.unlink()
-
-
-def link_file(source: Path, target: Path) -> None:
-    """Hardlink ``source`` at ``target`` (copy when the link count is exhausted)."""
-    try:
-        os.link(source, target)
-    except OSError as exc:
-        if exc.errno not in (errno.EMLINK, errno.EXDEV):
-            raise
-        shutil.copyfile(source, target)
-        os.chmod(target, 0o444)
-
-
-def _ensure_parent(root: Path, relpath: str) -> Path:
-    """Create the directories above ``relpath`` under ``root``, refusing to go through symlinks."""
-    current = root
-    parts = relpath.split("/")
-    for part in parts[:-1]:
-        current = current / part
-        if current.is_symlink() or (current.exists() and not current.is_dir()):
-            raise UnsafeContent(f"path {relpath!r} passes through a non-directory {part!r}")
-        current.mkdir(exist_ok=True)
-    return root / relpath
+def _join(*parts: str) -> str:
+    return "/".join(p for p in parts if p)
 
 
 class TreeBuilder:
-    """Builds one tree in a staging directory, applying layers in order."""
+    """Builds one tree in a staging directory, applying layers in order. Close it (or use it as a context
+    manager) to release the staging directory's descriptor."""
 
     def __init__(self, staging: Path, path_filter: PathFilter) -> None:
         self.root = staging
         self.filter = path_filter
         self.root.mkdir(parents=True, exist_ok=True)
+        self.fd = fdtree.open_path(staging)
+
+    def __enter__(self) -> TreeBuilder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the staging directory."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def add_file(self, relpath: str, blob: Path) -> None:
         """Place the blob at ``relpath`` (a raw layer)."""
         if not self.filter.accepts(relpath):
             return
-        target = _ensure_parent(self.root, relpath)
-        _clear(target)
-        link_file(blob, target)
+        parent, _, name = relpath.rpartition("/")
+        with fdtree.refusing(f"file {relpath!r}"), fdtree.opened(self.fd, parent, create=True) as directory:
+            blob_dir = fdtree.open_path(blob.parent)
+            try:
+                fdtree.link_or_copy(blob_dir, blob.name, directory, name)
+            finally:
+                os.close(blob_dir)
 
     def overlay(self, layer_dir: Path, dest: str = "") -> None:
         """Merge an extracted tar layer at ``dest``, honouring OCI whiteouts and opaque markers."""
-        base = self.root
-        if dest:
-            base = _ensure_parent(self.root, dest + "/x").parent
-        self._merge(layer_dir, base, dest)
+        with fdtree.refusing(f"layer {layer_dir.name}"):
+            source = fdtree.open_path(layer_dir)
+            try:
+                with fdtree.opened(self.fd, dest, create=True) as target:
+                    self._merge(source, target, dest)
+            finally:
+                os.close(source)
 
-    def _merge(self, source: Path, target: Path, relbase: str) -> None:
-        entries = sorted(os.scandir(source), key=lambda e: e.name)
-        if any(e.name == OPAQUE for e in entries):
-            for child in list(target.iterdir()):
-                _clear(child)
-        for entry in entries:
-            if entry.name.startswith(WHITEOUT) and entry.name != OPAQUE:
-                _clear(target / entry.name[len(WHITEOUT):])
-        for entry in entries:
-            if entry.name.startswith(WHITEOUT):
-                continue
-            relpath = posixpath.join(relbase, entry.name) if relbase else entry.name
-            destination = target / entry.name
-            st = entry.stat(follow_symlinks=False)
-            if stat.S_ISDIR(st.st_mode):
-                if not destination.is_dir() or destination.is_symlink():
-                    _clear(destination)
-                    destination.mkdir()
-                self._merge(Path(entry.path), destination, relpath)
-            elif not self.filter.accepts(relpath):
-                continue
-            elif stat.S_ISLNK(st.st_mode):
-                _clear(destination)
-                os.symlink(os.readlink(entry.path), destination)
-            elif stat.S_ISREG(st.st_mode):
-                _clear(destination)
-                link_file(Path(entry.path), destination)
+    def _merge(self, source_root: int, target_root: int, relbase: str) -> None:
+        pending = [""]
+        while pending:
+            relpath = pending.pop()
+            with fdtree.opened(source_root, relpath) as source, fdtree.opened(target_root, relpath) as target:
+                entries = fdtree.listing(source)
+                names = {name for name, _ in entries}
+                if OPAQUE in names:
+                    for child in os.listdir(target):
+                        fdtree.remove(target, child)
+                for name in names:
+                    if name.startswith(WHITEOUT) and name != OPAQUE:
+                        fdtree.remove(target, name[len(WHITEOUT):])
+                for name, st in entries:
+                    if name.startswith(WHITEOUT):
+                        continue
+                    if stat.S_ISDIR(st.st_mode):
+                        if fdtree.kind(target, name) != "dir":
+                            fdtree.remove(target, name)
+                            os.mkdir(name, 0o755, dir_fd=target)
+                        pending.append(_join(relpath, name))
+                    elif not self.filter.accepts(_join(relbase, relpath, name)):
+                        continue
+                    elif stat.S_ISLNK(st.st_mode):
+                        fdtree.remove(target, name)
+                        os.symlink(os.readlink(name, dir_fd=source), name, dir_fd=target)
+                    elif stat.S_ISREG(st.st_mode):
+                        fdtree.link_or_copy(source, name, target, name)
 
     def finish(self) -> TreeStats:
-        """Check symlinks stay inside, make directories read-only, and count what is there."""
+        """Check every symlink stays inside (lexically, from its own directory, never climbing out of another
+        link), make directories read-only, and count the files."""
         stats = TreeStats()
         seen: set[int] = set()
-        real_root = os.path.realpath(self.root)
-        for dirpath, dirnames, filenames in os.walk(self.root):
-            for name in filenames + dirnames:
-                path = os.path.join(dirpath, name)
-                if os.path.islink(path):
-                    resolved = os.path.realpath(path)
-                    if resolved != real_root and not resolved.startswith(real_root + os.sep):
-                        raise UnsafeContent(f"symlink {os.path.relpath(path, self.root)!r} points outside the model")
-            for name in filenames:
-                st = os.lstat(os.path.join(dirpath, name))
-                if stat.S_ISREG(st.st_mode):
-                    stats.files += 1
-                    if st.st_ino not in seen:
-                        seen.add(st.st_ino)
-                        stats.bytes += st.st_size
-        for dirpath, _, _ in os.walk(self.root):
-            os.chmod(dirpath, 0o555)
+        with fdtree.refusing("model tree"):
+            for relpath, fd, entries in fdtree.walk(self.fd):
+                for name, st in entries:
+                    if stat.S_ISLNK(st.st_mode):
+                        check_symlink(_join(relpath, name), os.readlink(name, dir_fd=fd), self.kind_at, "model")
+                    elif stat.S_ISREG(st.st_mode):
+                        stats.files += 1
+                        if st.st_ino not in seen:
+                            seen.add(st.st_ino)
+                            stats.bytes += st.st_size
+                    elif not stat.S_ISDIR(st.st_mode):
+                        raise UnsafeContent(f"model: {_join(relpath, name)!r} is neither file, directory nor link")
+                os.fchmod(fd, 0o555)
         return stats
+
+    def kind_at(self, relpath: str) -> str | None:
+        """What is at ``relpath`` in the tree (not following links)."""
+        return fdtree.kind_at(self.fd, relpath)
+
+    def is_dir(self, relpath: str) -> bool:
+        """True when ``relpath`` is a directory of the tree, reached through directories only."""
+        return self.kind_at(relpath) == "dir"
