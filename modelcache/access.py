@@ -32,7 +32,7 @@ def upstream_hosts(hosts: HostsConfig) -> HostsConfig:
 def _anonymous_upstream(transport: Transport) -> RegistryClient:
     """A client with ``transport``'s registry settings, to upstream registries only, without credentials."""
     return RegistryClient(Transport(upstream_hosts(transport.hosts), CredentialStore(), transport.retry,
-                                    transport.user_agent))
+                                    transport.user_agent, allowed_registries=transport.allowed_registries))
 
 
 def is_private(transport: Transport, ref: Reference) -> bool:

@@ -8,6 +8,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from modelcache.errors import Kind, ModelCacheError
+from modelcache.reference import normalise_registry
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,14 @@ class HostsConfig:
                 if parts.scheme not in ("http", "https") or not parts.netloc:
                     raise ModelCacheError(f"config: mirror {mirror!r} of {name} must be http(s)://host[:port]",
                                           kind=Kind.INVALID_ARGUMENT)
-            hosts[str(name)] = RegistryHost(
+            try:
+                key = normalise_registry(str(name))  # the spelling references are parsed to
+            except ValueError as exc:
+                raise ModelCacheError(f"config: registries.{name}: {exc}", kind=Kind.INVALID_ARGUMENT) from None
+            if key in hosts:
+                raise ModelCacheError(f"config: registries.{name} repeats {key!r} under another spelling",
+                                      kind=Kind.INVALID_ARGUMENT)
+            hosts[key] = RegistryHost(
                 mirrors=tuple(mirrors),
                 plain_http=bool(entry.get("plainHTTP", False)),
                 insecure_skip_verify=bool(entry.get("insecureSkipVerify", False)),

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from modelcache.errors import InvalidReference
+from modelcache.errors import InvalidReference, ModelCacheError
+from modelcache.hosts import HostsConfig
 from modelcache.reference import parse_reference
 
 HEX = "a" * 64
@@ -80,3 +81,14 @@ def test_docker_hub_is_reached_on_its_api_host() -> None:
 def test_unusual_host_spellings_are_refused(bad: str) -> None:
     with pytest.raises(InvalidReference):
         parse_reference(bad)
+
+
+def test_registry_settings_are_keyed_by_the_same_spelling() -> None:
+    """A registries: entry written in another spelling still applies to the references it names."""
+    hosts = HostsConfig.from_mapping({"registries": {"Registry.Example.COM:443": {"plainHTTP": True}}})
+    ref = parse_reference("registry.example.com/ns/model:v1")
+    assert [e.url for e in hosts.endpoints(ref.registry, ref.endpoint_host)] == ["http://registry.example.com"]
+    with pytest.raises(ModelCacheError, match="under another spelling"):
+        HostsConfig.from_mapping({"registries": {"r.io": {}, "R.IO:443": {}}})
+    with pytest.raises(ModelCacheError, match="registries.bad host"):
+        HostsConfig.from_mapping({"registries": {"bad host": {}}})
