@@ -250,3 +250,96 @@ def test_a_later_file_replaces_a_link_without_writing_through_it(fixtures: Fixtu
     assert not (tree / "l").is_symlink() and (tree / "l").read_bytes() == b"a new file"
     assert (tree / "d").is_dir() and not (tree / "d").is_symlink() and (tree / "d/f").read_bytes() == b"in a directory"
     assert lazy_outcome(root, fixtures.ref(name)) == ["d", "l", "x"]
+
+
+# -- per-model caps, counted across layers -------------------------------------------------------------------
+def files_layer(prefix: str, count: int, size: int = 1) -> bytes:
+    return make_tar([Entry(f"{prefix}/f{i}", os.urandom(size)) for i in range(count)])
+
+
+def push_tar_layers(fixtures: Fixtures, name: str, layers: list[bytes],
+                    compression: mt.Compression = TAR) -> str:
+    fixtures.manifest(name, [fixtures.layer(name, compress(data, compression),
+                                            mt.model_layer_type("weight", compression)) for data in layers])
+    return fixtures.ref(name)
+
+
+def capped(root: Path, **caps: int) -> ModelCache:
+    return ModelCache(ContentStore(root), make_client(), **caps)  # type: ignore[arg-type]
+
+
+def refusal(cache: ModelCache, ref: str) -> ModelCacheError:
+    """The pull's error; no tree, record or staging directory is left of it."""
+    def listing() -> list[list[str]]:
+        return [sorted(p.name for p in d.iterdir()) for d in (cache.store.trees, cache.store.models)]
+    before = listing()
+    with pytest.raises(ModelCacheError) as info:
+        cache.pull(ref)
+    assert info.value.kind is Kind.UNSAFE_CONTENT, info.value
+    assert listing() == before
+    assert not [p.name for p in cache.store.layers.iterdir() if p.name.startswith(".tmp-")]
+    return info.value
+
+
+def lazy_refusal(cache: ModelCache, ref: str) -> str:
+    model = LazyModel(cache, cache.client.resolve(parse_reference(ref)), PullOptions())
+    with pytest.raises(ModelCacheError) as info:
+        model.build()
+    assert info.value.kind is Kind.UNSAFE_CONTENT, info.value
+    return str(info.value)
+
+
+def test_the_file_cap_counts_every_layer(fixtures: Fixtures, tmp_path: Path) -> None:
+    """Three layers of 41 entries (40 files and their directory): each fits in 100, the model does not."""
+    ref = push_tar_layers(fixtures, "caps/files:v1", [files_layer(d, 40) for d in ("a", "b", "c")])
+    assert "maxModelFiles" in str(refusal(capped(tmp_path / "bind", max_model_files=100), ref))
+    assert "maxModelFiles" in lazy_refusal(capped(tmp_path / "lazy", max_model_files=100), ref)
+    assert capped(tmp_path / "roomy", max_model_files=123).pull(ref).record.files == 120
+
+
+def test_the_byte_cap_counts_raw_and_tar_layers(fixtures: Fixtures, tmp_path: Path) -> None:
+    """A raw layer and two tar layers of 60 kB each against a cap of 150 kB. The tar layers are compressed for
+    the pull (their declared sizes are within the cap; what they hold is not), uncompressed for the lazy view."""
+    raw = os.urandom(60_000)
+    for compression in (mt.Compression.TAR_GZIP, TAR):
+        name = f"caps/bytes-{compression.name.lower()}:v1"
+        layers = [fixtures.layer(name, raw, mt.model_layer_type("weight", mt.Compression.RAW),
+                                 {mt.ANNOTATION_FILEPATH: "raw.bin"}),
+                  *(fixtures.layer(name, compress(make_tar([Entry(f"{d}/zeros", bytes(60_000))]), compression),
+                                   mt.model_layer_type("weight", compression)) for d in "ab")]
+        fixtures.manifest(name, layers)
+    gzipped, plain = fixtures.ref("caps/bytes-tar_gzip:v1"), fixtures.ref("caps/bytes-tar:v1")
+    assert "maxModelGiB" in str(refusal(capped(tmp_path / "bind", max_model_bytes=150_000), gzipped))
+    assert "maxModelGiB" in lazy_refusal(capped(tmp_path / "lazy", max_model_bytes=150_000), plain)
+    assert capped(tmp_path / "roomy", max_model_bytes=180_000).pull(gzipped).record.total_bytes == 180_000
+
+
+def test_the_expansion_slack_is_granted_once_per_model(fixtures: Fixtures, tmp_path: Path) -> None:
+    """Three gzip layers of 25 MB of zeros (tens of KB each): each is within 2x its size plus the 64 MiB
+    slack, as the old per-layer limit allowed; the model is not."""
+    zeros = make_tar([Entry("zeros.bin", bytes(25 << 20))])
+    ref = push_tar_layers(fixtures, "caps/slack:v1", [make_tar([Entry(f"{d}/zeros.bin", bytes(25 << 20))])
+                                                      for d in "abc"], mt.Compression.TAR_GZIP)
+    assert len(compress(zeros, mt.Compression.TAR_GZIP)) < 100_000
+    assert "decompression bomb" in str(refusal(capped(tmp_path / "bind", expand_ratio=2), ref))
+
+
+def test_a_shared_layer_counts_for_every_model_that_uses_it(fixtures: Fixtures, tmp_path: Path) -> None:
+    """Two layers of 61 entries: alone each fits in 100. The first was extracted for another model before."""
+    shared = files_layer("shared", 60)
+    first = push_tar_layers(fixtures, "caps/first:v1", [shared])
+    second = push_tar_layers(fixtures, "caps/second:v1", [shared, files_layer("own", 60)])
+    cache = capped(tmp_path / "cache", max_model_files=100)
+    cache.pull(first)
+    assert "maxModelFiles" in str(refusal(cache, second))
+    # the shared layer, extracted for the first model, was charged again (61 entries), so its own 61 were too many
+    assert len(list(cache.store.layers.iterdir())) == 1
+
+
+def test_the_cap_from_the_node_settings_through_the_cli(fixtures: Fixtures, tmp_path: Path) -> None:
+    ref = push_tar_layers(fixtures, "caps/settings:v1", [files_layer("w", 60)])
+    config = tmp_path / "node.yaml"
+    config.write_text("maxModelFiles: 50\n")
+    proc = cli_pull(ref, tmp_path / "cache", "--config", str(config))
+    assert_refused_in_one_line(proc)
+    assert "maxModelFiles" in proc.stderr
