@@ -1,8 +1,11 @@
 # syntax=docker/dockerfile:1
 # Multi-stage build of the ocimodel image: wheels (with the gRPC stubs generated from protos/) are built
 # with compilers in the first stage; the final stage has the project, fuse3 and util-linux, and no
-# build tools. Pin the base by digest in production: PYTHON_IMAGE=python:3.11.11-slim-bookworm@sha256:...
-ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
+# build tools. Python 3.11.13 or later: its tarfile has the 2025 extraction-filter fixes (CVE-2025-4517,
+# CVE-2025-4330, CVE-2025-4138, CVE-2024-12718, CVE-2025-4435); ocimodel does not rely on the filter (it
+# extracts relative to directory descriptors), but nothing else in the image should meet the old tarfile.
+# Pin the base by digest in production: PYTHON_IMAGE=python:3.11.14-slim-bookworm@sha256:...
+ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
 RUN apt-get update \
