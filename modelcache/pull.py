@@ -18,6 +18,7 @@ from typing import IO
 from modelcache import fdtree
 from modelcache.digest import Digest, Verifier
 from modelcache.errors import IntegrityError, Kind, ModelCacheError, PullCancelled, StoreFull
+from modelcache.extract import extract_tar
 from modelcache.fsutil import fsync_dir
 from modelcache.layout import Plan, Step
 from modelcache.manifest import Descriptor
@@ -26,7 +27,6 @@ from modelcache.progress import Progress
 from modelcache.rangedingest import RangesUnsupported
 from modelcache.reference import Reference
 from modelcache.registry import RegistryClient
-from modelcache.safetar import extract_tar
 from modelcache.store import ContentStore
 from modelcache.tree import TreeBuilder
 from modelcache.treerules import Budget

@@ -1,18 +1,14 @@
-"""Tar layers from a registry, every byte treated as hostile: one set of rules (:func:`checked_members`) for
-extraction and for the lazy index, and an extraction that cannot escape by construction, whatever Python's
-tarfile would do.
+"""Reading tar layers from a registry, every byte treated as hostile, and the one set of rules
+(:func:`checked_members`) that extraction (:mod:`modelcache.extract`) and the lazy index both apply.
 
 tarfile only parses here: headers (pax and GNU long names bounded, a bad header refused rather than taken
-for the end) and file data out of the stream (decompression bounded by the model's budget). No
-``TarFile.extract*`` and no data filter: every entry is created relative to the descriptor of its directory,
-each path component opened with O_NOFOLLOW (:mod:`modelcache.fdtree`), and links are created last, once the
-whole layer has shown that they stay inside.
+for the end) and file data out of the stream (decompression bounded by the model's budget). There is no data
+filter to trust: the rules below decide, and links come last, once the whole layer has shown they stay inside.
 """
 
 from __future__ import annotations
 
 import gzip
-import os
 import posixpath
 import stat
 import tarfile
@@ -20,7 +16,6 @@ import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import IO, Any, Self
 
 import zstandard
@@ -35,7 +30,6 @@ MAX_HEADER_BYTES = 1 << 20
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 ZSTD_MAX_WINDOW = 1 << 27
-MAX_MTIME = 1 << 34
 # header errors tarfile takes for the end of the archive after its first member (typeshed does not list them)
 _BAD_HEADER: tuple[type[Exception], ...] = (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError)  # type: ignore[attr-defined]
 
@@ -62,7 +56,7 @@ class _BoundedTarInfo(tarfile.TarInfo):
         return super()._proc_member(tarfile_)  # type: ignore[misc, no-any-return]
 
 
-class _LimitedReader:
+class LimitedReader:
     """A read-only stream that charges what comes out of it to the model's budget (decompression bombs)."""
 
     def __init__(self, inner: IO[bytes] | Any, budget: Budget, what: str) -> None:
@@ -76,7 +70,7 @@ class _LimitedReader:
         return data
 
 
-def _open_decompressed(raw: IO[bytes], compression: Compression) -> Any:
+def open_decompressed(raw: IO[bytes], compression: Compression) -> Any:
     if compression is Compression.TAR_GZIP:
         return gzip.GzipFile(fileobj=raw, mode="rb")
     if compression is Compression.TAR_ZSTD:
@@ -298,94 +292,3 @@ def tar_errors(what: str, compression: Compression) -> Iterator[None]:
         raise UnsafeContent(f"{what}: {exc}") from None
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError) as exc:
         raise IntegrityError(f"{what}: not a valid {compression.value} archive ({exc})") from None
-
-
-def extract_tar(blob: Path, compression: Compression, dest: Path, *, budget: Budget, prefix: str = "",
-                what: str = "layer") -> None:
-    """Extract the tar ``blob`` into the empty directory ``dest``, only members under ``prefix``, charging
-    what it holds to ``budget``. Directories end read-only.
-
-    Whiteouts are kept as empty marker files for the tree assembler; a whiteout of the prefix or
-    one of its ancestors becomes an opaque marker at the root of ``dest``.
-    """
-    prefix = safe_relpath(prefix, what) if prefix.strip("/") else ""
-    dest.mkdir(parents=True, exist_ok=True)
-    root = fdtree.open_path(dest)
-    try:
-        with tar_errors(what, compression), open(blob, "rb") as raw:
-            stream = _LimitedReader(_open_decompressed(raw, compression), budget, what)
-            with open_tar(stream, streaming=True) as archive:
-                writer = _Writer(archive, root, what)
-                try:
-                    for member in checked_members(archive, prefix=prefix, budget=budget, what=what):
-                        writer.place(member)
-                finally:
-                    writer.close()
-            for _, fd, _ in fdtree.walk(root):
-                os.fchmod(fd, 0o555)
-    finally:
-        os.close(root)
-
-
-class _Writer:
-    """Creates checked members beneath the layer's root descriptor, never through a link: each directory is
-    opened component by component with O_NOFOLLOW, files with O_EXCL after removing what was there."""
-
-    def __init__(self, archive: tarfile.TarFile, root: int, what: str) -> None:
-        self.archive = archive
-        self.root = root
-        self.what = what
-        self.parent: tuple[str, int] | None = None  # the last directory written to, kept open
-
-    def _directory(self, relpath: str) -> int:
-        if self.parent is not None and self.parent[0] == relpath:
-            return self.parent[1]
-        self.close()
-        fd = fdtree.open_dir(self.root, relpath, create=True)
-        self.parent = (relpath, fd)
-        return fd
-
-    def close(self) -> None:
-        """Close the directory kept open."""
-        if self.parent is not None:
-            os.close(self.parent[1])
-            self.parent = None
-
-    def place(self, member: Member) -> None:
-        """Create ``member`` (or, with ``removes``, remove what is at its name)."""
-        info = member.info
-        parent, _, name = info.name.rpartition("/")
-        directory = self._directory(parent)
-        if member.opaque_root:
-            os.close(fdtree.new_file(directory, name))
-        elif member.removes:
-            fdtree.remove(directory, name)
-        elif info.isdir():
-            if fdtree.kind(directory, name) != "dir":
-                fdtree.remove(directory, name)
-                os.mkdir(name, 0o755, dir_fd=directory)
-        elif info.isreg():
-            self._write(directory, name, info)
-        elif info.issym():
-            fdtree.remove(directory, name)
-            os.symlink(info.linkname, name, dir_fd=directory)
-        else:
-            source_dir, _, source_name = info.linkname.rpartition("/")
-            with fdtree.opened(self.root, source_dir) as source:
-                if fdtree.kind(source, source_name) != "file":
-                    raise UnsafeContent(f"{self.what}: hard link {info.name!r} points to {info.linkname!r}, "
-                                        f"which is not a regular file")
-                fdtree.link_or_copy(source, source_name, directory, name)
-
-    def _write(self, directory: int, name: str, info: tarfile.TarInfo) -> None:
-        fd = fdtree.new_file(directory, name)
-        try:
-            data = self.archive.extractfile(info)
-            assert data is not None
-            while chunk := data.read(fdtree.COPY_SIZE):
-                fdtree.write_all(fd, chunk)
-            os.fchmod(fd, (info.mode & 0o555) | 0o444)
-            if 0 <= info.mtime < MAX_MTIME:
-                os.utime(fd, (info.mtime, info.mtime))
-        finally:
-            os.close(fd)

@@ -14,7 +14,7 @@ MAX_LINK_TARGET = 4095
 EXPAND_SLACK = 64 << 20  # what a model's tar layers may expand to beyond expand_ratio times their size, once
 
 # the kind of what is at a path of the tree ("dir", "file", "symlink", ...), None when nothing is there
-KindOf = Callable[[str], "str | None"]
+KindOf = Callable[[str], str | None]
 
 
 def link_destination(link: str, target: str, kind_of: KindOf) -> str | None:
