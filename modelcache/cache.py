@@ -15,13 +15,13 @@ from pathlib import Path
 from modelcache.access import is_private
 from modelcache.errors import UnsafeContent
 from modelcache.fsutil import atomic_write_json, read_json, remove_tree
-from modelcache.layout import plan_for
+from modelcache.layout import Plan, Step, needs_config, plan_for
 from modelcache.options import PullOptions
 from modelcache.progress import Progress
 from modelcache.pull import assemble_tree, download_blobs, extract_layers, layer_name
 from modelcache.records import ModelRecord, PullResult, tree_key
 from modelcache.reference import Reference, parse_reference
-from modelcache.registry import RegistryClient, Resolved
+from modelcache.registry import MAX_CONFIG_BYTES, RegistryClient, Resolved
 from modelcache.store import ContentStore, blob_lease
 
 log = logging.getLogger(__name__)
@@ -145,9 +145,9 @@ class ModelCache:
         ``check_tree`` as for :meth:`pull`."""
         started = time.monotonic() if started is None else started
         key = tree_key(resolved.digest, options)
-        plan = plan_for(resolved.manifest, options.subpath)
+        plan = self.plan(resolved, options)
         steps = plan.needed(options.path_filter)
-        self.check_declared_size(resolved, options)
+        self.check_declared_size(resolved, options, plan)
         manifest = resolved.manifest
         leases = [f"tree-{key}", blob_lease(manifest.digest), blob_lease(manifest.config.digest),
                   *(blob_lease(s.descriptor.digest) for s in steps),
@@ -162,6 +162,7 @@ class ModelCache:
             self.store.put_bytes(manifest.digest, manifest.raw)
             if not self.store.has_blob(manifest.config.digest, manifest.config.size):
                 self.store.put_bytes(manifest.config.digest, self.client.get_small_blob(ref, manifest.config))
+            self.store_synthesized(plan, steps)
             download_blobs(self.store, self.client, ref, [s.descriptor for s in steps], progress, self.workers,
                            cancel, connections=self.connections_per_blob, ranged_min_size=self.ranged_min_size)
             layer_dirs = extract_layers(self.store, steps, progress, self.expand_ratio,
@@ -188,10 +189,31 @@ class ModelCache:
             elapsed = time.monotonic() - started
             return PullResult(record, self.exposed_path(record), progress.downloaded_bytes, False, elapsed)
 
-    def check_declared_size(self, resolved: Resolved, options: PullOptions) -> None:
+    def plan(self, resolved: Resolved, options: PullOptions) -> Plan:
+        """The plan of ``resolved`` narrowed to ``options``' layer kinds; a ModelKit's config (its Kitfile, a
+        small blob) is fetched for it, and kept, when the store lacks it."""
+        manifest = resolved.manifest
+        config = None
+        if needs_config(manifest):
+            if manifest.config.size <= MAX_CONFIG_BYTES and self.store.has_blob(manifest.config.digest,
+                                                                                 manifest.config.size):
+                config = self.store.blob_path(manifest.config.digest).read_bytes()
+            else:
+                config = self.client.get_small_blob(resolved.reference, manifest.config)
+                self.store.put_bytes(manifest.config.digest, config)
+        return plan_for(manifest, options.subpath, config=config, layers=options.layers)
+
+    def store_synthesized(self, plan: Plan, steps: list[Step]) -> None:
+        """Commit the blobs ``plan`` made itself (a ModelKit's Kitfile) that ``steps`` use, like fetched ones."""
+        for step in steps:
+            data = plan.synthesized.get(step.descriptor.digest)
+            if data is not None and not self.store.has_blob(step.descriptor.digest, len(data)):
+                self.store.put_bytes(step.descriptor.digest, data)
+
+    def check_declared_size(self, resolved: Resolved, options: PullOptions, plan: Plan | None = None) -> None:
         """Refuse a model whose layers (those ``options`` keep) declare more than ``max_model_bytes`` in all,
         before anything is downloaded or evicted for it: a manifest may declare any size."""
-        steps = plan_for(resolved.manifest, options.subpath).needed(options.path_filter)
+        steps = (plan or self.plan(resolved, options)).needed(options.path_filter)
         declared = sum({s.descriptor.digest: s.descriptor.size for s in steps}.values())
         if declared > self.max_model_bytes:
             gib, limit_gib = declared / (1 << 30), self.max_model_bytes / (1 << 30)

@@ -1,12 +1,15 @@
-"""Turning a manifest into a plan of files: ModelPack model-spec, generic ORAS artifacts, container images."""
+"""Turning a manifest into a plan of files: ModelPack model-spec (both vocabularies), KitOps ModelKits, generic
+ORAS artifacts, container images; narrowed to the layer kinds asked for."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 
+from modelcache import kitfile
 from modelcache import mediatypes as mt
-from modelcache.errors import IntegrityError, UnsupportedArtifact
+from modelcache.digest import Digest
+from modelcache.errors import IntegrityError, Kind, ModelCacheError, UnsupportedArtifact
 from modelcache.manifest import Descriptor, Manifest
 from modelcache.paths import PathFilter, safe_relpath
 
@@ -15,21 +18,25 @@ DEFAULT_IMAGE_PATH = "models"
 
 @dataclass(frozen=True)
 class Step:
-    """One layer's contribution: a raw file at ``dest``, or a tar extracted under ``dest``."""
+    """One layer's contribution: a raw file at ``dest``, or a tar extracted under ``dest``; ``kind`` is its
+    ``--layers`` kind (None outside ModelPacks and ModelKits)."""
 
     descriptor: Descriptor
     compression: mt.Compression
     dest: str
     prefix: str = ""
+    kind: str | None = None
 
 
 @dataclass
 class Plan:
-    """The layout of a model and the ordered steps that build its tree."""
+    """The layout of a model and the ordered steps that build its tree. ``synthesized`` holds the blobs of
+    steps made here rather than fetched (a ModelKit's Kitfile): store them before building or reading."""
 
     layout: str
     steps: list[Step] = field(default_factory=list)
     subpath: str = ""
+    synthesized: dict[Digest, bytes] = field(default_factory=dict)
 
     def needed(self, path_filter: PathFilter) -> list[Step]:
         """The steps whose content is needed under ``path_filter`` (raw files can be skipped)."""
@@ -63,15 +70,42 @@ def _modelpack(manifest: Manifest) -> Plan:
             plan.steps.append(_oras_step(layer, where))
             continue
         _, compression = parsed
+        kind = mt.model_kind(layer.media_type)
         path = layer.annotations.get(mt.ANNOTATION_FILEPATH) or layer.annotations.get(mt.ANNOTATION_FILEPATH_LEGACY)
         if compression is mt.Compression.RAW:
             if not path:
                 raise UnsupportedArtifact(f"{where}: raw model layer has no {mt.ANNOTATION_FILEPATH} annotation")
             _check_metadata(layer, where)
-            plan.steps.append(Step(layer, compression, safe_relpath(path, where)))
+            plan.steps.append(Step(layer, compression, safe_relpath(path, where), kind=kind))
         else:
-            plan.steps.append(Step(layer, compression, ""))
+            plan.steps.append(Step(layer, compression, "", kind=kind))
     return plan
+
+
+def _modelkit(manifest: Manifest, config: bytes | None) -> Plan:
+    """The tree ``kit unpack`` lays out: the Kitfile at the root (a blob made here), then every layer."""
+    if config is None:
+        raise UnsupportedArtifact("a ModelKit's layout is in its config (the Kitfile), which was not given")
+    document = kitfile.parse(config)
+    text = kitfile.to_yaml(document)
+    descriptor = Descriptor(mt.KITFILE, Digest.of_bytes(text), len(text))
+    plan = Plan("modelkit", [Step(descriptor, mt.Compression.RAW, kitfile.KITFILE_NAME, kind="config")],
+                synthesized={descriptor.digest: text})
+    plan.steps += [Step(k.descriptor, k.compression, k.dest, kind=mt.model_kind(k.descriptor.media_type))
+                   for k in kitfile.layers(manifest, document)]
+    return plan
+
+
+def _only_kinds(plan: Plan, kinds: tuple[str, ...]) -> None:
+    """Keep the steps of ``kinds`` (all when empty): the others are never fetched."""
+    if not kinds:
+        return
+    if plan.layout not in ("modelpack", "modelkit"):
+        raise ModelCacheError(f"layers {','.join(kinds)}: layer kinds exist in ModelPack and ModelKit artifacts, "
+                              f"not in this {plan.layout} layout", kind=Kind.INVALID_ARGUMENT)
+    plan.steps = [s for s in plan.steps if s.kind in kinds]
+    if not plan.steps:
+        raise ModelCacheError(f"the model has no layer of the kinds {','.join(kinds)}", kind=Kind.NOT_FOUND)
 
 
 def _oras_step(layer: Descriptor, where: str) -> Step:
@@ -99,23 +133,36 @@ def _image(manifest: Manifest, subpath: str) -> Plan:
     return plan
 
 
-def plan_for(manifest: Manifest, subpath: str | None = None) -> Plan:
+def needs_config(manifest: Manifest) -> bool:
+    """True when the plan of ``manifest`` is in its config (a ModelKit's Kitfile): pass it to :func:`plan_for`."""
+    return kitfile.is_modelkit(manifest)
+
+
+def plan_for(manifest: Manifest, subpath: str | None = None, *, config: bytes | None = None,
+             layers: tuple[str, ...] = ()) -> Plan:
     """Classify ``manifest`` and list what each layer contributes.
 
-    ``subpath`` selects the directory exposed from a container image (default ``/models``).
+    ``subpath`` selects the directory exposed from a container image (default ``/models``); ``config`` is the
+    manifest's config blob when :func:`needs_config`; ``layers`` keeps only layers of those kinds.
     """
     layer_types = [layer.media_type for layer in manifest.layers]
     if not manifest.layers:
         raise UnsupportedArtifact("manifest has no layers: there are no model files")
-    if (manifest.artifact_type == mt.MODEL_ARTIFACT or manifest.config.media_type == mt.MODEL_CONFIG
+    if kitfile.is_modelkit(manifest):
+        plan = _modelkit(manifest, config)
+    elif (manifest.artifact_type in (mt.MODEL_ARTIFACT, mt.MODEL_ARTIFACT_LEGACY)
+            or manifest.config.media_type in (mt.MODEL_CONFIG, mt.MODEL_CONFIG_LEGACY)
             or any(mt.model_layer(t) for t in layer_types)):
         plan = _modelpack(manifest)
     elif manifest.config.media_type in mt.IMAGE_CONFIG_TYPES and all(mt.image_layer(t) for t in layer_types) \
             and not any(layer.annotations.get(mt.ANNOTATION_TITLE) for layer in manifest.layers):
-        return _image(manifest, DEFAULT_IMAGE_PATH if subpath is None else subpath)
+        plan = _image(manifest, DEFAULT_IMAGE_PATH if subpath is None else subpath)
+        _only_kinds(plan, layers)
+        return plan
     else:
         plan = Plan("oras", [_oras_step(layer, f"layer {i} ({layer.digest})")
                              for i, layer in enumerate(manifest.layers)])
+    _only_kinds(plan, layers)
     if subpath and subpath.strip("/"):
         plan.subpath = safe_relpath(subpath.lstrip("/"), "path")
     seen: set[str] = set()

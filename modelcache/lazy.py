@@ -34,7 +34,7 @@ from modelcache.chunkindex import ChunkIndex
 from modelcache.digest import Digest
 from modelcache.errors import IntegrityError, Kind, ModelCacheError, UnsafeContent
 from modelcache.fsutil import pwrite_all
-from modelcache.layout import Plan, plan_for
+from modelcache.layout import Plan
 from modelcache.mediatypes import Compression
 from modelcache.options import PullOptions
 from modelcache.paths import PathFilter, safe_relpath
@@ -191,7 +191,7 @@ class LazyModel:
         self.resolved = resolved
         self.options = options
         self.strict = strict
-        self.plan: Plan = plan_for(resolved.manifest, options.subpath)
+        self.plan: Plan = cache.plan(resolved, options)
         self.root = Node("dir", 0o555)
         self.pending = False
         self.progress = Progress()
@@ -221,6 +221,7 @@ class LazyModel:
             self.pending = True
             return
         steps = self.plan.needed(path_filter)
+        self.cache.store_synthesized(self.plan, steps)  # a ModelKit's Kitfile: read like a committed raw layer
         budget = Budget.for_model(self.cache.max_model_files, self.cache.max_model_bytes,
                                   sum(s.descriptor.size for s in steps if s.compression.is_tar),
                                   self.cache.expand_ratio)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
+import posixpath
 import tarfile
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import zstandard
@@ -47,6 +49,64 @@ def compress(data: bytes, compression: mt.Compression) -> bytes:
     if compression is mt.Compression.TAR_ZSTD:
         return zstandard.ZstdCompressor().compress(data)
     return data
+
+
+KIT_STYLES = ("current", "kit-1.9", "kit-0.4")  # what kit wrote: annotations and artifactType; digests; neither
+
+
+@dataclass
+class KitPart:
+    """One Kitfile entry and its files (paths relative to the Kitfile's directory, under ``path``)."""
+
+    base: str  # model, modelpart, code, dataset, docs
+    path: str
+    files: dict[str, bytes]
+    compression: mt.Compression = mt.Compression.TAR
+    fields: dict[str, Any] = field(default_factory=dict)
+    extra: list[Entry] = field(default_factory=list)  # more tar entries, as given (hostile ones)
+
+
+def kit_tar(part: KitPart, style: str) -> bytes:
+    """A ModelKit tar layer as kit packs it: entries named relative to the Kitfile's directory, parent
+    directories included; before kit v0.5, relative to the parent of the entry's path."""
+    parent = posixpath.dirname(part.path.rstrip("/")) if style == "kit-0.4" else ""
+    entries, dirs = [], set()
+    for name in sorted(part.files):
+        parts = name.split("/")
+        for depth in range(1, len(parts)):
+            directory = "/".join(parts[:depth])
+            if directory not in dirs:
+                dirs.add(directory)
+                entries.append(Entry(directory, type=tarfile.DIRTYPE, mode=0o755))
+        entries.append(Entry(name, part.files[name]))
+    if parent:
+        entries = [Entry(e.name[len(parent) + 1:], e.data, e.type, e.mode) for e in entries
+                   if e.name.startswith(parent + "/")]
+    return make_tar(entries + part.extra)
+
+
+def kit_layer_blob(part: KitPart, style: str) -> tuple[bytes, str]:
+    """The layer's bytes and its diffId (the digest of the uncompressed tar, or of the raw file)."""
+    if part.compression is mt.Compression.RAW:
+        (data,) = part.files.values()
+        return data, "sha256:" + hashlib.sha256(data).hexdigest()
+    tar = kit_tar(part, style)
+    return compress(tar, part.compression), "sha256:" + hashlib.sha256(tar).hexdigest()
+
+
+def kitfile_of(parts: list[KitPart], package: dict[str, Any]) -> dict[str, Any]:
+    """The Kitfile (as kit's config JSON, without layer info) for ``parts``, fields in kit's order."""
+    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0", "package": package}
+    for part in parts:
+        entry = {**({"name": part.fields["name"]} if "name" in part.fields else {}), "path": part.path,
+                 **{k: v for k, v in part.fields.items() if k != "name"}}
+        if part.base == "model":
+            kitfile["model"] = entry
+        elif part.base == "modelpart":
+            kitfile.setdefault("model", {}).setdefault("parts", []).append(entry)
+        else:
+            kitfile.setdefault({"dataset": "datasets"}.get(part.base, part.base), []).append(entry)
+    return kitfile
 
 
 class Fixtures:
@@ -121,3 +181,30 @@ class Fixtures:
                               "size": len(response.content), "platform": platform})
         raw = json.dumps({"schemaVersion": 2, "mediaType": mt.OCI_INDEX, "manifests": manifests}).encode()
         return str(self.client.put_manifest(ref, raw, mt.OCI_INDEX))
+
+    def modelkit(self, name: str, parts: list[KitPart], style: str = "current", *,
+                 package: dict[str, Any] | None = None,
+                 tamper: Callable[[dict[str, Any]], None] | None = None) -> tuple[str, dict[str, Any]]:
+        """Push a ModelKit the way kit ``style`` packs it (layers in kit's order: model, parts, code,
+        datasets, docs); ``tamper`` may change the config JSON first. Returns (digest, Kitfile without
+        layer info)."""
+        order = ("model", "modelpart", "code", "dataset", "docs")
+        parts = sorted(parts, key=lambda p: order.index(p.base))
+        plain = kitfile_of(parts, package or {"name": name.split(":")[0], "authors": ["tests"]})
+        config = json.loads(json.dumps(plain))
+        entries = ([config["model"]] if any(p.base == "model" for p in parts) else []) + \
+            config.get("model", {}).get("parts", []) + config.get("code", []) + config.get("datasets", []) + \
+            config.get("docs", [])
+        layers = []
+        for part, entry in zip(parts, entries, strict=True):
+            data, diff_id = kit_layer_blob(part, style)
+            annotations = {mt.ANNOTATION_FILEPATH: part.path} if style == "current" else None
+            layer = self.layer(name, data, mt.kit_layer_type(part.base, part.compression), annotations)
+            if style != "kit-0.4":
+                entry.update(digest=layer["digest"], diffId=diff_id)
+            layers.append(layer)
+        if tamper is not None:
+            tamper(config)
+        digest = self.manifest(name, layers, config=json.dumps(config).encode(), config_type=mt.KIT_CONFIG,
+                               artifact_type=mt.KIT_ARTIFACT if style == "current" else None)
+        return digest, plain
