@@ -1,9 +1,10 @@
 """The FUSE side of lazy mounts: a read-only pyfuse3 filesystem on trio over a :class:`LazyModel`, and
-the helper process that serves one mount (``ocimodel fuse-serve``), detached from the CSI driver so
-the mount outlives a restart of the driver process."""
+the server process that serves one mount (``ocimodel fuse-serve``, in a mount pod or a session of its
+own: see lazyservers.py), so the mount outlives the plugin."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -12,11 +13,12 @@ import json
 import logging
 import os
 import signal
+import socket
 import stat
+import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,8 @@ PENDING_WAIT = 3600.0
 LAZY_RETRY = RetryPolicy(attempts=3, base_delay=0.2, max_delay=2.0, connect_timeout=3.0, read_timeout=10.0)
 CHILD_POLL_SECONDS = 0.1
 PR_SET_PDEATHSIG = 1
+JOB_WAIT = 600.0  # seconds a server waits for its job before it gives up (its mount pod then ends)
+JOB_READ_TIMEOUT = 30.0
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
 
@@ -232,7 +236,8 @@ def _cache_for(job: dict[str, Any]) -> ModelCache:
 
 
 def _options_for(job: dict[str, Any]) -> PullOptions:
-    return PullOptions(tuple(job.get("include", ())), tuple(job.get("exclude", ())), job.get("path"))
+    return PullOptions(tuple(job.get("include", ())), tuple(job.get("exclude", ())), job.get("path"),
+                       tuple(job.get("layers", ())))
 
 
 def download_in_child(job: dict[str, Any]) -> Download:
@@ -284,10 +289,46 @@ def pull_main() -> int:
     return 0
 
 
-def helper_main(argv: Sequence[str] | None = None) -> int:
-    """``ocimodel fuse-serve``: read the job (settings, credentials, reference) as JSON on stdin, mount,
-    print ``READY <files> <bytes>`` on stdout, then serve until unmounted."""
-    job = json.loads(sys.stdin.read())
+def receive_job(path: Path, timeout: float = JOB_WAIT) -> tuple[dict[str, Any], socket.socket]:
+    """Wait on the unix socket ``path`` (mode 0600) for a job sent by a root process (SO_PEERCRED); return
+    it and the connection to answer on. The socket is gone once a job has arrived."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    umask = os.umask(0o177)
+    try:
+        listener.bind(str(path))
+    finally:
+        os.umask(umask)
+    listener.listen(4)
+    listener.settimeout(timeout)
+    try:
+        while True:
+            conn, _ = listener.accept()
+            _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                            struct.calcsize("3i")))
+            if uid != 0:
+                conn.sendall(b"ERROR PERMISSION_DENIED only root may start lazy mounts\n")
+                conn.close()
+                continue
+            conn.settimeout(JOB_READ_TIMEOUT)
+            data = b""
+            while chunk := conn.recv(1 << 16):
+                data += chunk
+            return json.loads(data), conn
+    finally:
+        listener.close()
+        path.unlink(missing_ok=True)
+
+
+def helper_main(socket_path: Path) -> int:
+    """``ocimodel fuse-serve --socket PATH``: wait there for the job (settings, credentials, reference),
+    mount, answer ``READY <files> <bytes>`` (or ``ERROR <kind> <message>``), then serve until unmounted."""
+    try:
+        job, conn = receive_job(socket_path)
+    except (OSError, ValueError) as exc:
+        log.error("no lazy-mount job arrived on %s: %s", socket_path, exc)
+        return 1
     target = Path(job["target"])
     try:
         cache = _cache_for(job)
@@ -301,7 +342,9 @@ def helper_main(argv: Sequence[str] | None = None) -> int:
             model.on_broken = functools.partial(write_verdict, job["verdict"])
         model.build()
     except ModelCacheError as exc:
-        print(f"ERROR {exc.kind.name} {exc}", flush=True)
+        with contextlib.suppress(OSError):
+            conn.sendall(f"ERROR {exc.kind.name} {exc}\n".encode())
+        conn.close()
         return 1
     model.start_background()
     target.mkdir(parents=True, exist_ok=True)
@@ -309,8 +352,10 @@ def helper_main(argv: Sequence[str] | None = None) -> int:
     total = sum(n.size for n in _walk_files(model.root))
 
     def announce() -> None:
-        print(f"READY {files} {total}", flush=True)
-        sys.stdout.close()
+        with contextlib.suppress(OSError):
+            conn.sendall(f"READY {files} {total}\n".encode())
+        conn.close()
+        log.info("serving %s at %s (%d files, %d bytes)", job["reference"], target, files, total)
 
     signal.signal(signal.SIGTERM, lambda *_: unmount_all(target, lazy=True))
     try:

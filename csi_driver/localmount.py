@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 
 from csi_driver.attributes import parse_volume_context
 from csi_driver.errors import CsiError
-from csi_driver.lazymount import LazyLauncher
+from csi_driver.lazyservers import ProcessRunner
 from csi_driver.node import NodeService
 from csi_driver.proto import csi_pb2
 from csi_driver.publications import Publications
@@ -26,7 +26,7 @@ RETRY_PAUSE = 0.2
 
 def _local_node(settings: Settings) -> NodeService:
     return NodeService(socket.gethostname(), PullFlights(settings, for_volumes=False), Publications(settings.root),
-                       lazy=LazyLauncher(settings))
+                       lazy=ProcessRunner(settings.root))
 
 
 def local_volume_id(target: str) -> str:

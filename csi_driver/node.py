@@ -29,25 +29,18 @@ from csi_driver.attributes import (
 )
 from csi_driver.errors import CsiError, from_core, invalid
 from csi_driver.events import PodEvents
-from csi_driver.lazymount import (
-    FUSE_TYPE,
-    LazyLauncher,
-    detach,
-    fuse_available,
-    healthy,
-    helper_alive,
-    read_verdict,
-    stale_fuse_mounts,
-    verdict_path,
-)
+from csi_driver.lazymount import detach, healthy
+from csi_driver.lazyservers import ServerRunner
+from csi_driver.lazyvolumes import LazyVolumes
 from csi_driver.metrics import CsiMetrics
 from csi_driver.proto import csi_pb2, csi_pb2_grpc
 from csi_driver.publications import Publication, Publications
 from modelcache.credentials import CredentialStore
-from modelcache.errors import Kind, ModelCacheError
+from modelcache.errors import ModelCacheError
 from modelcache.mounts import bind_mount_readonly, is_mountpoint, mount_options, mounts_at, mounts_of, unmount_all
 from modelcache.records import PullResult, tree_key
-from modelcache.reference import parse_reference
+from modelcache.reference import Reference
+from modelcache.revisions import Revisions
 from modelcache.singleflight import PullFlights
 
 log = logging.getLogger(__name__)
@@ -67,18 +60,20 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     def __init__(self, node_id: str, pulls: PullFlights, state: Publications, *,
                  publish_wait: float = DEFAULT_PUBLISH_WAIT,
                  on_published: Callable[[Publication, VolumeSpec], None] | None = None,
-                 lazy: LazyLauncher | None = None, events: PodEvents | None = None,
+                 lazy: ServerRunner | None = None, events: PodEvents | None = None,
                  metrics: CsiMetrics | None = None, publish_slots: int = DEFAULT_PUBLISH_SLOTS) -> None:
         self.node_id = node_id
         self.pulls = pulls
         self.state = state
         self.publish_wait = publish_wait
         self.on_published = on_published
-        self.lazy = lazy if lazy is not None and fuse_available() else None
         self.events = events or PodEvents(None, node_id)
         self.metrics = metrics
+        self.lazy = LazyVolumes(lazy, state, pulls, self.events, metrics, mount_tree) \
+            if lazy is not None and lazy.available() else None
         self.publish_slots = publish_slots
         self._slots = threading.BoundedSemaphore(publish_slots)
+        self.revisions = Revisions(pulls.cache.store.root)
 
     # -- publish ---------------------------------------------------------------------------------------
     def publish(self, request: csi_pb2.NodePublishVolumeRequest, time_remaining: float | None = None) -> None:
@@ -105,18 +100,35 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 wait = min(wait, max(time_remaining - DEADLINE_MARGIN, 0.5))
             try:
                 result = None
+                source = self._source(spec)
                 if spec.mount == "lazy":
                     try:
-                        result = self._lazy_or_cached(request, spec, credentials, target)
+                        result = self._lazy_or_cached(request, spec, credentials, target, source)
                     except _FilesFirst:  # signed over its files: verified whole, then bind-mounted
-                        result = self._pull(request, spec, credentials, wait)
+                        result = self._pull(request, spec, credentials, wait, source)
                     if result is None:
                         return
                 else:
-                    result = self._pull(request, spec, credentials, wait)
+                    result = self._pull(request, spec, credentials, wait, source)
                 self._mount_and_record(request, spec, target, result)
             except ModelCacheError as exc:
                 raise from_core(exc, f"volume {volume_id}: {spec.reference}") from None
+
+    def _source(self, spec: VolumeSpec) -> Reference:
+        """What to pull for ``spec``: a tag that a ModelCache covers on this node (resolved within its
+        maxStalenessSeconds) is pinned to the node's current revision with no registry round trip, unless the
+        volume asks for ``resolve: registry``; the pinned digest still passes the signature policy and, for a
+        private model, the access check."""
+        if spec.reference.digest is not None:
+            return spec.reference
+        covered = self.revisions.serving(spec.reference) if spec.resolve == "auto" else None
+        if self.metrics is not None:
+            self.metrics.tag_resolutions.labels(source="modelcache" if covered else "registry").inc()
+        if covered is None:
+            return spec.reference
+        log.info("%s is %s on this node (a ModelCache's current revision); no registry round trip", spec.reference,
+                 covered.digest)
+        return covered
 
     @contextlib.contextmanager
     def _waiting_slot(self, what: str) -> Iterator[None]:
@@ -165,12 +177,12 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             readonly=request.readonly, mount=spec.mount, ephemeral=spec.ephemeral, files=files,
             total_bytes=total_bytes, pod=f"{namespace}/{name}" if name else "", pod_uid=uid,
             include=list(spec.options.include), exclude=list(spec.options.exclude),
-            subpath=spec.options.subpath or "", strict=spec.strict)
+            subpath=spec.options.subpath or "", layers=list(spec.options.layers), strict=spec.strict)
 
     def _pull(self, request: csi_pb2.NodePublishVolumeRequest, spec: VolumeSpec,
-              credentials: CredentialStore | None, wait: float) -> PullResult:
-        """Start or join the model's flight (never blocking); wait for it a bounded time in a waiting slot."""
-        flight = self.pulls.start(spec.reference, spec.options, credentials, secrets_fingerprint(request.secrets))
+              credentials: CredentialStore | None, wait: float, source: Reference) -> PullResult:
+        """Start or join the flight of ``source`` (never blocking); wait for it a bounded time in a waiting slot."""
+        flight = self.pulls.start(source, spec.options, credentials, secrets_fingerprint(request.secrets))
         if flight.future.done() and not flight.future.cancelled() and flight.future.exception() is None:
             result = flight.future.result()
             if not result.record.auth_required:
@@ -186,13 +198,12 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         return result
 
     def _lazy_or_cached(self, request: csi_pb2.NodePublishVolumeRequest, spec: VolumeSpec,
-                        credentials: CredentialStore | None, target: str) -> PullResult | None:
+                        credentials: CredentialStore | None, target: str, source: Reference) -> PullResult | None:
         """For mount=lazy: a model already in the cache is bind-mounted like any other; otherwise a
-        helper mounts the lazy view at once and the publication is recorded here (returns None)."""
+        server mounts the lazy view at once and the publication is recorded here (returns None)."""
         assert self.lazy is not None
         with self._waiting_slot(f"starting a lazy mount of {spec.reference}"):
-            pinned = spec.reference if spec.reference.digest else self.pulls.pin(spec.reference, spec.options,
-                                                                                   credentials)
+            pinned = source if source.digest else self.pulls.pin(source, spec.options, credentials)
             if self.pulls.authorize(pinned, credentials) is not None:  # before the helper shows a single file
                 log.info("%s is signed over its files (OpenSSF model signing): pulled and verified whole before it "
                          "is mounted, not lazily", pinned)
@@ -209,119 +220,24 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             created = not os.path.exists(target)
             try:
                 started = self.lazy.start(target, str(pinned), spec.options, credentials, spec.strict,
-                                          for_volume=self.pulls.for_volumes)
+                                          request.volume_id)
                 publication.files, publication.total_bytes = started.files, started.total_bytes
-                publication.helper_pid = started.pid
+                publication.helper_pid, publication.mount_pod = started.pid, started.pod
                 try:
                     self.state.put(publication)
                 except BaseException:
                     detach(target, remove=created)
+                    self.lazy.release(target)
                     raise
             except BaseException:
                 self.state.delete(target)
                 if created:
                     _remove_dir(target)
                 raise
-        log.info("published %s (%s, %d files, %d bytes) lazily at %s for pod %s (helper pid %d)", request.volume_id,
-                 pinned, started.files, started.total_bytes, target, publication.pod or "?", started.pid)
+        log.info("published %s (%s, %d files, %d bytes) lazily at %s for pod %s (server %s)", request.volume_id,
+                 pinned, started.files, started.total_bytes, target, publication.pod or "?",
+                 started.pod or f"pid {started.pid}")
         return None
-
-    def check_verdicts(self) -> None:
-        """Turn what lazy-mount helpers reported (a model that failed verification after it served reads)
-        into an abnormal volume, a pod Event, a metric and an error log line, once per volume."""
-        for publication in self.state.all():
-            if publication.mount != "lazy" or publication.problem:
-                continue
-            reason = read_verdict(verdict_path(self.pulls.cache.store.root, publication.target_path))
-            if reason is None:
-                continue
-            publication.problem = f"the model failed verification and every read fails: {reason}"
-            with contextlib.suppress(ModelCacheError):
-                self.state.put(publication)
-            log.error("lazy volume %s at %s: %s", publication.volume_id, publication.target_path, publication.problem)
-            self.events.warn(publication.pod_ref(), "ModelIntegrityFailure",
-                             f"volume {publication.volume_id} ({publication.reference}): {publication.problem}. "
-                             f"Restart the pod to mount the verified model")
-            if self.metrics is not None:
-                self.metrics.integrity_failures.inc()
-
-    def lazy_mounts_to_restore(self) -> list[Publication]:
-        """At start-up: re-attach lazy mounts whose helper still serves; return those whose helper is gone
-        (a restart of the whole plugin pod ends them) for :meth:`restore_lazy`. Unrecorded FUSE mounts of
-        ours whose daemon died are unmounted."""
-        known, lost = set(), []
-        for publication in self.state.all():
-            if publication.mount != "lazy" or not publication.helper_pid:
-                continue
-            target = publication.target_path
-            if helper_alive(publication.helper_pid) and healthy(target) and is_mountpoint(target):
-                log.info("re-attached lazy mount at %s (helper pid %d)", target, publication.helper_pid)
-            else:
-                lost.append(publication)
-            known.add(target)
-        for target in stale_fuse_mounts(known):
-            log.warning("stale FUSE mount at %s (transport endpoint not connected) has no record; unmounting it",
-                        target)
-            detach(target)
-        return lost
-
-    def restore_lazy(self, publication: Publication) -> None:
-        """Give a lazy volume whose helper is gone a working mount again, so that what kubelet hands to a
-        (re)started container is the model: the finished tree when the pull had completed (kept where it
-        is already stacked on the dead FUSE mount), else a new helper that resumes the download. When
-        neither works, the target is removed so that starting a container on it fails loudly, and the
-        volume reports an abnormal condition. Every case is logged, counted and told to the pod."""
-        target = publication.target_path
-        what = f"lazy volume {publication.volume_id} ({publication.reference}) at {target}"
-        try:
-            with self.state.locked(target):
-                outcome = self._restore_lazy(publication)
-        except (CsiError, ModelCacheError, OSError) as exc:
-            outcome = "failed"
-            publication.helper_pid = 0
-            publication.problem = f"the lazy mount's helper is gone and it could not be restored: {exc}"
-            with contextlib.suppress(OSError):
-                detach(target)
-            self.state.put(publication)
-            self.events.warn(publication.pod_ref(), "ModelVolumeLost",
-                             f"{what}: {publication.problem}; restart the pod to publish it again")
-        else:
-            notes = {
-                "bind": "the download had finished: the cached model is now bind-mounted there",
-                "helper": "a new helper serves it and resumes the download",
-            }
-            self.events.warn(publication.pod_ref(), "ModelVolumeRestored",
-                             f"{what}: its FUSE helper ended with a restart of the plugin; {notes[outcome]}. "
-                             f"A container that opened the volume before then may see 'transport endpoint is "
-                             f"not connected' until it restarts (mountPropagation: HostToContainer avoids this)")
-        if self.metrics is not None:
-            self.metrics.lazy_restores.labels(outcome=outcome).inc()
-
-    def _restore_lazy(self, publication: Publication) -> str:
-        target = publication.target_path
-        reference = parse_reference(publication.reference)
-        if self.pulls.authorize(reference, None) is not None:  # the policy (changed?) wants the files signed
-            raise ModelCacheError(f"{reference} is signed over its files: it is verified whole when it is "
-                                  f"published again, never served lazily", kind=Kind.REFUSED)
-        hit = self.pulls.cached(reference, publication.options())
-        if hit is not None:
-            top = mounts_at(target)[-1:] if healthy(target) else []
-            shows_tree = bool(top) and top[0].fstype != FUSE_TYPE and \
-                top[0].mountpoint in {m.mountpoint for m in mounts_of(hit.path)}
-            if not shows_tree:
-                detach(target, remove=False)
-                mount_tree(hit.path, target, publication.reference)
-            publication.source, publication.helper_pid, publication.problem = str(hit.path), 0, ""
-            self.state.put(publication)
-            return "bind"
-        if self.lazy is None:
-            raise CsiError(grpc.StatusCode.FAILED_PRECONDITION, "FUSE lazy mounts are not available on this node")
-        detach(target, remove=False)
-        started = self.lazy.start(target, publication.reference, publication.options(), None, publication.strict,
-                                  for_volume=self.pulls.for_volumes)
-        publication.helper_pid, publication.problem = started.pid, ""
-        self.state.put(publication)
-        return "helper"
 
     def _already_published(self, target: str, request: csi_pb2.NodePublishVolumeRequest, spec: VolumeSpec) -> bool:
         """True when ``target`` already shows this volume with compatible arguments; ALREADY_EXISTS when it
@@ -369,11 +285,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 unmount_all(target)
             except OSError as exc:
                 raise CsiError(grpc.StatusCode.INTERNAL, f"unmounting {target}: {exc}") from None
-            if record is not None and record.helper_pid and self.lazy is not None:
-                self.lazy.reap(record.helper_pid)
+            if self.lazy is not None and (record is None or (record.mount == "lazy" and not record.source)):
+                self.lazy.release(target)
             if record is not None or os.path.isdir(target):
                 _remove_dir(target)
-            verdict_path(self.pulls.cache.store.root, target).unlink(missing_ok=True)
             self.state.delete(target)
             log.info("unpublished %s (%s) from %s", request.volume_id, record.reference if record else "no record",
                      target)

@@ -40,17 +40,19 @@ class Publication:
     total_bytes: int
     pod: str = ""
     published_at: float = 0.0
-    helper_pid: int = 0
+    helper_pid: int = 0  # the local runner's server process
     pod_uid: str = ""
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     subpath: str = ""
+    layers: list[str] = field(default_factory=list)
     strict: bool = False
     problem: str = ""
+    mount_pod: str = ""  # the mount pod that runs the server (in a cluster)
 
     def options(self) -> PullOptions:
         """The pull options the volume was published with."""
-        return PullOptions(tuple(self.include), tuple(self.exclude), self.subpath or None)
+        return PullOptions(tuple(self.include), tuple(self.exclude), self.subpath or None, tuple(self.layers))
 
     def pod_ref(self) -> tuple[str, str, str]:
         """``(namespace, name, uid)`` of the pod, as far as kubelet told us."""

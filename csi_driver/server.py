@@ -24,7 +24,7 @@ from csi_driver.controller import ControllerService, PvcAccess
 from csi_driver.errors import CsiError, from_core
 from csi_driver.events import CreateEvent, PodEvents
 from csi_driver.identity import IdentityService
-from csi_driver.lazymount import LazyLauncher
+from csi_driver.lazyservers import PodRunner, ProcessRunner, ServerRunner
 from csi_driver.metrics import CsiMetrics
 from csi_driver.node import NodeService
 from csi_driver.proto import csi_pb2, csi_pb2_grpc
@@ -53,8 +53,9 @@ class PluginConfig:
     state_dir: Path | None = None
     publish_wait: float = DEFAULT_PUBLISH_WAIT
     metrics_address: str = ""
-    fuse_launcher: str = ""
     kubeconfig: str = ""  # '' = in-cluster (or ~/.kube/config), 'none' = no Kubernetes API
+    pod_name: str = ""  # the plugin's own pod (downward API): lazy volumes are then served by mount pods
+    pod_namespace: str = ""
 
 
 def redact(message: Message) -> Message:
@@ -170,11 +171,12 @@ def _bind_unix(server: grpc.Server, endpoint: str) -> None:
 
 
 def build_driver(settings: Settings, config: PluginConfig, *, pvcs: PvcAccess | None = None,
-                 create_event: CreateEvent | None = None, workers: int = RPC_THREADS) -> Driver:
-    """Assemble the services of ``config.mode`` and start serving on ``config.endpoint``."""
+                 create_event: CreateEvent | None = None, runner: ServerRunner | None = None,
+                 workers: int = RPC_THREADS) -> Driver:
+    """Assemble the services of ``config.mode`` and start serving on ``config.endpoint``. Lazy volumes are
+    served by ``runner`` (default: detached local processes)."""
     mode, node_id, endpoint = config.mode, config.node_id or socket.gethostname(), config.endpoint
     state_dir, publish_wait, metrics_address = config.state_dir, config.publish_wait, config.metrics_address
-    fuse_launcher = config.fuse_launcher
     if mode not in MODES:
         raise SystemExit(f"--mode must be one of {', '.join(MODES)}")
     serves_node = mode in ("node", "all")
@@ -203,9 +205,9 @@ def build_driver(settings: Settings, config: PluginConfig, *, pvcs: PvcAccess | 
                 warm_requests.request(publication.key, publication.source)
 
         node = NodeService(node_id, pulls, Publications(settings.root), publish_wait=publish_wait,
-                           on_published=request_warm, lazy=LazyLauncher(settings, fuse_launcher), events=events,
+                           on_published=request_warm, lazy=runner or ProcessRunner(settings.root), events=events,
                            metrics=metrics, publish_slots=workers - QUICK_RPC_THREADS)
-        lost = node.lazy_mounts_to_restore()
+        lost = node.lazy.adopt() if node.lazy else []
         csi_pb2_grpc.add_NodeServicer_to_server(node, server)
     if serves_controller:
         controller = ControllerService(settings, controller_dir, pvcs=pvcs)
@@ -218,9 +220,11 @@ def build_driver(settings: Settings, config: PluginConfig, *, pvcs: PvcAccess | 
                         "let kubelet unpublish it", target)
         for target in node.stale_records():
             log.warning("record for %s has no mount any more; kubelet will publish or unpublish it", target)
-        for publication in lost:  # each may start a helper (seconds): off the start-up path, one thread each
-            threading.Thread(target=node.restore_lazy, args=(publication,), name="restore-lazy", daemon=True).start()
-        threading.Thread(target=_every, args=(VERDICT_POLL, node.check_verdicts), name="verdicts", daemon=True).start()
+    if node is not None and node.lazy is not None:
+        for publication in lost:  # each may start a server (seconds): off the start-up path, one thread each
+            threading.Thread(target=node.lazy.restore, args=(publication,), name="restore-lazy", daemon=True).start()
+        threading.Thread(target=_every, args=(VERDICT_POLL, node.lazy.check_verdicts), name="verdicts",
+                         daemon=True).start()
     identity.ready.set()
     log.info("serving %s mode on %s as node %s", mode, endpoint, node_id)
     return Driver(server, identity, metrics, node, controller, pulls, events)
@@ -236,10 +240,12 @@ def _every(seconds: float, action: Callable[[], None]) -> None:
 
 
 def run_plugin(settings: Settings, config: PluginConfig) -> None:
-    """``ocimodel csi``: connect to the Kubernetes API if there is one (for PVC annotation lookups and pod
-    events; without one, warn once and run without them), serve until SIGTERM, shut down gracefully."""
+    """``ocimodel csi``: connect to the Kubernetes API if there is one (for PVC annotation lookups, pod
+    events and, given the plugin's own pod, mount pods; without one, warn once and run without them),
+    serve until SIGTERM, shut down gracefully."""
     pvcs: PvcAccess | None = None
     create_event: CreateEvent | None = None
+    runner: ServerRunner | None = None
     if config.kubeconfig != "none":
         from kubeadapter.client import KubeClient
         try:
@@ -251,7 +257,11 @@ def run_plugin(settings: Settings, config: PluginConfig) -> None:
                         "pass --kubeconfig=none to silence this", exc)
         else:
             pvcs, create_event = kube, kube.create_event
-    serve_forever(build_driver(settings, config, pvcs=pvcs, create_event=create_event))
+            if config.pod_name and config.pod_namespace:
+                runner = PodRunner(kube, config.pod_namespace, config.pod_name, config.node_id or socket.gethostname(),
+                                   settings.root)
+                log.info("lazy volumes are served by mount pods in %s", config.pod_namespace)
+    serve_forever(build_driver(settings, config, pvcs=pvcs, create_event=create_event, runner=runner))
 
 
 def serve_forever(driver: Driver) -> None:

@@ -131,7 +131,7 @@ class KubeClient:
             raise _error(exc, f"applying status of {namespace}/{name}") from None
 
     def update_status_summary(self, group: str, version: str, plural: str, namespace: str, name: str,
-                              summarize: Callable[[list[dict[str, Any]]], dict[str, int]], field_manager: str,
+                              summarize: Callable[[list[dict[str, Any]]], dict[str, Any]], field_manager: str,
                               attempts: int = 5) -> None:
         """Recompute ``status.summary`` from ``status.nodes`` and write it with a merge patch guarded by the
         object's resourceVersion, so agents writing at once never leave a stale count (409: read again)."""
@@ -156,6 +156,44 @@ class KubeClient:
                     raise _error(exc, f"writing the status summary of {namespace}/{name}") from None
         raise ModelCacheError(f"the status of {namespace}/{name} kept changing; summary left for the next update",
                               kind=Kind.UNAVAILABLE)
+
+    # -- pods (the node plugin's own pod and its mount pods) ------------------------------------------------
+    def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """Pod ``namespace/name`` as a JSON-style dict, or None when there is none."""
+        try:
+            pod = self.core.read_namespaced_pod(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise _error(exc, f"reading pod {namespace}/{name}") from None
+        return dict(self.api.sanitize_for_serialization(pod))
+
+    def create_pod(self, namespace: str, body: dict[str, Any]) -> bool:
+        """Create a Pod; False when one of that name exists already (409)."""
+        try:
+            pod: Any = body
+            self.core.create_namespaced_pod(namespace, pod)
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise _error(exc, f"creating pod {namespace}/{body['metadata']['name']}") from None
+        return True
+
+    def list_pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        """The Pods of ``namespace`` that match ``label_selector``, as JSON-style dicts."""
+        try:
+            pods: Any = self.core.list_namespaced_pod(namespace, label_selector=label_selector)
+        except ApiException as exc:
+            raise _error(exc, f"listing pods in {namespace}") from None
+        return [dict(self.api.sanitize_for_serialization(pod)) for pod in pods.items]
+
+    def delete_pod(self, namespace: str, name: str) -> None:
+        """Delete Pod ``namespace/name``; one that is gone already is fine."""
+        try:
+            self.core.delete_namespaced_pod(name, namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise _error(exc, f"deleting pod {namespace}/{name}") from None
 
     # -- secrets and events -----------------------------------------------------------------------------
     def secret_data(self, namespace: str, name: str) -> dict[str, str]:

@@ -185,7 +185,7 @@ def test_mount_survives_a_driver_restart(csi: CsiProcess, tmp_path: Path, big, p
     request = lazy_request("lazy-5", target, f"{proxy.host}/{name}")
     csi.node.NodePublishVolume(request)
     csi.restart(signal.SIGKILL)
-    assert f"re-attached lazy mount at {target}" in csi.log_text()
+    assert f"adopted lazy volume lazy-5 at {target}" in csi.log_text()
     with open(target / "weights.safetensors", "rb") as handle:
         assert handle.read(1000) == data[:1000]
     csi.node.NodePublishVolume(request)  # idempotent after the restart
@@ -210,7 +210,7 @@ def test_stale_fuse_mount_without_a_record_is_cleaned_at_start(csi: CsiProcess, 
         os.listdir(target)
     assert info.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)  # "transport endpoint is not connected"
     csi.start()
-    assert "has no record; unmounting it" in csi.log_text()
+    assert "which has no record" in csi.log_text()
     assert not is_mounted(target)
     code = grpc.StatusCode.OK
     try:
@@ -238,41 +238,6 @@ def test_uncompressed_tar_is_lazy_and_compressed_tar_appears_when_pulled(csi: Cs
         fixtures.host, proxy.host)))
     assert os.listdir(tgz_target) == ["c.txt"]  # waits for the layer
     assert (tgz_target / "c.txt").read_bytes() == b"sea"
-
-
-def test_helpers_hosted_by_a_launcher_outlive_the_driver(tmp_path: Path, big, proxy_factory) -> None:
-    name, data = big
-    socket_path = tmp_path / "launcher" / "fuse.sock"
-    launcher = subprocess.Popen([sys.executable, "-m", "ocimodel.cli", "fuse-launcher", "--socket", str(socket_path)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_until(socket_path.exists, 20)
-    assert socket_path.stat().st_mode & 0o077 == 0
-    csi = CsiProcess(tmp_path / "driver", "--fuse-launcher", str(socket_path))
-    proxy = proxy_factory(1_000_000)
-    target = tmp_path / "mnt"
-    request = lazy_request("lazy-7", target, f"{proxy.host}/{name}")
-    try:
-        csi.node.NodePublishVolume(request)
-        helper = helper_pid(csi, target)
-        parent = int(Path(f"/proc/{helper}/stat").read_text().split(") ")[1].split()[1])
-        assert parent == launcher.pid  # the driver does not own the helper
-        csi.stop(signal.SIGKILL)
-        with open(target / "weights.safetensors", "rb") as handle:
-            handle.seek(SIZE - 4096)
-            assert handle.read() == data[-4096:]
-        csi.start()
-        assert f"re-attached lazy mount at {target}" in csi.log_text()
-        csi.node.NodePublishVolume(request)
-        csi.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id="lazy-7", target_path=str(target)))
-        assert not is_mounted(target)
-        try:
-            wait_until(lambda: not Path(f"/proc/{helper}").exists(), 20)  # exited and reaped by the launcher
-        except AssertionError:
-            raise AssertionError(f"helper {helper} still there: " + _process_state(helper)) from None
-    finally:
-        csi.stop()
-        launcher.terminate()
-        launcher.wait(10)
 
 
 def test_wrong_range_answers_are_caught_when_the_blob_commits(tmp_path: Path, big, proxy_factory) -> None:
@@ -365,18 +330,6 @@ def test_cli_mount_lazy_strict(tmp_path: Path, big, proxy_factory) -> None:
     bad = subprocess.run([*cli, "mount", "--lazy-verify", "strict", f"{proxy.host}/{name}", str(target), "--root",
                           str(root), "--plain-http"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--lazy-verify needs --lazy" in bad.stderr
-
-
-def _process_state(pid: int) -> str:
-    """State, wait channel and threads of a process (for a failure message)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text().splitlines()
-        threads = [f"{t.name}:{(t / 'comm').read_text().strip()}:{(t / 'wchan').read_text()}"
-                   for t in Path(f"/proc/{pid}/task").iterdir()]
-        mounts = [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if "fuse" in line]
-    except OSError as exc:
-        return f"unreadable ({exc})"
-    return f"{[s for s in status if s.startswith(('State', 'PPid'))]} threads={threads} fuse mounts={mounts}"
 
 
 def test_reads_behind_the_download_come_from_it(tmp_path: Path, big, proxy_factory) -> None:  # type: ignore[no-untyped-def]

@@ -193,7 +193,7 @@ def test_sigterm_with_pulls_in_flight_stops_fast_and_the_pull_resumes(tmp_path: 
     csi.stop()
 
 
-def test_sigterm_stops_the_agent_and_the_fuse_launcher_fast(tmp_path: Path, fixtures: Fixtures,
+def test_sigterm_stops_the_agent_fast(tmp_path: Path, fixtures: Fixtures,
                                                             slow_proxy) -> None:  # type: ignore[no-untyped-def]
     from tests.test_agent import Cluster, modelcache
     fixtures.raw_model("term/agent:v1", {"weights.bin": os.urandom(32 << 20)})
@@ -203,28 +203,20 @@ def test_sigterm_stops_the_agent_and_the_fuse_launcher_fast(tmp_path: Path, fixt
     agent = subprocess.Popen([sys.executable, "-m", "ocimodel.cli", "agent", "--node-name", "node-a", "--kubeconfig",
                               str(kubeconfig), "--root", str(tmp_path / "root"), "--plain-http", "--metrics-address",
                               "127.0.0.1:0"], stdout=(tmp_path / "agent.log").open("wb"), stderr=subprocess.STDOUT)
-    socket_path = tmp_path / "launcher" / "fuse.sock"
-    launcher = subprocess.Popen([sys.executable, "-m", "ocimodel.cli", "fuse-launcher", "--socket", str(socket_path)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         ingest = tmp_path / "root" / "ingest"
         deadline = time.monotonic() + 30
         while not (ingest.is_dir() and any(p.stat().st_size > 0 for p in ingest.iterdir())):
             assert time.monotonic() < deadline, (tmp_path / "agent.log").read_text()[-2000:]
             time.sleep(0.1)
-        while not socket_path.exists():
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        for process in (agent, launcher):
-            started = time.monotonic()
-            process.send_signal(signal.SIGTERM)
-            process.wait(20)
-            assert time.monotonic() - started < 10
+        started = time.monotonic()
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(20)
+        assert time.monotonic() - started < 10
         assert any(p.stat().st_size > 0 for p in ingest.iterdir())  # resumable
     finally:
-        for process in (agent, launcher):
-            if process.poll() is None:
-                process.kill()
+        if agent.poll() is None:
+            agent.kill()
         cluster.api.close()
 
 

@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ocimodel`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    # services (csi, agent, fuse-launcher) log one INFO line per operation by default; commands only warnings
+    # services (csi, agent, fuse-serve) log one INFO line per operation by default; commands only warnings
     base = getattr(args, "log_level", logging.WARNING)
     logging.basicConfig(level=max(base - 10 * min(args.verbose, 2), logging.DEBUG),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,4 +1,4 @@
-"""``ocimodel csi``, ``mount``, ``umount``, ``fuse-launcher``, ``fuse-serve`` and ``fuse-pull``. The CSI
+"""``ocimodel csi``, ``mount``, ``umount``, ``fuse-serve`` and ``fuse-pull``. The CSI
 driver is imported only when one of them runs, so ``ocimodel pull`` starts fast."""
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ def cmd_csi(args: argparse.Namespace) -> int:
     from csi_driver.server import PluginConfig, run_plugin
     config = PluginConfig(endpoint=args.endpoint, node_id=args.node_id, mode=args.mode,
                           state_dir=Path(args.state_dir) if args.state_dir else None, publish_wait=args.publish_wait,
-                          metrics_address=args.metrics_address, fuse_launcher=args.fuse_launcher,
-                          kubeconfig=args.kubeconfig)
+                          metrics_address=args.metrics_address, kubeconfig=args.kubeconfig,
+                          pod_name=args.pod_name, pod_namespace=args.pod_namespace)
     run_plugin(settings_from_args(args), config)
     exit_now(0)
     return 0
@@ -43,6 +43,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         attributes["exclude"] = ",".join(args.exclude)
     if args.path:
         attributes["path"] = args.path
+    if args.layers:
+        attributes["layers"] = args.layers
     secrets: dict[str, str] = {}
     if args.username:
         secrets = {"username": args.username, "password": os.environ.get("OCIMODEL_PASSWORD", "")}
@@ -72,21 +74,14 @@ def _csi_errors() -> Iterator[None]:
         raise SystemExit(1) from None
 
 
-def cmd_fuse_launcher(args: argparse.Namespace) -> int:
-    """Host lazy-mount helpers until SIGTERM."""
-    from csi_driver.lazymount import serve_launcher
-    serve_launcher(Path(args.socket))
-    return 0
-
-
 def cmd_fuse_serve(args: argparse.Namespace) -> int:
-    """The detached helper that serves one lazy mount (its job arrives as JSON on stdin)."""
+    """The server of one lazy mount (in a mount pod or a session of its own); its job arrives on --socket."""
     from csi_driver.lazyfs import helper_main
-    return helper_main()
+    return helper_main(Path(args.socket))
 
 
 def cmd_fuse_pull(args: argparse.Namespace) -> int:
-    """The child of a lazy-mount helper that downloads the model (its job arrives as JSON on stdin)."""
+    """The child of a lazy-mount server that downloads the model (its job arrives as JSON on stdin)."""
     from csi_driver.lazyfs import pull_main
     return pull_main()
 
@@ -100,8 +95,11 @@ def register(sub: Any) -> None:
     csi.add_argument("--state-dir", help="where the controller keeps its volume records (default: --root)")
     csi.add_argument("--publish-wait", type=float, default=DEFAULT_PUBLISH_WAIT,
                      help="seconds NodePublishVolume waits for a pull before answering ABORTED (kubelet retries)")
-    csi.add_argument("--fuse-launcher", default="",
-                     help="unix socket of an 'ocimodel fuse-launcher' hosting lazy-mount helpers ('' = here)")
+    csi.add_argument("--pod-name", default=os.environ.get("POD_NAME", ""),
+                     help="the plugin's own pod (default $POD_NAME): with it, lazy volumes are served by mount pods "
+                          "from the pod's image; without, by processes in sessions of their own")
+    csi.add_argument("--pod-namespace", default=os.environ.get("POD_NAMESPACE", ""),
+                     help="the namespace of --pod-name and of the mount pods (default $POD_NAMESPACE)")
     csi.add_argument("--metrics-address", default="", help="host:port for Prometheus metrics ('' = off)")
     csi.add_argument("--kubeconfig", default="", help="kubeconfig for PVC lookups and pod events "
                      "('' = in-cluster, 'none' = off)")
@@ -118,19 +116,18 @@ def register(sub: Any) -> None:
     mount.add_argument("--include", action="append")
     mount.add_argument("--exclude", action="append")
     mount.add_argument("--path")
+    mount.add_argument("--layers", metavar="KINDS", help="only these layer kinds: a comma list of weights, config, "
+                       "code, datasets, docs (the layers volume attribute)")
     mount.add_argument("--username", help="registry user (password from $OCIMODEL_PASSWORD)")
     add_node_options(mount)
     add_policy_options(mount)
     mount.set_defaults(handler=cmd_mount)
 
-    helper = sub.add_parser("fuse-serve", help="(internal) serve one lazy mount; reads its job on stdin")
+    helper = sub.add_parser("fuse-serve", help="(internal) serve one lazy mount; its job arrives on --socket")
+    helper.add_argument("--socket", required=True, help="root-only unix socket to wait on for the job")
     helper.set_defaults(handler=cmd_fuse_serve, log_level=logging.INFO)
     pull = sub.add_parser("fuse-pull", help="(internal) download a lazy mount's model; reads its job on stdin")
     pull.set_defaults(handler=cmd_fuse_pull, log_level=logging.INFO)
-
-    launcher = sub.add_parser("fuse-launcher", help="host lazy-mount helpers for the CSI driver (own container)")
-    launcher.add_argument("--socket", required=True, help="unix socket path (created mode 0600)")
-    launcher.set_defaults(handler=cmd_fuse_launcher, log_level=logging.INFO)
 
     umount = sub.add_parser("umount", help="unmount a model mounted with 'ocimodel mount'")
     umount.add_argument("target")
