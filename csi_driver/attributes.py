@@ -10,7 +10,7 @@ from csi_driver.errors import invalid
 from csi_driver.proto import csi_pb2
 from modelcache.credentials import Credentials, CredentialStore
 from modelcache.errors import ModelCacheError
-from modelcache.options import PullOptions
+from modelcache.options import PullOptions, parse_layer_kinds
 from modelcache.reference import Reference, parse_reference
 
 Mode = csi_pb2.VolumeCapability.AccessMode.Mode
@@ -20,7 +20,7 @@ MOUNT_TYPES = ("bind", "lazy")
 EPHEMERAL_KEY = "csi.storage.k8s.io/ephemeral"
 POD_NAMESPACE_KEY, POD_NAME_KEY, POD_UID_KEY = ("csi.storage.k8s.io/pod.namespace", "csi.storage.k8s.io/pod.name",
                                                "csi.storage.k8s.io/pod.uid")
-KNOWN_ATTRIBUTES = ("reference", "mount", "include", "exclude", "path", "warm", "lazyVerify")
+KNOWN_ATTRIBUTES = ("reference", "mount", "include", "exclude", "path", "layers", "warm", "lazyVerify")
 # Kubernetes owns every key under these prefixes (kubelet's pod info, the external-provisioner's
 # csiProvisionerIdentity and --extra-create-metadata keys, and whatever they add later): never an error.
 RESERVED_PREFIXES = ("csi.storage.k8s.io/", "storage.kubernetes.io/")
@@ -83,7 +83,11 @@ def parse_volume_context(context: Mapping[str, str], *, lazy_supported: bool = F
     if verify not in ("background", "strict"):
         raise invalid(f"volume attribute 'lazyVerify' must be \"background\" or \"strict\", not {verify!r}")
     path = context.get("path", "").strip() or None
-    options = PullOptions(_globs(context.get("include", "")), _globs(context.get("exclude", "")), path)
+    try:
+        layers = parse_layer_kinds(context.get("layers", ""))
+    except ModelCacheError as exc:
+        raise invalid(f"volume attribute 'layers': {exc}") from None
+    options = PullOptions(_globs(context.get("include", "")), _globs(context.get("exclude", "")), path, layers)
     return VolumeSpec(reference, options, mount, warm == "true", context.get(EPHEMERAL_KEY, "") == "true",
                       verify == "strict")
 

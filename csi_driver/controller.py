@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 PVC_NAME = "csi.storage.k8s.io/pvc/name"
 PVC_NAMESPACE = "csi.storage.k8s.io/pvc/namespace"
 PVC_REFERENCE_ANNOTATION = "ocimodel.csi.dev/reference"
-PASSED_THROUGH = ("mount", "include", "exclude", "path", "warm", "lazyVerify")
+PASSED_THROUGH = ("mount", "include", "exclude", "path", "layers", "warm", "lazyVerify")
 MAX_NAME = 128
 RESOLVED_ANNOTATION = "ocimodel.csi.dev/resolved-volume"
 

@@ -45,7 +45,8 @@ class LazyVolumes:
                "settings": self.pulls.settings.to_mapping(),
                "docker_config": credentials.to_docker_config() if credentials else {"auths": {}},
                "for_volume": self.pulls.for_volumes, "include": list(options.include),
-               "exclude": list(options.exclude), "path": options.subpath, "layers": list(options.layers), "strict": strict,
+               "exclude": list(options.exclude), "path": options.subpath, "layers": list(options.layers),
+               "strict": strict,
                "verdict": str(verdict_path(root, target))}
         verdict_path(root, target).unlink(missing_ok=True)
         return self.runner.start(job, timeout)

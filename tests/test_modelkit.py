@@ -4,7 +4,10 @@ hostile input refused alike, skipped layers never fetched. Fixtures are packed h
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,7 @@ from modelcache.errors import Kind, ModelCacheError
 from modelcache.options import PullOptions, parse_layer_kinds
 from modelcache.records import tree_key
 from modelcache.store import ContentStore
-from tests.conftest import make_client
+from tests.conftest import make_client, needs_root
 from tests.helpers.oci import KIT_STYLES, Entry, Fixtures, KitPart, compress, make_tar
 from tests.helpers.proxy import RegistryProxy
 from tests.test_hostile import HOSTILE_TARS
@@ -251,3 +254,53 @@ def test_assembled_tree_has_only_regular_files_and_directories(fixtures: Fixture
     view = bind_view(cache.pull(fixtures.ref("kit/kinds-of-entry:v1")).path)
     assert {kind for kind, _, _ in view.values()} == {"file", "dir"}
     assert view["models"][0] == "dir" and view["src/lib"][0] == "dir"
+
+
+def ocimodel(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ocimodel.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_pull_with_layers(fixtures: Fixtures, tmp_path: Path) -> None:
+    fixtures.modelkit("kit-cli/pull:v1", sample(ZSTD, RAW))
+    out = ocimodel("pull", fixtures.ref("kit-cli/pull:v1"), "--layers", "config,weights", "--list-files", "--json",
+                   "--root", str(tmp_path), "--plain-http")
+    assert out.returncode == 0, out.stderr
+    assert sorted(json.loads(out.stdout)["file_list"]) == ["Kitfile", "models/model.safetensors",
+                                                           "models/tokenizer.json"]
+    bad = ocimodel("pull", fixtures.ref("kit-cli/pull:v1"), "--layers", "weights,models", "--root", str(tmp_path),
+                   "--plain-http")
+    assert bad.returncode == 2 and "models" in bad.stderr
+
+
+def test_layers_volume_attribute() -> None:
+    from csi_driver.attributes import parse_volume_context
+    from csi_driver.errors import CsiError
+    plain = parse_volume_context({"reference": "r.example.com/m:v1"})
+    narrowed = parse_volume_context({"reference": "r.example.com/m:v1", "layers": " weights , config "})
+    assert narrowed.options.layers == ("config", "weights") and plain.options.layers == ()
+    assert narrowed.fingerprint() != plain.fingerprint()
+    with pytest.raises(CsiError) as info:
+        parse_volume_context({"reference": "r.example.com/m:v1", "layers": "weights,tokenizer"})
+    assert "layers" in info.value.message and "tokenizer" in info.value.message
+
+
+@needs_root
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse is missing")
+@pytest.mark.parametrize("lazy", [False, True], ids=["bind", "lazy"])
+def test_cli_mount_with_layers(fixtures: Fixtures, tmp_path: Path, lazy: bool) -> None:
+    name = f"kit-cli/mount-{'lazy' if lazy else 'bind'}:v1"
+    parts = sample(TAR, RAW)
+    _, kitfile = fixtures.modelkit(name, parts, "current")
+    target, root = tmp_path / "mnt", tmp_path / "root"
+    out = ocimodel("mount", fixtures.ref(name), str(target), "--layers", "config,code,weights", "--root", str(root),
+                   "--plain-http", *(["--lazy"] if lazy else []))
+    assert out.returncode == 0, out.stderr
+    try:
+        tree = read_tree(target)
+        check_kitfile(tree.pop("Kitfile"), kitfile)
+        assert tree == files_of([p for p in parts if p.base in ("model", "modelpart", "code")])
+        record = json.loads(next((root / "csi" / "publications").glob("*.json")).read_text())
+        assert record["layers"] == ["code", "config", "weights"]
+    finally:
+        out = ocimodel("umount", str(target), "--root", str(root))
+    assert out.returncode == 0, out.stderr

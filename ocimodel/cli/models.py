@@ -1,4 +1,4 @@
-"""``ocimodel pull`` and ``ocimodel push``."""
+"""``ocimodel pull``, ``push``, ``sign`` and ``inspect``."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from modelcache.cosign import sign_cosign
-from modelcache.mediatypes import Compression
-from modelcache.options import PullOptions
+from modelcache.describe import describe
+from modelcache.mediatypes import LAYER_KINDS, Compression
+from modelcache.options import PullOptions, parse_layer_kinds
 from modelcache.progress import Progress
 from modelcache.push import push_directory
 from modelcache.reference import parse_reference
@@ -24,7 +25,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
     """Pull a reference into the cache and print where it is."""
     settings = settings_from_args(args)
     cache = settings.cache(explicit_credentials(args, args.reference))
-    options = PullOptions(tuple(args.include or ()), tuple(args.exclude or ()), args.path)
+    options = PullOptions(tuple(args.include or ()), tuple(args.exclude or ()), args.path,
+                          parse_layer_kinds(args.layers or ""))
     ref = parse_reference(args.reference)
     files_signed = None
     settings.signature_policy.persist_in(cache.store.root / "verdicts")
@@ -76,13 +78,42 @@ def cmd_sign(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Describe REF from its manifest (and a ModelKit's config) without downloading a layer."""
+    settings = settings_from_args(args)
+    client = RegistryClient(settings.transport(explicit_credentials(args, args.reference)))
+    data = describe(client, parse_reference(args.reference))
+    emit(args, data, _inspect_text(data))
+    return 0
+
+
+def _inspect_text(data: dict[str, Any]) -> str:
+    artifact = f" (artifactType {data['artifact_type']})" if data["artifact_type"] else ""
+    lines = [f"reference: {data['reference']}", f"digest: {data['digest']}",
+             f"manifest: {data['manifest_digest']} {data['media_type']}{artifact}",
+             f"config: {data['config_media_type']}",
+             f"layout: {data['layout']}" + (f" ({data['problem']})" if data["problem"] else ""),
+             f"layers ({len(data['layers'])}, {data['total_bytes']} bytes):"]
+    for i, layer in enumerate(data["layers"]):
+        lines.append(f"  {i:>3} {layer['kind'] or '-':<8} {layer['format'] or '-':<8} {layer['size']:>14} "
+                     f"{layer['path'] or '-'}  {layer['media_type']}")
+    signatures = data["signatures"]
+    lines.append(f"signatures: cosign {signatures['cosign']}, sigstore bundles {signatures['sigstore_bundles']} "
+                 f"(present, not verified)")
+    index = data["chunk_index"]
+    lines.append(f"chunk index: {index['digest'] if index else 'none'}")
+    return "\n".join(lines)
+
+
 def register(sub: Any) -> None:
-    """Add ``pull`` and ``push``."""
+    """Add ``pull``, ``push``, ``sign`` and ``inspect``."""
     pull = sub.add_parser("pull", help="pull a model into the node cache")
     pull.add_argument("reference")
     pull.add_argument("--include", action="append", help="glob of files to keep (repeatable)")
     pull.add_argument("--exclude", action="append", help="glob of files to drop (repeatable)")
     pull.add_argument("--path", help="sub-path to expose (container images: default /models)")
+    pull.add_argument("--layers", metavar="KINDS", help=f"only these layer kinds, a comma list of "
+                      f"{', '.join(LAYER_KINDS)} (ModelPack and ModelKit); the others are never downloaded")
     pull.add_argument("--list-files", action="store_true", help="include the file list")
     add_common(pull)
     add_policy_options(pull)
@@ -106,3 +137,9 @@ def register(sub: Any) -> None:
                       help="PEM private key: ECDSA P-256/P-384, Ed25519 or RSA (password from $OCIMODEL_KEY_PASSWORD)")
     add_common(sign)
     sign.set_defaults(handler=cmd_sign)
+
+    inspect = sub.add_parser("inspect", help="describe a model (layers, kinds, paths, signatures) without "
+                                             "downloading it")
+    inspect.add_argument("reference")
+    add_common(inspect)
+    inspect.set_defaults(handler=cmd_inspect)
