@@ -9,21 +9,24 @@ from modelcache.fsutil import atomic_write_json, file_lock, read_json
 
 
 class Pins:
-    """``owner -> model key`` (an owner is e.g. ``namespace/name`` of a ModelCache)."""
+    """``owner -> model keys`` (an owner is e.g. ``namespace/name`` of a ModelCache, which pins the revisions it
+    keeps); stored as one key, or a list when an owner pins several."""
 
     def __init__(self, root: Path) -> None:
         self.path = root / "agent" / "pins.json"
         self.lock_path = root / "locks" / "pins.lock"
 
-    def _load(self) -> dict[str, str]:
+    def _load(self) -> dict[str, str | list[str]]:
         data = read_json(self.path)
-        return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+        if not isinstance(data, dict):
+            return {}
+        return {str(k): [str(x) for x in v] if isinstance(v, list) else str(v) for k, v in data.items()}
 
-    def pin(self, owner: str, key: str) -> None:
-        """Pin ``key`` on behalf of ``owner``."""
+    def pin(self, owner: str, key: str, *more: str) -> None:
+        """Pin ``key`` (and ``more``) on behalf of ``owner``, replacing what ``owner`` pinned before."""
         with file_lock(self.lock_path):
             pins = self._load()
-            pins[owner] = key
+            pins[owner] = [key, *more] if more else key
             atomic_write_json(self.path, pins)
 
     def unpin(self, owner: str) -> None:
@@ -45,4 +48,4 @@ class Pins:
 
     def pinned(self) -> set[str]:
         """Every pinned model key."""
-        return set(self._load().values())
+        return {key for value in self._load().values() for key in ([value] if isinstance(value, str) else value)}

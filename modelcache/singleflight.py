@@ -127,12 +127,17 @@ class PullFlights:
         signature over the files: they must all be pulled and checked before any is shown."""
         return self.settings.signature_policy.check(self._cache_for(credentials).client, reference)
 
+    def resolve(self, reference: Reference, credentials: CredentialStore | None) -> Reference:
+        """Pin a tag to the digest it names now, with one HEAD of its manifest (registries that limit pulls
+        count GETs, not HEADs); no fallback."""
+        transport = self.settings.transport(credentials, for_volume=self.for_volumes)
+        return reference.with_digest(RegistryClient(transport).head_digest(reference))
+
     def pin(self, reference: Reference, options: PullOptions, credentials: CredentialStore | None) -> Reference:
         """Pin a tag to its digest; if the registry is unreachable, fall back to the newest cached copy
         of that tag, unless that model needed credentials (access could not be re-checked)."""
         try:
-            transport = self.settings.transport(credentials, for_volume=self.for_volumes)
-            return reference.with_digest(RegistryClient(transport).head_digest(reference))
+            return self.resolve(reference, credentials)
         except ModelCacheError as exc:
             if exc.kind is not Kind.UNAVAILABLE:
                 raise

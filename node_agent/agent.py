@@ -3,12 +3,10 @@ Kubernetes calls, page-cache scans) runs in worker threads behind capacity limit
 
 from __future__ import annotations
 
-import datetime
 import logging
-import math
 import signal
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,33 +16,23 @@ from prometheus_client import start_http_server
 from kubeadapter.client import KubeClient
 from modelcache import pagecache
 from modelcache.cache import ModelCache
-from modelcache.credentials import CredentialStore
 from modelcache.errors import Kind, ModelCacheError
 from modelcache.eviction import evict
 from modelcache.gc import usage
 from modelcache.mounts import mounts_of
-from modelcache.options import PullOptions
-from modelcache.pins import Pins
-from modelcache.progress import Progress
-from modelcache.records import PullResult
 from modelcache.settings import Settings
 from modelcache.singleflight import PullFlights
 from modelcache.verify import verify_cache
 from modelcache.warmrequests import WarmRequests
-from node_agent import GROUP, KIND, PLURAL, VERSION
+from node_agent import GROUP, PLURAL, VERSION
 from node_agent.metrics import AgentMetrics
-from node_agent.spec import ModelCacheSpec, node_label, parse_spec
+from node_agent.reporting import Reporter
+from node_agent.revisions import Realiser, Tracked, jittered
+from node_agent.spec import node_labels, parse_spec
 
 log = logging.getLogger(__name__)
-COMPONENT = "ocimodel-agent"
 RETRY_KINDS = (Kind.UNAVAILABLE, Kind.RESOURCE_EXHAUSTED)
 STOP_PULL_WAIT = 3.0
-
-
-def summarize_nodes(nodes: list[dict[str, Any]]) -> dict[str, int]:
-    """``status.summary`` of a ModelCache: how many nodes reported, are ready, failed."""
-    phases = [str(n.get("phase", "")) for n in nodes]
-    return {"nodes": len(nodes), "ready": phases.count("Ready"), "failed": phases.count("Failed")}
 
 
 @dataclass
@@ -65,16 +53,6 @@ class AgentConfig:
     kube_threads: int = 4
 
 
-@dataclass
-class Tracked:
-    """An object this node acts on."""
-
-    spec: ModelCacheSpec
-    cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
-    phase: str = "Pending"
-    result: PullResult | None = None
-
-
 class Agent:
     """Watches ModelCache objects, pulls what this node should hold, warms and locks, evicts, reports."""
 
@@ -82,18 +60,15 @@ class Agent:
         self.config = config
         self.kube = kube
         self.cache: ModelCache = config.settings.cache()
-        root = config.settings.root
-        self.pins = Pins(root)
-        self.warm_requests = WarmRequests(root)
+        self.warm_requests = WarmRequests(config.settings.root)
         self.metrics = AgentMetrics()
         self.flights = PullFlights(config.settings, max_parallel=config.pull_threads, metrics=self.metrics.pulls,
                                    for_volumes=False)  # admin-declared ModelCache objects: node credentials apply
-        self.pull_limiter = trio.CapacityLimiter(config.pull_threads)
-        self.kube_limiter = trio.CapacityLimiter(config.kube_threads)
-        self.io_limiter = trio.CapacityLimiter(2)
+        self.reporter = Reporter(kube, config.node_name, config.kube_threads)
+        self.realiser = Realiser(config.settings, self.flights, self.reporter, self.metrics,
+                                 lambda t: self.objects.get(t.spec.owner) is t, pull_threads=config.pull_threads,
+                                 progress_interval=config.progress_interval)
         self.objects: dict[str, Tracked] = {}
-        self.locks: dict[str, pagecache.LockedFiles] = {}
-        self.warmed: dict[str, Path] = {}
         self.node_labels: dict[str, str] = {}
         self.metrics_port = 0
         self._nursery: trio.Nursery | None = None
@@ -119,9 +94,8 @@ class Agent:
                 task_status.started()
         finally:
             self.flights.shutdown(timeout=STOP_PULL_WAIT)  # pulls stop at their next read; they resume next start
-            for locked in self.locks.values():
-                locked.release()
-            self.locks.clear()
+            for owner in list(self.realiser.locks):
+                self.realiser.release_lock(owner)
 
     async def _every(self, seconds: float, action: Callable[[], Awaitable[None]]) -> None:
         while True:
@@ -143,16 +117,10 @@ class Agent:
             server.shutdown()
             server.server_close()
 
-    async def _thread(self, fn: Callable[..., Any], *args: Any, limiter: trio.CapacityLimiter | None = None) -> Any:
-        return await trio.to_thread.run_sync(fn, *args, limiter=limiter or self.io_limiter, abandon_on_cancel=True)
-
     # -- Kubernetes ------------------------------------------------------------------------------------
-    async def _kube(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await self._thread(fn, *args, limiter=self.kube_limiter)
-
     async def _refresh_node(self) -> None:
         assert self.kube is not None
-        labels = await self._kube(self.kube.node_labels, self.config.node_name)
+        labels = await self.reporter.call(self.kube.node_labels, self.config.node_name)
         changed = labels != self.node_labels
         self.node_labels = labels
         if changed:
@@ -166,7 +134,7 @@ class Agent:
         backoff = 1.0
         while True:
             try:
-                items, version = await self._kube(kube.list_modelcaches, GROUP, VERSION, PLURAL)
+                items, version = await self.reporter.call(kube.list_modelcaches, GROUP, VERSION, PLURAL)
                 seen = set()
                 for obj in items:
                     meta = obj.get("metadata") or {}
@@ -187,8 +155,10 @@ class Agent:
         """Keep only the pins of objects that are tracked here and ask for one (those deleted, unpinned or
         moved to other nodes while this agent was down lose theirs)."""
         wanted = {owner for owner, tracked in self.objects.items() if tracked.spec.pin}
-        for owner in self.pins.retain(wanted):
+        for owner in self.realiser.pins.retain(wanted):
             log.info("dropped the pin of %s: no listed ModelCache asks for it", owner)
+        for owner in self.realiser.store.retain(set(self.objects)):
+            log.info("dropped the revisions of %s: no listed ModelCache selects this node for it", owner)
 
     async def _watch_once(self, version: str) -> str:
         assert self.kube is not None
@@ -222,8 +192,8 @@ class Agent:
         try:
             spec = parse_spec(obj)
         except ModelCacheError as exc:
-            await self._apply_status(str(meta.get("namespace")), str(meta.get("name")),
-                                     {"phase": "Failed", "message": f"invalid spec: {exc}"})
+            await self.reporter.status(str(meta.get("namespace")), str(meta.get("name")),
+                                       {"phase": "Failed", "message": f"invalid spec: {exc}"})
             return
         tracked = self.objects.get(owner)
         if not spec.selects(self.node_labels):
@@ -234,7 +204,7 @@ class Agent:
             return
         if tracked is not None:
             tracked.cancel.cancel()
-            self._release_lock(owner)
+            self.realiser.release_lock(owner)
         tracked = Tracked(spec)
         self.objects[owner] = tracked
         assert self._nursery is not None
@@ -244,185 +214,66 @@ class Agent:
         tracked = self.objects.pop(owner, None)
         if tracked is None:
             return
+        spec = tracked.spec
         tracked.cancel.cancel()
-        self._release_lock(owner)
-        self.pins.unpin(owner)
-        namespace, _, name = owner.partition("/")
-        if self.kube is not None:
-            try:
-                await self._kube(self.kube.patch_node_labels, self.config.node_name,
-                                 {node_label(namespace, name): None})
-            except ModelCacheError as exc:
-                log.warning("could not remove the node label of %s: %s", owner, exc)
+        self.realiser.release_lock(owner)
+        self.realiser.pins.unpin(owner)
+        self.realiser.store.remove(owner)  # the plugin stops serving its tag from this node's revision
+        try:
+            await self.reporter.labels(node_labels(spec, None))
+        except ModelCacheError as exc:
+            log.warning("could not remove the node labels of %s: %s", owner, exc)
         if not deleted:
-            await self._apply_status(namespace, name, None)
+            await self.reporter.status(spec.namespace, spec.name, None)
         log.info("stopped tracking %s (%s)", owner, "deleted" if deleted else "no longer selects this node")
 
-    def _release_lock(self, owner: str) -> None:
-        locked = self.locks.pop(owner, None)
-        if locked is not None:
-            locked.release()
-            self.metrics.locked_bytes.set(sum(lf.bytes for lf in self.locks.values()))
-
-    async def _apply_status(self, namespace: str, name: str, entry: dict[str, Any] | None) -> None:
-        """Server-side apply this node's entry of ``status.nodes`` (None removes it)."""
-        if self.kube is None:
-            return
-        nodes = []
-        if entry is not None:
-            nodes = [{"node": self.config.node_name,
-                      "lastUpdate": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                      **entry}]
-        try:
-            await self._kube(self.kube.apply_status, GROUP, VERSION, PLURAL, KIND, namespace, name, {"nodes": nodes},
-                             f"{COMPONENT}-{self.config.node_name}")
-            if entry is None or "progress" not in entry or entry.get("phase") != "Pulling":  # not per progress tick
-                await self._kube(self.kube.update_status_summary, GROUP, VERSION, PLURAL, namespace, name,
-                                 summarize_nodes, f"{COMPONENT}-summary")
-        except ModelCacheError as exc:
-            log.warning("could not write the status of %s/%s: %s", namespace, name, exc)
-
-    async def _event(self, spec: ModelCacheSpec, reason: str, message: str, warning: bool = False) -> None:
-        if self.kube is None:
-            return
-        involved = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "namespace": spec.namespace,
-                    "name": spec.name, "uid": spec.uid}
-        try:
-            await self._kube(self.kube.create_event, involved, reason, message, "Warning" if warning else "Normal",
-                             COMPONENT, self.config.node_name)
-        except ModelCacheError as exc:
-            log.warning("could not record event %s on %s: %s", reason, spec.owner, exc)
-
     # -- realising one object ---------------------------------------------------------------------------
-    def _credentials(self, spec: ModelCacheSpec) -> CredentialStore:
-        store = CredentialStore()
-        for secret in spec.pull_secrets:
-            assert self.kube is not None
-            try:
-                data = self.kube.secret_data(spec.namespace, secret)
-            except ModelCacheError as exc:
-                if exc.kind is not Kind.PERMISSION_DENIED:
-                    raise
-                raise ModelCacheError(f"{exc}; node agents may read pull secrets only in namespaces an admin "
-                                      f"granted: add a RoleBinding to ClusterRole ocimodel-node-pull-secrets in "
-                                      f"{spec.namespace}", kind=Kind.PERMISSION_DENIED) from None
-            if ".dockerconfigjson" not in data:
-                raise ModelCacheError(f"secret {spec.namespace}/{secret} has no .dockerconfigjson key",
-                                      kind=Kind.INVALID_ARGUMENT)
-            store.add_docker_config(data[".dockerconfigjson"], source=f"secret {spec.namespace}/{secret}")
-        return store
-
     async def _realise(self, tracked: Tracked) -> None:
         spec = tracked.spec
         with tracked.cancel:
             while True:
                 try:
-                    await self._pull_and_prepare(tracked)
-                    return
+                    await self.realiser.bring_up(tracked)
+                    break
                 except ModelCacheError as exc:
+                    if tracked.result is not None:  # a current revision serves: carry on with it
+                        await self.realiser.problem(tracked, exc)
+                        break
                     log.warning("%s failed: %s", spec.owner, exc)
                     tracked.phase = "Failed"
-                    await self._apply_status(spec.namespace, spec.name, {"phase": "Failed", "message": str(exc)})
-                    await self._event(spec, "PullFailed", f"node {self.config.node_name}: {exc}", warning=True)
+                    await self.reporter.status(spec.namespace, spec.name, {"phase": "Failed", "message": str(exc)})
+                    await self.reporter.event(spec, "PullFailed", f"node {self.config.node_name}: {exc}", warning=True)
                     if exc.kind not in RETRY_KINDS:
                         return
                 except Exception as exc:
                     log.exception("preparing %s failed", spec.owner)
                     tracked.phase = "Failed"
-                    await self._apply_status(spec.namespace, spec.name,
-                                             {"phase": "Failed", "message": f"internal error: {exc}"})
+                    await self.reporter.status(spec.namespace, spec.name,
+                                               {"phase": "Failed", "message": f"internal error: {exc}"})
                     return
                 await trio.sleep(self.config.retry_after)
-
-    async def _pull_and_prepare(self, tracked: Tracked) -> None:
-        spec = tracked.spec
-        tracked.phase = "Pulling"
-        log.info("reconciling %s: pulling %s", spec.owner, spec.reference)
-        await self._apply_status(spec.namespace, spec.name,
-                                 {"phase": "Pulling", "message": f"pulling {spec.reference}"})
-        await self._event(spec, "Pulling", f"pulling {spec.reference} to node {self.config.node_name}")
-        try:  # failures before the pull starts count as failed pulls here; the pull's own, in the flight
-            credentials = await self._kube(self._credentials, spec) if spec.pull_secrets else None
-            flight = await self._thread(self.flights.start, spec.reference, PullOptions(),
-                                        credentials, f"{spec.namespace}/{','.join(spec.pull_secrets)}")
-        except ModelCacheError as exc:
-            self.metrics.pulls.failed.labels(reason=exc.kind.name).inc()
-            raise
-        reporter = trio.CancelScope()
-
-        async def report_progress() -> None:
-            with reporter:
-                await self._report_progress(spec, flight.progress)
-
-        assert self._nursery is not None
-        self._nursery.start_soon(report_progress)
-        try:
-            result: PullResult = await self._thread(flight.future.result, limiter=self.pull_limiter)
-        finally:
-            reporter.cancel()
-        tracked.result = result
-        if spec.pin:
-            self.pins.pin(spec.owner, result.record.key)
-        else:
-            self.pins.unpin(spec.owner)
-        message = f"{result.record.total_bytes} bytes in {result.record.files} files"
-        resident = 0
-        if spec.warm or spec.lock:
-            report = await self._thread(self._warm, result.path)
-            resident = report.resident_bytes
-            self.warmed[spec.owner] = result.path
-            if report.message:
-                message += f"; {report.message}"
-        self._release_lock(spec.owner)
-        if spec.lock:
-            try:
-                # not abandoned on cancel: the mappings must be released, never left to a lost thread
-                locked = await trio.to_thread.run_sync(self._lock_files, result.path, limiter=self.io_limiter)
-            except (OSError, ModelCacheError) as exc:
-                message += f"; could not lock in memory: {exc}"
-            else:
-                if self.objects.get(spec.owner) is not tracked:  # changed or deleted while locking
-                    locked.release()
-                    return
-                self.locks[spec.owner] = locked
-                self.metrics.locked_bytes.set(sum(lf.bytes for lf in self.locks.values()))
-        if self.kube is not None:
-            await self._kube(self.kube.patch_node_labels, self.config.node_name,
-                             {node_label(spec.namespace, spec.name): "ready"})
-        tracked.phase = "Ready"
-        log.info("%s is ready (%s)", spec.owner, message)
-        await self._apply_status(spec.namespace, spec.name, {
-            "phase": "Ready", "digest": result.record.digest, "bytes": result.record.total_bytes,
-            "progress": "100%", "residentBytes": resident, "message": message})
-        await self._event(spec, "Pulled", f"{spec.reference} is ready on node {self.config.node_name} ({message})")
-
-    def _lock_files(self, path: Path) -> pagecache.LockedFiles:
-        return pagecache.LockedFiles([path], max_bytes=pagecache.warm_budget(self.config.settings.warm_memory_share))
-
-    def _warm(self, path: Path) -> pagecache.Report:
-        return pagecache.warm([path], memory_share=self.config.settings.warm_memory_share)
-
-    async def _report_progress(self, spec: ModelCacheSpec, progress: Progress) -> None:
-        while True:
-            await trio.sleep(self.config.progress_interval)
-            percent = 100.0 * progress.done_bytes / progress.total_bytes if progress.total_bytes else 0.0
-            await self._apply_status(spec.namespace, spec.name, {
-                "phase": "Pulling", "bytes": progress.total_bytes, "progress": f"{math.floor(percent)}%",
-                "message": progress.describe()})
+            while spec.follows:
+                await trio.sleep(jittered(spec.resolve_interval))
+                try:
+                    await self.realiser.follow(tracked)
+                except ModelCacheError as exc:
+                    await self.realiser.problem(tracked, exc)
+                except Exception:
+                    log.exception("following %s failed", spec.owner)
 
     # -- periodic work ----------------------------------------------------------------------------------
     async def evict_once(self) -> None:
         """Apply the disk watermarks."""
         protected = {t.result.record.key for t in self.objects.values() if t.result is not None and t.spec.pin}
         settings = self.config.settings
-        result = await self._thread(lambda: evict(self.cache, high=settings.high_watermark,
+        result = await self.realiser.thread(lambda: evict(self.cache, high=settings.high_watermark,
                                                   low=settings.low_watermark, protected=protected))
         if result.evicted:
             self.metrics.evictions.inc(len(result.evicted))
 
     async def verify_once(self) -> None:
         """Hash the cache again; take models with a changed blob out of use (mounted ones are reported)."""
-        report = await self._thread(lambda: verify_cache(self.cache, repair=True))
+        report = await self.realiser.thread(lambda: verify_cache(self.cache, repair=True))
         self.metrics.corrupt_blobs.inc(len(report.bad))
         for bad in report.bad:
             log.error("cache verification: blob %s changed on disk; removed %s, kept (in use) %s%s", bad.digest,
@@ -435,9 +286,9 @@ class Agent:
         def measure() -> tuple[Any, int, int]:
             measured = usage(self.cache)
             mounts = len(mounts_of(self.cache.store.trees, inside=True))
-            resident = sum(pagecache.report([p]).resident_bytes for p in self.warmed.values() if p.exists())
+            resident = sum(pagecache.report([p]).resident_bytes for p in self.realiser.warmed.values() if p.exists())
             return measured, mounts, resident
-        measured, mounts, resident = await self._thread(measure)
+        measured, mounts, resident = await self.realiser.thread(measure)
         self.metrics.cache_bytes.set(measured.disk_bytes)
         self.metrics.cache_models.set(measured.models)
         self.metrics.cache_blobs.set(measured.blobs)
@@ -449,8 +300,8 @@ class Agent:
         for request in self.warm_requests.take():
             path = Path(request["path"])
             if path.is_dir():
-                report = await self._thread(self._warm, path)
-                self.warmed[request["key"] or str(path)] = path
+                report = await self.realiser.thread(self.realiser.warm, path)
+                self.realiser.warmed[request["key"] or str(path)] = path
                 log.info("warmed %s: %d of %d bytes resident", path, report.resident_bytes, report.total_bytes)
 
 

@@ -7,11 +7,9 @@ from __future__ import annotations
 import base64
 import json
 import os
-import queue
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,107 +20,8 @@ import requests
 
 from modelcache.pins import Pins
 from tests.conftest import PASSWORD, USER
-from tests.helpers.fakekube import FakeKubeAPI, Recorded, write_kubeconfig
+from tests.helpers.fakekube import BASE, Cluster, modelcache, write_kubeconfig
 from tests.helpers.oci import Fixtures
-
-BASE = "/apis/ocimodel.csi.dev/v1alpha1"
-
-
-def modelcache(name: str, reference: str, **spec: Any) -> dict[str, Any]:
-    return {"apiVersion": "ocimodel.csi.dev/v1alpha1", "kind": "ModelCache",
-            "metadata": {"name": name, "namespace": "inference", "uid": f"uid-{name}", "resourceVersion": "10"},
-            "spec": {"reference": reference, **spec}}
-
-
-class Cluster:
-    def __init__(self, objects: list[dict[str, Any]], secrets: dict[str, dict[str, str]]) -> None:
-        self.api = FakeKubeAPI()
-        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.stored = {o["metadata"]["name"]: json.loads(json.dumps(o)) for o in objects}
-        self.conflicts: dict[str, int] = {}  # name -> how many summary patches another writer beats
-        api = self.api
-        api.route("GET", "/api/v1/nodes/node-a", (200, {"kind": "Node", "apiVersion": "v1", "metadata": {
-            "name": "node-a", "labels": {"nodegroup": "gpu-a100", "kubernetes.io/hostname": "node-a"}}}))
-        api.route("PATCH", "/api/v1/nodes/node-a", (200, {"kind": "Node", "apiVersion": "v1",
-                                                          "metadata": {"name": "node-a"}}))
-        api.route("GET", f"{BASE}/modelcaches", self._list_or_watch(objects))
-        for obj in objects:
-            name = obj["metadata"]["name"]
-            api.route("PATCH", f"{BASE}/namespaces/inference/modelcaches/{name}/status",
-                      lambda r, n=name: self._patch_status(n, r))
-            api.route("GET", f"{BASE}/namespaces/inference/modelcaches/{name}",
-                      lambda r, n=name: (200, self.stored[n]))
-        api.route("POST", "/api/v1/namespaces/inference/events", lambda r: (201, r.body))
-        for name, data in secrets.items():
-            encoded = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
-            api.route("GET", f"/api/v1/namespaces/inference/secrets/{name}",
-                      (200, {"kind": "Secret", "apiVersion": "v1", "metadata": {"name": name}, "data": encoded}))
-
-    def _bump(self, name: str) -> None:
-        meta = self.stored[name]["metadata"]
-        meta["resourceVersion"] = str(int(meta["resourceVersion"]) + 1)
-
-    def _patch_status(self, name: str, request: Recorded) -> tuple[int, Any]:
-        """Server-side apply merges this node's entries; a merge patch is checked against resourceVersion."""
-        obj = self.stored[name]
-        status = obj.setdefault("status", {})
-        if request.content_type == "application/apply-patch+yaml":
-            mine = request.body["status"]["nodes"]
-            others = [n for n in status.get("nodes", []) if n["node"] != "node-a"]
-            status["nodes"] = others + mine
-        else:
-            if request.body["metadata"]["resourceVersion"] != obj["metadata"]["resourceVersion"]:
-                return 409, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict",
-                             "code": 409}
-            if self.conflicts.get(name):
-                self.conflicts[name] -= 1
-                status.setdefault("nodes", []).append({"node": "node-b", "phase": "Ready"})  # another agent
-                self._bump(name)
-                return 409, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict",
-                             "code": 409}
-            status.update(request.body["status"])
-        self._bump(name)
-        return 200, obj
-
-    def _list_or_watch(self, objects: list[dict[str, Any]]):  # type: ignore[no-untyped-def]
-        def respond(request: Recorded) -> tuple[int, Any]:
-            if request.query.get("watch") == ["true"]:
-                lines = []
-                try:
-                    lines.append(json.dumps(self.events.get(timeout=1.0)))
-                    while True:
-                        lines.append(json.dumps(self.events.get_nowait()))
-                except queue.Empty:
-                    pass
-                return 200, ("\n".join(lines) + "\n").encode() if lines else b""
-            return 200, {"kind": "ModelCacheList", "apiVersion": "ocimodel.csi.dev/v1alpha1",
-                         "metadata": {"resourceVersion": "10"}, "items": objects}
-        return respond
-
-    def requests(self, method: str, path_part: str) -> list[Recorded]:
-        with self.api.lock:
-            return [r for r in self.api.requests if r.method == method and path_part in r.path]
-
-    def wait_for(self, predicate, timeout: float = 60):  # type: ignore[no-untyped-def]
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = predicate()
-            if found:
-                return found
-            time.sleep(0.1)
-        raise AssertionError("condition not met; requests: " + "\n".join(
-            f"{r.method} {r.path} {r.body}" for r in self.api.requests[-30:]))
-
-
-def status_patches(cluster: Cluster, name: str) -> list[dict[str, Any]]:
-    return [r.body["status"]["nodes"][0] if r.body["status"]["nodes"] else {}
-            for r in cluster.requests("PATCH", f"/modelcaches/{name}/status")
-            if r.content_type == "application/apply-patch+yaml"]
-
-
-def summary_patches(cluster: Cluster, name: str) -> list[Recorded]:
-    return [r for r in cluster.requests("PATCH", f"/modelcaches/{name}/status")
-            if r.content_type == "application/merge-patch+json"]
 
 
 @pytest.fixture
@@ -168,7 +67,7 @@ def cluster_agent(tmp_path: Path, fixtures: Fixtures, auth_fixtures: Fixtures) -
 
 def test_agent_prefetches_reports_and_forgets(cluster_agent) -> None:
     cluster, root, (process, log) = cluster_agent
-    ready = cluster.wait_for(lambda: [s for s in status_patches(cluster, "qwen") if s.get("phase") == "Ready"])
+    ready = cluster.wait_for(lambda: [s for s in cluster.status_patches("qwen") if s.get("phase") == "Ready"])
     entry = ready[0]
     assert entry["node"] == "node-a" and entry["digest"].startswith("sha256:") and entry["bytes"] == 300_002
     assert entry["residentBytes"] == 300_002  # pageCache.warm
@@ -177,7 +76,10 @@ def test_agent_prefetches_reports_and_forgets(cluster_agent) -> None:
     assert apply.query == {"fieldManager": ["ocimodel-agent-node-a"], "force": ["true"]}
     assert apply.body["apiVersion"] == "ocimodel.csi.dev/v1alpha1" and apply.body["kind"] == "ModelCache"
     assert apply.headers["authorization"] == "Bearer agent-token"
-    wanted = {"metadata": {"labels": {"ocimodel.csi.dev/inference.qwen": "ready"}}}
+    short = entry["digest"].removeprefix("sha256:")[:12]
+    assert entry["revisions"] == [entry["digest"]] and "stagedDigest" not in entry
+    wanted = {"metadata": {"labels": {"ocimodel.csi.dev/inference.qwen": "ready",
+                                      "ocimodel.csi.dev/inference.qwen_revision": short}}}
     labels = cluster.wait_for(lambda: [r for r in cluster.requests("PATCH", "/api/v1/nodes/node-a")
                                        if r.body == wanted])
     assert labels[0].content_type == "application/merge-patch+json"
@@ -189,34 +91,35 @@ def test_agent_prefetches_reports_and_forgets(cluster_agent) -> None:
     assert pinned and (root / "trees" / next(iter(pinned))).is_dir()
 
     # bad objects fail on their own, with a message; the others keep being served
-    broken = cluster.wait_for(lambda: [s for s in status_patches(cluster, "broken") if s.get("phase") == "Failed"])
+    broken = cluster.wait_for(lambda: [s for s in cluster.status_patches("broken") if s.get("phase") == "Failed"])
     assert "invalid spec" in broken[0]["message"]
-    unreachable = cluster.wait_for(lambda: [s for s in status_patches(cluster, "unreachable")
+    unreachable = cluster.wait_for(lambda: [s for s in cluster.status_patches("unreachable")
                                             if s.get("phase") == "Failed"])
     assert "unreachable" in unreachable[0]["message"]
     warning = cluster.wait_for(lambda: [r.body for r in cluster.requests("POST", "/events")
                                         if r.body["involvedObject"]["name"] == "unreachable"
                                         and r.body["type"] == "Warning"])
     assert warning[0]["reason"] == "PullFailed"
-    private = cluster.wait_for(lambda: [s for s in status_patches(cluster, "private") if s.get("phase") == "Ready"])
+    private = cluster.wait_for(lambda: [s for s in cluster.status_patches("private") if s.get("phase") == "Ready"])
     assert private[0]["bytes"] == len(b"private")
     assert cluster.requests("GET", "/secrets/regcred")
-    assert status_patches(cluster, "elsewhere") == []  # not selected: never touched
-    denied = cluster.wait_for(lambda: [s for s in status_patches(cluster, "not-granted") if s.get("phase") == "Failed"])
+    assert cluster.status_patches("elsewhere") == []  # not selected: never touched
+    denied = cluster.wait_for(lambda: [s for s in cluster.status_patches("not-granted") if s.get("phase") == "Failed"])
     assert "RoleBinding" in denied[0]["message"] and "ocimodel-node-pull-secrets" in denied[0]["message"]
 
-    # status.summary (the Ready and Nodes columns): written with a resourceVersion precondition
-    cluster.wait_for(lambda: cluster.stored["qwen"]["status"].get("summary") == {"nodes": 1, "ready": 1, "failed": 0})
-    patch = summary_patches(cluster, "qwen")[-1]
+    # status.summary (the Revision, Current, Ready and Nodes columns): written with a resourceVersion precondition
+    cluster.wait_for(lambda: cluster.stored["qwen"]["status"].get("summary") == {
+        "nodes": 1, "ready": 1, "failed": 0, "revision": short, "current": 1})
+    patch = cluster.summary_patches("qwen")[-1]
     assert patch.query == {"fieldManager": ["ocimodel-agent-summary"]}
     assert set(patch.body) == {"metadata", "status"} and set(patch.body["status"]) == {"summary"}
     assert patch.body["metadata"]["resourceVersion"].isdigit()
     # another node's agent wrote in between: a 409, a fresh read, and a count that includes both
-    cluster.wait_for(lambda: cluster.stored["private"]["status"].get("summary") == {"nodes": 2, "ready": 2,
-                                                                                    "failed": 0})
-    assert len(summary_patches(cluster, "private")) >= 2
-    cluster.wait_for(lambda: cluster.stored["broken"]["status"].get("summary") == {"nodes": 1, "ready": 0,
-                                                                                   "failed": 1})
+    cluster.wait_for(lambda: {"nodes": 2, "ready": 2, "failed": 0, "current": 1}.items()
+                     <= cluster.stored["private"]["status"].get("summary", {}).items())
+    assert len(cluster.summary_patches("private")) >= 2
+    cluster.wait_for(lambda: cluster.stored["broken"]["status"].get("summary") == {
+        "nodes": 1, "ready": 0, "failed": 1, "revision": "", "current": 0})
 
     # metrics, scraped over HTTP
     port = int(cluster.wait_for(lambda: re.findall(r"metrics on port (\d+)", log.read_text()))[0])
@@ -225,12 +128,14 @@ def test_agent_prefetches_reports_and_forgets(cluster_agent) -> None:
     assert re.search(r'^ocimodel_pulls_failed_total\{reason="UNAVAILABLE"\} [1-9]', metrics, re.M)
     assert "ocimodel_pull_duration_seconds_bucket" in metrics
 
-    # deletion: unpin and remove the node label
+    # deletion: unpin, forget the revisions and remove the node labels
     cluster.events.put({"type": "DELETED", "object": modelcache("qwen", "x/y:z") | {
         "metadata": {"name": "qwen", "namespace": "inference", "resourceVersion": "11"}}})
-    cluster.wait_for(lambda: [r for r in cluster.requests("PATCH", "/api/v1/nodes/node-a")
-                              if r.body == {"metadata": {"labels": {"ocimodel.csi.dev/inference.qwen": None}}}])
+    gone = {"metadata": {"labels": {"ocimodel.csi.dev/inference.qwen": None,
+                                    "ocimodel.csi.dev/inference.qwen_revision": None}}}
+    cluster.wait_for(lambda: [r for r in cluster.requests("PATCH", "/api/v1/nodes/node-a") if r.body == gone])
     cluster.wait_for(lambda: not Pins(root).pinned())
+    assert not (root / "revisions" / "inference.qwen.json").exists()
     watches = [r for r in cluster.requests("GET", f"{BASE}/modelcaches") if r.query.get("watch") == ["true"]]
     assert watches and watches[0].query["resourceVersion"] == ["10"]
     assert process.poll() is None
@@ -253,8 +158,8 @@ def test_pins_and_locks_follow_the_objects_across_restarts_and_changes(tmp_path:
                                 str(kubeconfig), "--root", str(root), "--config", str(config), "--plain-http",
                                 "--metrics-address", "127.0.0.1:0"], stdout=log.open("wb"), stderr=subprocess.STDOUT)
     try:
-        cluster.wait_for(lambda: [s for s in status_patches(cluster, "keep") if s.get("phase") == "Ready"])
-        large = cluster.wait_for(lambda: [s for s in status_patches(cluster, "large") if s.get("phase") == "Ready"])
+        cluster.wait_for(lambda: [s for s in cluster.status_patches("keep") if s.get("phase") == "Ready"])
+        large = cluster.wait_for(lambda: [s for s in cluster.status_patches("large") if s.get("phase") == "Ready"])
         assert "could not lock in memory" in large[0]["message"] and "memory share" in large[0]["message"]
         pins = json.loads((root / "agent" / "pins.json").read_text())
         assert set(pins) == {"inference/keep"}  # the pin of the object deleted while the agent was down is gone
