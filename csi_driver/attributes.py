@@ -20,7 +20,9 @@ MOUNT_TYPES = ("bind", "lazy")
 EPHEMERAL_KEY = "csi.storage.k8s.io/ephemeral"
 POD_NAMESPACE_KEY, POD_NAME_KEY, POD_UID_KEY = ("csi.storage.k8s.io/pod.namespace", "csi.storage.k8s.io/pod.name",
                                                "csi.storage.k8s.io/pod.uid")
-KNOWN_ATTRIBUTES = ("reference", "mount", "include", "exclude", "path", "layers", "warm", "lazyVerify")
+KNOWN_ATTRIBUTES = ("reference", "mount", "include", "exclude", "path", "layers", "warm", "lazyVerify",
+                    "resolve")
+RESOLVE_MODES = ("auto", "registry")  # auto: a ModelCache's revision of the tag on this node, else the registry
 # Kubernetes owns every key under these prefixes (kubelet's pod info, the external-provisioner's
 # csiProvisionerIdentity and --extra-create-metadata keys, and whatever they add later): never an error.
 RESERVED_PREFIXES = ("csi.storage.k8s.io/", "storage.kubernetes.io/")
@@ -41,6 +43,7 @@ class VolumeSpec:
     warm: bool = False
     ephemeral: bool = False
     strict: bool = False
+    resolve: str = "auto"
 
     def fingerprint(self) -> str:
         """A stable digest of everything that changes what is mounted (for idempotency checks)."""
@@ -82,6 +85,9 @@ def parse_volume_context(context: Mapping[str, str], *, lazy_supported: bool = F
     verify = context.get("lazyVerify", "").strip() or "background"
     if verify not in ("background", "strict"):
         raise invalid(f"volume attribute 'lazyVerify' must be \"background\" or \"strict\", not {verify!r}")
+    resolve = context.get("resolve", "").strip() or "auto"
+    if resolve not in RESOLVE_MODES:
+        raise invalid(f"volume attribute 'resolve' must be one of {', '.join(RESOLVE_MODES)}, not {resolve!r}")
     path = context.get("path", "").strip() or None
     try:
         layers = parse_layer_kinds(context.get("layers", ""))
@@ -89,7 +95,7 @@ def parse_volume_context(context: Mapping[str, str], *, lazy_supported: bool = F
         raise invalid(f"volume attribute 'layers': {exc}") from None
     options = PullOptions(_globs(context.get("include", "")), _globs(context.get("exclude", "")), path, layers)
     return VolumeSpec(reference, options, mount, warm == "true", context.get(EPHEMERAL_KEY, "") == "true",
-                      verify == "strict")
+                      verify == "strict", resolve)
 
 
 def check_capability(capability: csi_pb2.VolumeCapability, *, what: str = "volume_capability") -> None:

@@ -24,6 +24,9 @@ class CsiMetrics:
         self.integrity_failures = Counter("ocimodel_csi_lazy_integrity_failures", "Lazy volumes whose model failed "
                                           "verification after serving reads (every read then fails)",
                                           registry=self.registry)
+        self.tag_resolutions = Counter("ocimodel_csi_tag_resolutions", "Tags of volumes pinned to a digest, by source: "
+                                       "modelcache (this node's current revision of a ModelCache that covers the "
+                                       "tag; no registry round trip) or registry", ["source"], registry=self.registry)
         self.port = 0
 
     def observe(self, method: str, code: str, seconds: float) -> None:
