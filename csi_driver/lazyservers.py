@@ -108,8 +108,9 @@ class ServerRunner(Protocol):
     def running(self) -> dict[str, str]:
         """Every server found on this node (also those of an earlier plugin): target -> pid or pod name."""
 
-    def stop(self, target: str) -> None:
-        """End the server of ``target`` (after its mount is gone) and forget it; never blocks long."""
+    def stop(self, target: str, server: str = "") -> None:
+        """End the server of ``target`` (``server``: as :meth:`running` named it) after its mount is gone, and
+        forget it; never blocks long."""
 
 
 class ProcessRunner:
@@ -172,7 +173,7 @@ class ProcessRunner:
             raise
         return Started(process.pid, "", files, total)
 
-    def stop(self, target: str, *, wait: bool = False) -> None:
+    def stop(self, target: str, server: str = "", *, wait: bool = False) -> None:
         pid = self._pid(target)
         self._state(target).unlink(missing_ok=True)
         job_socket(self.root, target).unlink(missing_ok=True)
@@ -204,6 +205,12 @@ class PodApi(Protocol):
     def delete_pod(self, namespace: str, name: str) -> None: ...
 
 
+def mount_pod_name(node: str, target: str) -> str:
+    """The mount pod of ``target`` on ``node`` (deterministic: a second create answers 409)."""
+    digest = hashlib.sha256((node + "\n" + target).encode()).hexdigest()
+    return f"ocimodel-mount-{digest[:20]}"
+
+
 def _label_value(text: str) -> str:
     """``text`` as a label value (at most 63 characters; longer ones shortened with a hash)."""
     if len(text) <= 63 and text.replace("-", "").replace(".", "").replace("_", "").isalnum():
@@ -228,9 +235,8 @@ class PodRunner:
         return True  # the mount pod brings /dev/fuse and the privileges; the plugin needs neither
 
     def name(self, target: str) -> str:
-        """The mount pod of ``target`` (deterministic: a second create answers 409)."""
-        digest = hashlib.sha256(f"{self.node}\n{target}".encode()).hexdigest()
-        return f"ocimodel-mount-{digest[:20]}"
+        """The mount pod of ``target`` on this node."""
+        return mount_pod_name(self.node, target)
 
     def own_pod(self) -> dict[str, Any]:
         """The plugin's own Pod (read once): its image and host paths are the mount pods'."""
@@ -331,8 +337,8 @@ class PodRunner:
                 found[target] = pod["metadata"]["name"]
         return found
 
-    def stop(self, target: str) -> None:
-        self.api.delete_pod(self.namespace, self.name(target))
+    def stop(self, target: str, server: str = "") -> None:
+        self.api.delete_pod(self.namespace, server or self.name(target))
 
 
 def _every(seconds: float, check: Callable[[], bool]) -> Callable[[], bool]:

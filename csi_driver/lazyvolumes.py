@@ -51,9 +51,9 @@ class LazyVolumes:
         verdict_path(root, target).unlink(missing_ok=True)
         return self.runner.start(job, timeout)
 
-    def release(self, target: str) -> None:
+    def release(self, target: str, server: str = "") -> None:
         """After ``target`` is unmounted: end its server and forget its verdict."""
-        self.runner.stop(target)
+        self.runner.stop(target, server)
         verdict_path(self.pulls.settings.root, target).unlink(missing_ok=True)
 
     # -- start-up: adopt, clean up, restore -------------------------------------------------------------
@@ -91,7 +91,7 @@ class LazyVolumes:
                 log.warning("lazy-mount server %s serves %s, which has no record (unpublished while no plugin "
                             "ran): unmounting it and ending the server", server, target)
                 detach(target)
-                self.release(target)
+                self.release(target, server)
         for target in stale_fuse_mounts(known):
             log.warning("stale FUSE mount at %s (transport endpoint not connected) has no record; unmounting it",
                         target)

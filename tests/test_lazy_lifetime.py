@@ -7,19 +7,23 @@ ended at start."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
 
+from csi_driver.lazyservers import mount_pod_name
 from csi_driver.proto import csi_pb2
 from modelcache.mounts import mounts_at
 from tests.helpers.csi import CsiProcess, helper_pid
+from tests.helpers.fakekube import FakeKubeAPI, Recorded, write_kubeconfig
 from tests.helpers.oci import Fixtures
 from tests.helpers.proxy import ProxyProcess
 from tests.test_as_deployed import POD_UID, inline_request, kubelet_target, node, plugin, sha, stop_all, wait_until
@@ -194,3 +198,179 @@ def test_servers_of_volumes_unpublished_while_no_plugin_ran_are_ended_at_start(
     finally:
         stop_all(csi)
         proxy.close()
+
+
+# -- mount pods (the runner in a cluster), against the HTTP-level fake API server ----------------------------
+NAMESPACE = "ocimodel-system"
+OWN_POD = "ocimodel-node-x7k2p"
+IMAGE = "ghcr.io/ocimodel/ocimodel:0.1.0@sha256:" + "ab" * 32
+PODS = f"/api/v1/namespaces/{NAMESPACE}/pods"
+
+
+def _status(code: int, reason: str) -> tuple[int, dict[str, Any]]:
+    return code, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": code}
+
+
+class FakeKubelet:
+    """The API server's pods in the plugin's namespace, and a kubelet that runs each mount pod's container as
+    a process of this machine (its args are the image's entrypoint arguments)."""
+
+    def __init__(self, api: FakeKubeAPI, root: Path, logs: Path) -> None:
+        self.api, self.root, self.logs = api, root, logs
+        self.pods: dict[str, dict[str, Any]] = {}
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        own = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": OWN_POD, "namespace": NAMESPACE},
+               "spec": {"nodeName": "node-a", "containers": [
+                   {"name": "ocimodel-csi", "image": IMAGE, "volumeMounts": [
+                       {"name": "kubelet-pods", "mountPath": "/var/lib/kubelet/pods"},
+                       {"name": "cache", "mountPath": str(root)}]},
+                   {"name": "ocimodel-agent", "image": IMAGE}],
+                   "volumes": [{"name": "kubelet-pods", "hostPath": {"path": "/var/lib/kubelet/pods"}},
+                               {"name": "cache", "hostPath": {"path": "/var/lib/ocimodel"}}]},
+               "status": {"phase": "Running"}}
+        api.route("GET", f"{PODS}/{OWN_POD}", (200, own))
+        api.route("POST", PODS, lambda r: self.create(r.body))
+        api.route("GET", PODS, self.list)
+
+    def expect(self, name: str) -> None:
+        """Answer reads and deletes of pod ``name`` (the fake routes exact paths)."""
+        self.api.route("GET", f"{PODS}/{name}", lambda _r: self.get(name))
+        self.api.route("DELETE", f"{PODS}/{name}", lambda _r: self.delete(name))
+
+    def create(self, body: dict[str, Any]) -> tuple[int, Any]:
+        name = body["metadata"]["name"]
+        if name in self.pods:
+            return _status(409, "AlreadyExists")
+        self.pods[name] = body
+        args = body["spec"]["containers"][0]["args"]
+        with (self.logs / f"{name}.log").open("ab") as log:
+            self.processes[name] = subprocess.Popen([sys.executable, "-m", "ocimodel.cli", *args], stdout=log,
+                                                    stderr=subprocess.STDOUT, start_new_session=True)
+        return 201, body
+
+    def _with_status(self, name: str) -> dict[str, Any]:
+        process = self.processes.get(name)
+        code = process.poll() if process else None
+        phase = "Pending" if process is None else "Running" if code is None else "Succeeded" if code == 0 else "Failed"
+        return {**self.pods[name], "status": {"phase": phase}}
+
+    def get(self, name: str) -> tuple[int, Any]:
+        return (200, self._with_status(name)) if name in self.pods else _status(404, "NotFound")
+
+    def list(self, request: Recorded) -> tuple[int, Any]:
+        wanted = dict(pair.split("=") for pair in request.query["labelSelector"][0].split(","))
+        items = [self._with_status(n) for n, p in self.pods.items()
+                 if all(p["metadata"].get("labels", {}).get(k) == v for k, v in wanted.items())]
+        return 200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items}
+
+    def delete(self, name: str) -> tuple[int, Any]:
+        pod = self.pods.pop(name, None)
+        if pod is None:
+            return _status(404, "NotFound")
+        process = self.processes.pop(name, None)
+        if process is not None and process.poll() is None:
+            process.terminate()  # kubelet stops the container
+        if process is not None:
+            process.wait(20)
+        return 200, pod
+
+
+def expected_mount_pod(name: str, target: Path, volume_id: str, root: Path) -> dict[str, Any]:
+    """Exactly the Pod the plugin must create for a lazy volume."""
+    socket_path = root / "csi" / "lazy" / f"{hashlib.sha256(str(target).encode()).hexdigest()[:16]}.sock"
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": NAMESPACE,
+                     "labels": {"app.kubernetes.io/name": "ocimodel-mount", "ocimodel.csi.dev/mount-pod": "true",
+                                "ocimodel.csi.dev/node": "node-a",
+                                "ocimodel.csi.dev/volume": hashlib.sha256(volume_id.encode()).hexdigest()[:40]},
+                     "annotations": {"ocimodel.csi.dev/target": str(target)}},
+        "spec": {
+            "nodeName": "node-a", "restartPolicy": "Never", "priorityClassName": "system-node-critical",
+            "serviceAccountName": "ocimodel-mount", "automountServiceAccountToken": False,
+            "enableServiceLinks": False, "terminationGracePeriodSeconds": 30,
+            "tolerations": [{"operator": "Exists"}],
+            "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{
+                "name": "fuse", "image": IMAGE, "args": ["fuse-serve", "--socket", str(socket_path)],
+                "securityContext": {"privileged": True, "readOnlyRootFilesystem": True},
+                "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}},
+                "volumeMounts": [
+                    {"name": "kubelet-pods", "mountPath": "/var/lib/kubelet/pods", "mountPropagation": "Bidirectional"},
+                    {"name": "cache", "mountPath": str(root), "mountPropagation": "HostToContainer"},
+                    {"name": "dev-fuse", "mountPath": "/dev/fuse"},
+                    {"name": "tmp", "mountPath": "/tmp"}]}],
+            "volumes": [
+                {"name": "kubelet-pods", "hostPath": {"path": "/var/lib/kubelet/pods", "type": "Directory"}},
+                {"name": "cache", "hostPath": {"path": "/var/lib/ocimodel", "type": "Directory"}},
+                {"name": "dev-fuse", "hostPath": {"path": "/dev/fuse", "type": "CharDevice"}},
+                {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}]}}
+
+
+def test_mount_pods_are_created_adopted_reused_on_409_and_deleted(tmp_path: Path, fixtures: Fixtures,
+                                                                   registry) -> None:  # type: ignore[no-untyped-def]
+    data = os.urandom(SIZE)
+    fixtures.raw_model("lifetime/pods:v1", {"weights.safetensors": data})
+    proxy = ProxyProcess(registry.host, bytes_per_second=2_000_000, log=str(tmp_path / "proxy.log"))
+    api = FakeKubeAPI()
+    root = tmp_path / "driver" / "root"
+    kubelet = FakeKubelet(api, root, tmp_path)
+    targets = [kubelet_target(tmp_path / "pods", POD_UID, volume) for volume in ("first", "second")]
+    names = [mount_pod_name("node-a", str(target)) for target in targets]
+    for name in [*names, "ocimodel-mount-orphan"]:
+        kubelet.expect(name)
+    orphan = expected_mount_pod("ocimodel-mount-orphan", tmp_path / "gone", "gone", root)
+    kubelet.pods["ocimodel-mount-orphan"] = orphan  # its volume was unpublished while no plugin ran
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", api.url)
+    csi = CsiProcess(tmp_path / "driver", "--pod-name", OWN_POD, "--pod-namespace", NAMESPACE, root=root,
+                     kubeconfig=str(kubeconfig))
+    try:
+        wait_until(lambda: "ocimodel-mount-orphan" not in kubelet.pods, 20, "the orphan's deletion")
+        assert any(r.method == "GET" and r.path == PODS and r.query == {
+            "labelSelector": ["ocimodel.csi.dev/mount-pod=true,ocimodel.csi.dev/node=node-a"]} for r in api.requests)
+        first = inline_request("first", targets[0], f"{proxy.host}/lifetime/pods:v1", mount="lazy")
+        csi.node.NodePublishVolume(first)
+        posts = [r for r in api.requests if r.method == "POST" and r.path == PODS]
+        assert len(posts) == 1 and posts[0].body == expected_mount_pod(names[0], targets[0], first.volume_id, root)
+        assert "docker_config" not in json.dumps(posts[0].body)  # credentials travel over the socket only
+        with open(targets[0] / "weights.safetensors", "rb") as handle:
+            handle.seek(SIZE - 4096)
+            assert handle.read() == data[-4096:]
+
+        _kill_plugin(csi)
+        csi.start()  # adopts by list: no new pod, the same one serves
+        assert "adopted lazy volume" in csi.log_text()
+        assert len([r for r in api.requests if r.method == "POST"]) == 1
+        assert (targets[0] / "weights.safetensors").stat().st_size == SIZE
+
+        # a pod for the second target exists already (its plugin died before recording it): 409, handed the job
+        kubelet.create({**posts[0].body, "metadata": {**posts[0].body["metadata"], "name": names[1],
+                                                        "annotations": {"ocimodel.csi.dev/target": str(targets[1])}},
+                        "spec": {**posts[0].body["spec"], "containers": [{
+                            **posts[0].body["spec"]["containers"][0],
+                            "args": ["fuse-serve", "--socket",
+                                     expected_mount_pod(names[1], targets[1], "", root)["spec"]["containers"][0]
+                                     ["args"][2]]}]}})
+        before = len(api.requests)
+        second = inline_request("second", targets[1], f"{proxy.host}/lifetime/pods:v1", mount="lazy")
+        csi.node.NodePublishVolume(second)
+        calls = [(r.method, r.path) for r in api.requests[before:] if not r.path.endswith(OWN_POD)]
+        assert calls[:2] == [("POST", PODS), ("GET", f"{PODS}/{names[1]}")]  # 409, then adopted
+        assert len(kubelet.processes) == 2  # one server per target
+        with open(targets[1] / "weights.safetensors", "rb") as handle:
+            assert handle.read(4096) == data[:4096]
+
+        for volume, target, name in (("first", targets[0], names[0]), ("second", targets[1], names[1])):
+            process = kubelet.processes[name]
+            _unpublish(csi, volume, target)
+            assert not target.exists() and not mounts_at(target)
+            assert name not in kubelet.pods and process.poll() is not None  # deleted after the unmount
+        assert any(r.method == "DELETE" and r.path == f"{PODS}/{names[0]}" for r in api.requests)
+    finally:
+        stop_all(csi)
+        for process in kubelet.processes.values():
+            process.kill()
+        for target in targets:
+            subprocess.run(["umount", "--lazy", str(target)], check=False, capture_output=True)
+        proxy.close()
+        api.close()
