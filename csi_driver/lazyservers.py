@@ -34,6 +34,12 @@ VOLUME_LABEL = "ocimodel.csi.dev/volume"
 TARGET_ANNOTATION = "ocimodel.csi.dev/target"
 MOUNT_POD_ACCOUNT = "ocimodel-mount"
 KUBELET_PODS = "/var/lib/kubelet/pods"
+PRIVILEGE_REASONS = {  # the deploy/ convention: every privilege of a container says why, on its pod
+    "ocimodel.csi.dev/privileged-because.fuse": "a FUSE mount at kubelet's target path needs /dev/fuse and "
+    "CAP_SYS_ADMIN, and its Bidirectional propagation back to the host is allowed only in privileged containers",
+    "ocimodel.csi.dev/root-because.fuse": "it writes the root-owned model cache and its job socket accepts only "
+    "uid 0 (the node plugin)",
+}
 
 
 @dataclass(frozen=True)
@@ -288,7 +294,7 @@ class PodRunner:
                 "metadata": {"name": self.name(target), "namespace": self.namespace,
                              "labels": {"app.kubernetes.io/name": "ocimodel-mount", MOUNT_POD_LABEL: "true",
                                         NODE_LABEL: _label_value(self.node), VOLUME_LABEL: _label_value(volume_id)},
-                             "annotations": {TARGET_ANNOTATION: target}},
+                             "annotations": {TARGET_ANNOTATION: target, **PRIVILEGE_REASONS}},
                 "spec": spec}
 
     def start(self, job: dict[str, Any], timeout: float = READY_TIMEOUT) -> Started:

@@ -125,9 +125,11 @@ def test_base_driver_objects() -> None:
         assert schema["type"] == wanted, f"column {column['name']} is {column['type']}, {path} is {schema['type']}"
     node = by_kind(objects, "DaemonSet")[0]
     containers = {c["name"]: c for c in pod_spec(node)["containers"]}
-    assert set(containers) == {"ocimodel-csi", "ocimodel-fuse", "ocimodel-agent", "node-driver-registrar",
-                               "liveness-probe"}
-    assert pod_spec(node)["shareProcessNamespace"] is True
+    assert set(containers) == {"ocimodel-csi", "ocimodel-agent", "node-driver-registrar", "liveness-probe"}
+    assert "shareProcessNamespace" not in pod_spec(node)  # FUSE servers run in mount pods, not beside the plugin
+    env = {e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+           for e in containers["ocimodel-csi"]["env"]}
+    assert env["POD_NAME"] == "metadata.name" and env["POD_NAMESPACE"] == "metadata.namespace"
     kubelet_mount = [m for m in containers["ocimodel-csi"]["volumeMounts"] if m["mountPath"] == KUBELET_PODS]
     assert kubelet_mount[0]["mountPropagation"] == "Bidirectional"
     assert containers["ocimodel-csi"]["securityContext"]["privileged"] is True
@@ -180,7 +182,7 @@ def test_base_driver_objects() -> None:
 def test_images_and_flags_match_the_code(path: str) -> None:
     parser = build_parser()
     containers = ocimodel_containers(render(path))
-    assert len(containers) == 4
+    assert len(containers) == 3  # csi, agent, controller (FUSE servers run in mount pods)
     for _, container in containers:
         assert container["image"] == IMAGE
         args = [re.sub(r"\$\((\w+)\)", "value", a) for a in container["args"]]
@@ -252,6 +254,8 @@ def test_node_containers_start_with_the_daemonset_arguments(tmp_path: Path) -> N
     api = FakeKubeAPI()
     api.route("GET", "/api/v1/nodes/node-x", (200, {"kind": "Node", "apiVersion": "v1",
                                                     "metadata": {"name": "node-x", "labels": {}}}))
+    api.route("GET", "/api/v1/namespaces/node-x/pods", (200, {"kind": "PodList", "apiVersion": "v1", "metadata": {},
+                                                             "items": []}))
     api.route("GET", "/apis/ocimodel.csi.dev/v1alpha1/modelcaches", (200, {
         "kind": "ModelCacheList", "apiVersion": "v1", "metadata": {"resourceVersion": "1"}, "items": []}))
     kubeconfig = tmp_path / "kubeconfig"
@@ -313,6 +317,9 @@ def test_node_containers_start_with_the_daemonset_arguments(tmp_path: Path) -> N
             caps = dict(line.split(":\t") for line in status.splitlines() if line.startswith("Cap"))
             assert int(caps["CapBnd"], 16) == mask and int(caps["CapEff"], 16) & ~mask == 0, caps
         assert any(r.path == "/api/v1/nodes/node-x" for r in api.requests)
+        # POD_NAME and POD_NAMESPACE (both "node-x" here): the plugin looks for its mount pods at start
+        assert any(r.path == "/api/v1/namespaces/node-x/pods" and r.query["labelSelector"] == [
+            "ocimodel.csi.dev/mount-pod=true,ocimodel.csi.dev/node=node-x"] for r in api.requests)
     finally:
         for process in processes:
             process.terminate()
@@ -351,7 +358,7 @@ KUBELET_PODS = "/var/lib/kubelet/pods"
 PLUGIN_DIR = "/var/lib/kubelet/plugins/ocimodel.csi.dev"
 REGISTRATION_DIR = "/var/lib/kubelet/plugins_registry"
 # the only kubelet directories the node pod may see, and who may write to each
-KUBELET_WRITERS = {KUBELET_PODS: {"ocimodel-csi", "ocimodel-fuse"}, PLUGIN_DIR: {"ocimodel-csi"},
+KUBELET_WRITERS = {KUBELET_PODS: {"ocimodel-csi"}, PLUGIN_DIR: {"ocimodel-csi"},
                    REGISTRATION_DIR: {"node-driver-registrar"}}
 NODE_NAME_KEY = "authentication.kubernetes.io/node-name"
 
@@ -601,7 +608,8 @@ def test_node_label_policy_decides_as_intended(case: str) -> None:
     """The rendered policy's CEL, evaluated (cel-python) on Node updates by the service account."""
     import celpy  # a dev dependency: the policy is always evaluated
     old, new, node, operation, allowed = POLICY_CASES[case]
-    policy = by_kind(render("deploy/base"), "ValidatingAdmissionPolicy")[0]["spec"]
+    policy = next(p for p in by_kind(render("deploy/base"), "ValidatingAdmissionPolicy")
+                  if p["metadata"]["name"] == "ocimodel-node-labels")["spec"]
     user: dict[str, Any] = {"username": "system:serviceaccount:ocimodel-system:ocimodel-node"}
     if node:
         user["extra"] = {NODE_NAME_KEY: [node]}
@@ -615,3 +623,150 @@ def test_node_label_policy_decides_as_intended(case: str) -> None:
 
     assert all(holds(c["expression"]) for c in policy["matchConditions"])
     assert all(holds(v["expression"]) for v in policy["validations"]) is allowed
+
+
+# -- mount pods (issue 18): RBAC, the admission policy, and the Pod the plugin really builds ------------------------
+MOUNT_TARGET = "/var/lib/kubelet/pods/3f0b5a52/volumes/kubernetes.io~csi/model/mount"
+
+
+class _OwnPod:
+    """The plugin's own Pod as the DaemonSet renders it (what PodRunner reads through the API)."""
+
+    def __init__(self, pod: dict[str, Any]) -> None:
+        self.pod = pod
+
+    def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.pod
+
+    def create_pod(self, namespace: str, body: dict[str, Any]) -> bool:
+        raise AssertionError("not here")
+
+    def list_pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        return []
+
+    def delete_pod(self, namespace: str, name: str) -> None:
+        raise AssertionError("not here")
+
+
+def built_mount_pod(path: str, node: str = "gpu-1") -> dict[str, Any]:
+    """The mount pod csi_driver/lazyservers.py makes from the plugin pod of ``path`` on ``node``."""
+    from csi_driver.lazyservers import PodRunner
+    objects = render(path)
+    daemonset = by_kind(objects, "DaemonSet")[0]
+    namespace = daemonset["metadata"]["namespace"]
+    own = {"metadata": {"name": "ocimodel-node-abcde", "namespace": namespace},
+           "spec": {**pod_spec(daemonset), "nodeName": node}}
+    root = Settings.from_mapping(yaml.safe_load(by_kind(objects, "ConfigMap")[0]["data"]["config.yaml"])).root
+    return PodRunner(_OwnPod(own), namespace, "ocimodel-node-abcde", node, Path(root)).pod_spec(MOUNT_TARGET, "csi-1")
+
+
+def _mount_pod_policy(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    return next(p for p in by_kind(objects, "ValidatingAdmissionPolicy")
+                if p["metadata"]["name"] == "ocimodel-mount-pods")
+
+
+def _admits(policy: dict[str, Any], operation: str, obj: dict[str, Any] | None, old: dict[str, Any] | None,
+            node: str | None, user: str = "system:serviceaccount:ocimodel-system:ocimodel-node") -> bool | None:
+    """The policy's decision (cel-python), None when it does not apply to ``user``."""
+    import celpy
+    info: dict[str, Any] = {"username": user}
+    if node:
+        info["extra"] = {NODE_NAME_KEY: [node]}
+    activation = {"object": obj, "oldObject": old, "request": {"operation": operation, "userInfo": info}}
+    environment = celpy.Environment()
+
+    def holds(expression: str) -> bool:
+        program = environment.program(environment.compile(expression))
+        result = program.evaluate({k: celpy.json_to_cel(v) for k, v in activation.items()})
+        return not isinstance(result, celpy.CELEvalError) and bool(result)
+
+    if not all(holds(c["expression"]) for c in policy["spec"]["matchConditions"]):
+        return None
+    return all(holds(v["expression"]) for v in policy["spec"]["validations"])
+
+
+@needs_kubectl
+@pytest.mark.parametrize("path", DRIVER_KUSTOMIZATIONS)
+def test_mount_pods_are_allowed_as_built_and_rbac_is_namespaced(path: str) -> None:
+    """The pod the plugin builds from its own rendered pod passes the rendered policy (so the two agree on
+    namespace, host paths and command); the node service account may manage pods only in its namespace, by a
+    Role; the mount pods' service account has no token and no role; every privilege of the pod says why."""
+    objects = render(path)
+    pod = built_mount_pod(path)
+    namespace = by_kind(objects, "DaemonSet")[0]["metadata"]["namespace"]
+    assert pod["metadata"]["namespace"] == namespace
+    assert pod["spec"]["containers"][0]["image"] == next(
+        c["image"] for c in pod_spec(by_kind(objects, "DaemonSet")[0])["containers"] if c["name"] == "ocimodel-csi")
+    user = f"system:serviceaccount:{namespace}:ocimodel-node"
+    assert _admits(_mount_pod_policy(objects), "CREATE", pod, None, "gpu-1", user) is True
+    binding = next(b for b in by_kind(objects, "ValidatingAdmissionPolicyBinding")
+                   if b["spec"]["policyName"] == "ocimodel-mount-pods")
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    assert _mount_pod_policy(objects)["spec"]["failurePolicy"] == "Fail"
+    role = next(r for r in by_kind(objects, "Role") if r["metadata"]["name"] == "ocimodel-node-mount-pods")
+    assert role["metadata"]["namespace"] == namespace
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["create", "get", "list", "delete"]}]
+    role_binding = next(b for b in by_kind(objects, "RoleBinding")
+                        if b["roleRef"]["name"] == "ocimodel-node-mount-pods")
+    assert role_binding["subjects"] == [{"kind": "ServiceAccount", "name": "ocimodel-node", "namespace": namespace}]
+    assert not any(_grants(r, "pods", {"create"}) for r in by_kind(objects, "ClusterRole") if _subjects_of(
+        objects, r["metadata"]["name"]))
+    account = next(a for a in by_kind(objects, "ServiceAccount") if a["metadata"]["name"] == "ocimodel-mount")
+    assert account["automountServiceAccountToken"] is False
+    assert not any(s.get("name") == "ocimodel-mount" for b in [*by_kind(objects, "RoleBinding"),
+                                                              *by_kind(objects, "ClusterRoleBinding")]
+                   for s in b["subjects"])
+    annotations = pod["metadata"]["annotations"]
+    assert len(annotations[REASONS["privileged"] + "fuse"].split()) >= 5
+    assert len(annotations[REASONS["root"] + "fuse"].split()) >= 5
+
+
+def _variant(change: Any) -> dict[str, Any]:
+    pod = json.loads(json.dumps(built_mount_pod("deploy/base")))
+    change(pod)
+    return pod
+
+
+def _container(pod: dict[str, Any]) -> dict[str, Any]:
+    return pod["spec"]["containers"][0]  # type: ignore[no-any-return]
+
+
+MOUNT_POD_CASES: dict[str, tuple[str, Any, str | None, bool]] = {  # name: (operation, change, node, allowed)
+    "as built": ("CREATE", lambda p: None, "gpu-1", True),
+    "on another node": ("CREATE", lambda p: None, "gpu-2", False),
+    "a token without a node": ("CREATE", lambda p: None, None, False),
+    "no node name": ("CREATE", lambda p: p["spec"].pop("nodeName"), "gpu-1", False),
+    "without the label": ("CREATE", lambda p: p["metadata"]["labels"].pop("ocimodel.csi.dev/mount-pod"), "gpu-1",
+                          False),
+    "another service account": ("CREATE", lambda p: p["spec"].update(serviceAccountName="ocimodel-node"), "gpu-1",
+                                False),
+    "with a token": ("CREATE", lambda p: p["spec"].update(automountServiceAccountToken=True), "gpu-1", False),
+    "another command": ("CREATE", lambda p: _container(p).update(command=["sh", "-c", "id"]), "gpu-1", False),
+    "other arguments": ("CREATE", lambda p: _container(p).update(args=["csi"]), "gpu-1", False),
+    "a socket elsewhere": ("CREATE", lambda p: _container(p)["args"].__setitem__(
+        2, "/var/lib/ocimodel/csi/lazy/../../../../etc/x.sock"), "gpu-1", False),
+    "a second container": ("CREATE", lambda p: p["spec"]["containers"].append(dict(_container(p), name="x")),
+                           "gpu-1", False),
+    "an init container": ("CREATE", lambda p: p["spec"].update(initContainers=[_container(p)]), "gpu-1", False),
+    "the host's root": ("CREATE", lambda p: p["spec"]["volumes"].append({"name": "r", "hostPath": {"path": "/"}}),
+                        "gpu-1", False),
+    "a secret volume": ("CREATE", lambda p: p["spec"]["volumes"].append({"name": "s", "secret": {"secretName": "x"}}),
+                        "gpu-1", False),
+    "the host's PIDs": ("CREATE", lambda p: p["spec"].update(hostPID=True), "gpu-1", False),
+    "deletes its mount pod": ("DELETE", lambda p: None, "gpu-1", True),
+    "deletes another node's": ("DELETE", lambda p: None, "gpu-2", False),
+    "deletes another pod": ("DELETE", lambda p: p["metadata"]["labels"].clear(), "gpu-1", False),
+    "updates": ("UPDATE", lambda p: None, "gpu-1", False),
+}
+
+
+@needs_kubectl
+@pytest.mark.parametrize("case", MOUNT_POD_CASES)
+def test_mount_pod_policy_decides_as_intended(case: str) -> None:
+    """The node service account creates and deletes only mount pods as the plugin builds them, on its node."""
+    operation, change, node, allowed = MOUNT_POD_CASES[case]
+    pod = _variant(change)
+    policy = _mount_pod_policy(render("deploy/base"))
+    obj, old = (None, pod) if operation == "DELETE" else (pod, pod if operation == "UPDATE" else None)
+    assert _admits(policy, operation, obj, old, node) is allowed
+    assert _admits(policy, operation, obj, old, node, "system:serviceaccount:kube-system:other") is None

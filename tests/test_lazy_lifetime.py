@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import requests
 
-from csi_driver.lazyservers import mount_pod_name
+from csi_driver.lazyservers import PRIVILEGE_REASONS, mount_pod_name
 from csi_driver.proto import csi_pb2
 from modelcache.mounts import mounts_at
 from tests.helpers.csi import CsiProcess, helper_pid
@@ -284,7 +284,7 @@ def expected_mount_pod(name: str, target: Path, volume_id: str, root: Path) -> d
                      "labels": {"app.kubernetes.io/name": "ocimodel-mount", "ocimodel.csi.dev/mount-pod": "true",
                                 "ocimodel.csi.dev/node": "node-a",
                                 "ocimodel.csi.dev/volume": hashlib.sha256(volume_id.encode()).hexdigest()[:40]},
-                     "annotations": {"ocimodel.csi.dev/target": str(target)}},
+                     "annotations": {"ocimodel.csi.dev/target": str(target), **PRIVILEGE_REASONS}},
         "spec": {
             "nodeName": "node-a", "restartPolicy": "Never", "priorityClassName": "system-node-critical",
             "serviceAccountName": "ocimodel-mount", "automountServiceAccountToken": False,
