@@ -20,13 +20,13 @@ import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import requests
 import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
+from urllib3.exceptions import ConnectTimeoutError, LocationParseError, NameResolutionError, NewConnectionError
+from urllib3.util import parse_url
 
 from modelcache.errors import Kind, RegistryError
 from modelcache.reference import normalise_registry
@@ -105,10 +105,22 @@ def classify(address: str) -> AddressClass:
 
 
 def origin(url: str) -> tuple[str, str, int]:
-    """``(scheme, host, port)`` of an http(s) URL, with the scheme's default port filled in."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    return scheme, (parts.hostname or "").lower().rstrip("."), parts.port or (443 if scheme == "https" else 80)
+    """``(scheme, host, port)`` of a URL as requests will send it (the scheme's default port filled in).
+    Refuses a URL that parsers read differently (a backslash, whitespace or a control character) or that
+    carries userinfo, so that the origin compared is the one connected to."""
+    if any(c == "\\" or c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        raise EgressRefused(f"URL {url[:200]!r} has a backslash, whitespace or a control character")
+    prepared = requests.PreparedRequest()
+    try:
+        prepared.prepare_url(url, None)
+        parts = parse_url(prepared.url or "")
+    except (requests.RequestException, LocationParseError) as exc:
+        raise EgressRefused(f"URL {url[:200]!r} is not a valid URL ({exc})") from None
+    if parts.auth is not None:
+        raise EgressRefused(f"URL {url[:200]!r} carries userinfo")
+    scheme = (parts.scheme or "").lower()
+    host = (parts.host or "").lower().rstrip(".").removeprefix("[").removesuffix("]")
+    return scheme, host, parts.port or (443 if scheme == "https" else 80)
 
 
 _current = threading.local()  # .permitted: classes the request in flight may connect to; .peers: see peer_class

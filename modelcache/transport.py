@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO
-from urllib.parse import urlencode, urljoin, urlsplit
+from urllib.parse import urlencode, urljoin
 
 import requests
 import urllib3
@@ -170,8 +170,9 @@ class Transport:
                                 kind=Kind.UNAUTHENTICATED, status=401)
         realm = params["realm"]
         self._check_realm(endpoint, realm, registry)
-        same = egress.origin(realm) == egress.origin(endpoint.url)
-        lend = bool(creds and not creds.empty) and (same or urlsplit(realm).scheme == "https")
+        where = egress.origin(realm)
+        same = where == egress.origin(endpoint.url)
+        lend = bool(creds and not creds.empty) and (same or where[0] == "https")
         query = {"service": params.get("service", "")} if params.get("service") else {}
         query["scope"] = scope
         label = f"{registry}: token request"
@@ -207,11 +208,11 @@ class Transport:
     def _check_realm(self, endpoint: Endpoint, realm: str, registry: str) -> None:
         """A token realm must be an http(s) URL, and https unless the registry itself is reached over plain HTTP
         (its address is checked when the token request connects)."""
-        parts = urlsplit(realm)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        scheme, host, port = egress.origin(realm)
+        if scheme not in ("http", "https") or not host:
             raise RegistryError(f"{registry}: token realm is not an http(s) URL", kind=Kind.UNAUTHENTICATED)
-        if parts.scheme == "http" and urlsplit(endpoint.url).scheme != "http":
-            raise EgressRefused(f"{registry}: its token realm on {parts.netloc} is plain HTTP; a realm must be https "
+        if scheme == "http" and egress.origin(endpoint.url)[0] != "http":
+            raise EgressRefused(f"{registry}: its token realm on {host}:{port} is plain HTTP; a realm must be https "
                                 f"unless the registry is configured for plain HTTP")
 
     def _elsewhere(self, endpoint: Endpoint) -> frozenset[AddressClass]:
@@ -339,10 +340,11 @@ class Transport:
         origin; any other URL must be https and gets no Authorization."""
         home = egress.origin(endpoint.url)
         for hop in range(MAX_REDIRECTS + 1):
-            same = egress.origin(url) == home
-            if not same and urlsplit(url).scheme != "https":
+            where = egress.origin(url)
+            same = where == home
+            if not same and where[0] != "https":
                 how = "redirected" if hop else "sent"
-                raise EgressRefused(f"{label}: {how} to plain HTTP on another host ({urlsplit(url).netloc}); "
+                raise EgressRefused(f"{label}: {how} to plain HTTP on another host ({where[1]}:{where[2]}); "
                                     f"only https is followed off the registry's own host")
             sent = dict(headers)
             if same and auth:

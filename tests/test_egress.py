@@ -303,6 +303,21 @@ def test_registry_credentials_go_to_a_token_service_on_another_host_only_over_ht
     assert all(s.headers.get("authorization", "Bearer t0ken") == "Bearer t0ken" for s in registry.seen)
 
 
+@pytest.mark.parametrize("spelling", ["{other}\\@{registry}", "{registry}@{other}", "{other}\t@{registry}"])
+def test_a_realm_spelled_to_look_like_the_registry_gets_no_credentials(serve, spelling: str) -> None:
+    """urlsplit reads the host after a backslash; requests connects to the one before it: such a realm, and
+    one with userinfo, is refused rather than taken for the registry's own origin."""
+    def issue(hostile: Hostile, h: BaseHTTPRequestHandler) -> None:
+        reply(h, 200, b'{"token": "t0ken"}')
+
+    other = serve("127.0.0.3", issue)
+    registry = serve("127.0.0.2", not_found)
+    registry.answer = bearer_to("http://" + spelling.format(other=other.host, registry=registry.host) + "/token")
+    refused(lambda: make_client(credentials=creds_for(registry.host)).resolve(
+        parse_reference(f"{registry.host}/m:v1")))
+    assert other.seen == []
+
+
 # -- redirects ----------------------------------------------------------------------------------------------
 def test_redirect_to_plain_http_on_another_host_is_not_followed(serve) -> None:
     elsewhere = serve("127.0.0.3", not_found)
@@ -312,6 +327,21 @@ def test_redirect_to_plain_http_on_another_host_is_not_followed(serve) -> None:
 
     registry = serve("127.0.0.2", redirect)
     refused(lambda: make_client().resolve(parse_reference(f"{registry.host}/m:v1")))
+    assert elsewhere.seen == []
+
+
+@pytest.mark.parametrize("spelling", ["{other}\\@{registry}", "{registry}@{other}"])
+def test_a_redirect_spelled_to_look_like_the_registry_is_not_followed(serve, spelling: str) -> None:
+    elsewhere = serve("127.0.0.3", not_found)
+
+    def redirect(hostile: Hostile, h: BaseHTTPRequestHandler) -> None:
+        if basic_required(h):
+            where = spelling.format(other=elsewhere.host, registry=hostile.host)
+            reply(h, 307, b"", {"Location": f"http://{where}/internal"})
+
+    registry = serve("127.0.0.2", redirect)
+    refused(lambda: make_client(credentials=creds_for(registry.host)).resolve(
+        parse_reference(f"{registry.host}/m:v1")))
     assert elsewhere.seen == []
 
 
