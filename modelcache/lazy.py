@@ -39,7 +39,7 @@ from modelcache.mediatypes import Compression
 from modelcache.options import PullOptions
 from modelcache.paths import PathFilter, safe_relpath
 from modelcache.progress import Progress
-from modelcache.rangedingest import covers
+from modelcache.rangedingest import RangedView, covers
 from modelcache.records import PullResult
 from modelcache.registry import Resolved
 from modelcache.safetar import OPAQUE, WHITEOUT, checked_members, open_tar, tar_errors
@@ -55,6 +55,7 @@ LOCAL_READ_SIZE = 4 << 20
 LIVE_UNIT = 4 << 20  # without a chunk index, what was served from a running download is compared in these
 LIVE_NEAR = 64 << 20  # a reader at most this far ahead of the background pull's stream waits for it ...
 LIVE_WAIT_SECONDS = 2.0  # ... at most this long, then fetches by range
+LIVE_POLL_SECONDS = 0.01
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,7 @@ class _LiveFile:
     verified: set[int] = field(default_factory=set)  # chunks checked against the chunk index
     served: set[int] = field(default_factory=set)  # LIVE_UNIT units served without an index (the floor)
     verifying: dict[int, threading.Event] = field(default_factory=dict)  # chunks being checked
+    bad: set[int] = field(default_factory=set)  # chunks that failed the check (this file never rewrites them)
     written: list[list[int]] = field(default_factory=list)  # ranges known to be written (they only grow)
 
 
@@ -210,6 +212,8 @@ class LazyModel:
         self.on_broken: Callable[[str], None] | None = None  # told once when verification fails
         self.stopping = threading.Event()
         self.index: ChunkIndex | None = None  # with one, each chunk is verified before it is served
+        self.started = False  # the background pull was started
+        self._ranges_failed: set[Digest] = set()  # blobs whose ranges failed the index at every endpoint
 
     # -- the tree -------------------------------------------------------------------------------------
     def build(self) -> None:
@@ -327,6 +331,7 @@ class LazyModel:
                     self.on_broken(str(self.failure))
 
         thread = threading.Thread(target=run, name="lazy-pull", daemon=True)
+        self.started = True
         thread.start()
         return thread
 
@@ -457,13 +462,44 @@ class LazyModel:
         fd = self._committed_fd(digest, committed)
         if fd is None:
             live = self._read_live(digest, blob_size, offset, size)
-            return live if live is not None else self._read_chunked(digest, blob_size, offset, size)
+            if live is not None:
+                return live
+            if digest not in self._ranges_failed:
+                try:
+                    return self._read_chunked(digest, blob_size, offset, size)
+                except IntegrityError as exc:
+                    if self.index is None or not self.index.covers(digest):
+                        raise
+                    self._ranges_failed.add(digest)
+                    log.warning("%s; reads of blob %s now wait for its verified download", exc, digest)
+            return self._await_download(digest, blob_size, offset, size)
         if self._last_end.get(digest) == offset:
             # FUSE asks for 128 KiB at a time, one after another: read the backing file ahead of the
             # reader in a thread, so that its requests find the pages in page cache
             self._read_ahead_local(digest, fd, offset + size, blob_size)
         self._last_end[digest] = offset + size
         return os.pread(fd, size, offset)
+
+    def _await_download(self, digest: Digest, blob_size: int, offset: int, size: int) -> bytes:
+        """Serve a blob of which no endpoint answered a range with the bytes the chunk index names: from its
+        download (verified chunks of the one under way, or the committed blob), waiting as strict mode does;
+        fail only when the download has failed too."""
+        committed = self.cache.store.blob_path(digest)
+        deadline = time.monotonic() + STRICT_WAIT
+        while True:
+            self.check_usable()
+            fd = self._committed_fd(digest, committed)
+            if fd is not None:
+                return os.pread(fd, size, offset)
+            live = self._read_live(digest, blob_size, offset, size)
+            if live is not None:
+                return live
+            if self.complete.is_set() and self.failure is not None:
+                raise LazyBroken(f"blob {digest}: no endpoint answered its ranges right and its download failed: "
+                                 f"{self.failure}", kind=self.failure.kind)
+            if time.monotonic() > deadline:
+                raise ModelCacheError(f"blob {digest} was not verified in time", kind=Kind.UNAVAILABLE)
+            self.complete.wait(0.05)
 
     def _read_ahead_local(self, digest: Digest, fd: int, offset: int, blob_size: int) -> None:
         with self._chunks_lock:
@@ -510,7 +546,7 @@ class LazyModel:
             if live is None or not self._written(live, digest, *span):
                 return None
         else:
-            view = self.cache.store.live_ingest(digest)
+            view = self._await_live_view(digest, blob_size, span[0])
             if view is None or (not view.on_disk(*span)
                                 and not view.wait_on_disk(*span, LIVE_WAIT_SECONDS, LIVE_NEAR)):
                 return None
@@ -530,6 +566,20 @@ class LazyModel:
                 live.served.update(range(first, last + 1))
         data = os.pread(live.fd, size, offset)
         return data if len(data) == size else None
+
+    def _await_live_view(self, digest: Digest, blob_size: int, offset: int) -> RangedView | None:
+        """The ranged download of ``digest`` under way; a reader near the start of a blob that download is
+        about to fetch (the background pull has not got there yet) waits for it rather than fetching the
+        same bytes itself, for at most LIVE_WAIT_SECONDS."""
+        view = self.cache.store.live_ingest(digest)
+        if view is not None or offset >= LIVE_NEAR or blob_size < self.cache.ranged_min_size or \
+                self.download is None or not self.started or self.complete.is_set():
+            return view
+        deadline = time.monotonic() + LIVE_WAIT_SECONDS
+        while view is None and time.monotonic() < deadline and not self.complete.is_set():
+            time.sleep(LIVE_POLL_SECONDS)
+            view = self.cache.store.live_ingest(digest)
+        return view
 
     def _written(self, live: _LiveFile, digest: Digest, start: int, end: int) -> bool:
         """True when bytes ``[start, end)`` of ``live`` are written: from what is known, else from the
@@ -553,8 +603,8 @@ class LazyModel:
         being checked waits for that check); False when it does not match."""
         assert self.index is not None
         with self._chunks_lock:
-            if chunk in live.verified:
-                return True
+            if chunk in live.verified or chunk in live.bad:
+                return chunk in live.verified
             event = live.verifying.get(chunk)
             mine = event is None
             if event is None:
@@ -569,6 +619,8 @@ class LazyModel:
             if hashlib.sha256(data).hexdigest() != self.index.expected(digest, chunk):
                 log.warning("chunk %d of %s in the running download does not match the chunk index; reading it "
                             "by range instead", chunk, digest)
+                with self._chunks_lock:
+                    live.bad.add(chunk)
                 return False
             with self._chunks_lock:
                 live.verified.add(chunk)
