@@ -7,9 +7,16 @@
   background pull is still running, cold (nothing cached) and warm (read again), for a model with a chunk
   index (each chunk verified before it is served) and without; the references are a direct read of the
   same file from the cache once complete, cold and warm, and the registry's line rate (curl of the blob to
-  /dev/null, one connection), in the same run.
+  /dev/null, one connection), in the same run;
+- ``full-load``: what an inference server does at start-up, for a model of two shards (``--shard-mib``, 384
+  by default), with a chunk index and without: a sequential read of every file through the lazy mount
+  started at publish, against publishing a plain (bind) volume, which pulls first, then reading the same
+  files; the first MiB at the end of the last shard through a lazy mount; and once the pull is complete, a
+  warm re-read through the FUSE handles opened at publish (the FUSE inodes' page cache) against a warm
+  direct read of the cached files. Caches dropped and memory prefaulted before each cold run, the order
+  of lazy and pull alternating, medians of ``--runs``.
 
-Usage (root, /dev/fuse): python bench/lazy.py [--gib 2] [--cases publish,during-pull]
+Usage (root, /dev/fuse): python bench/lazy.py [--gib 2] [--cases publish,during-pull,full-load]
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -104,7 +113,9 @@ def during_pull(registry: RunningRegistry, work: Path, model: Path, name: str, s
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--gib", type=float, default=2.0)
-    parser.add_argument("--cases", default="publish,during-pull")
+    parser.add_argument("--cases", default="publish,during-pull,full-load")
+    parser.add_argument("--shard-mib", type=int, default=384)
+    parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     cases = set(args.cases.split(","))
     results: dict[str, object] = {}
@@ -119,9 +130,108 @@ def main() -> None:
                 results["during_pull"] = during_pull(registry, work, model, name, size)
             if "publish" in cases:
                 results["publish"] = publish_case(registry, work, model, name, size)
+            if "full-load" in cases:
+                shards = make_shards(work / "model-2", 2, args.shard_mib << 20)
+                results["full_load"] = full_load(registry, work, shards, args.runs)
         finally:
             registry.stop()
     print(json.dumps(results, indent=2))
+
+
+def read_all(directory: Path, handles: dict[str, int] | None = None) -> float:
+    """Seconds to read every file of ``directory`` sequentially (by name, shards last as loaders do)."""
+    start = time.perf_counter()
+    for path in sorted(directory.iterdir(), key=lambda p: (p.suffix == ".safetensors", p.name)):
+        read_file(path, handles.get(path.name) if handles else None)
+    return time.perf_counter() - start
+
+
+def cold_start(registry: RunningRegistry, work: Path, total: int) -> None:
+    prefault(3 * total, work)
+    drop_caches()
+    warm(registry.root / "data")
+
+
+def lazy_load(registry: RunningRegistry, work: Path, ref: str, total: int, run: str) -> dict[str, float]:
+    """Publish lazily and read every file at once; then, once the pull is complete, re-read through the
+    same (FUSE) handles and directly from the cache, both warm."""
+    cold_start(registry, work, total)
+    plugin = CsiProcess(work / run, verbose=False)
+    target = work / "pods" / run
+    target.parent.mkdir(exist_ok=True)
+    start = time.perf_counter()
+    plugin.node.NodePublishVolume(publish_request(run, target, ref, mount="lazy"))
+    handles = {p.name: os.open(p, os.O_RDONLY) for p in target.iterdir()}
+    seconds = time.perf_counter() - start + read_all(target, handles)
+    trees = plugin.root / "trees"
+    deadline = time.monotonic() + 600
+    while not any(trees.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    tree = next(trees.iterdir())
+    read_all(tree)
+    direct = min(read_all(tree) for _ in range(3))
+    through = min(read_all(target, handles) for _ in range(3))
+    for handle in handles.values():
+        os.close(handle)
+    plugin.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id=run, target_path=str(target)))
+    plugin.stop()
+    shutil.rmtree(work / run)
+    return {"seconds": seconds, "warm_fuse_gb_s": total / through / 1e9, "warm_direct_gb_s": total / direct / 1e9}
+
+
+def pull_then_read(registry: RunningRegistry, work: Path, ref: str, total: int, run: str) -> float:
+    cold_start(registry, work, total)
+    plugin = CsiProcess(work / run, verbose=False)
+    target = work / "pods" / run
+    start = time.perf_counter()
+    publish_until_done(plugin, publish_request(run, target, ref))
+    seconds = time.perf_counter() - start + read_all(target)
+    plugin.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id=run, target_path=str(target)))
+    plugin.stop()
+    shutil.rmtree(work / run)
+    return seconds
+
+
+def lazy_tail(registry: RunningRegistry, work: Path, ref: str, total: int, last: str, run: str) -> float:
+    cold_start(registry, work, total)
+    plugin = CsiProcess(work / run, verbose=False)
+    target = work / "pods" / run
+    start = time.perf_counter()
+    plugin.node.NodePublishVolume(publish_request(run, target, ref, mount="lazy"))
+    tail_read(target / last)
+    seconds = time.perf_counter() - start
+    plugin.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id=run, target_path=str(target)))
+    plugin.stop()
+    shutil.rmtree(work / run)
+    return seconds
+
+
+def full_load(registry: RunningRegistry, work: Path, model: Path, runs: int) -> dict[str, object]:
+    total = sum(p.stat().st_size for p in model.iterdir())
+    last = max(p.name for p in model.iterdir() if p.suffix == ".safetensors")
+    results: dict[str, object] = {"model_bytes": total}
+    for label, extra in (("with_index", []), ("without_index", ["--no-chunk-index"])):
+        ref = f"{registry.host}/bench/full-{label.replace('_', '-')}:v1"
+        subprocess.run([*OCIMODEL, "push", str(model), ref, "--plain-http", *extra], check=True, capture_output=True)
+        lazy: list[dict[str, float]] = []
+        pulled: list[float] = []
+        tails: list[float] = []
+        for i in range(runs):
+            if i % 2:
+                pulled.append(pull_then_read(registry, work, ref, total, f"pull-{label}-{i}"))
+            lazy.append(lazy_load(registry, work, ref, total, f"lazy-{label}-{i}"))
+            if not i % 2:
+                pulled.append(pull_then_read(registry, work, ref, total, f"pull-{label}-{i}"))
+            tails.append(lazy_tail(registry, work, ref, total, last, f"tail-{label}-{i}"))
+        median = {key: statistics.median(r[key] for r in lazy) for key in lazy[0]}
+        results[label] = {
+            "lazy_full_read_seconds": median["seconds"], "pull_then_read_seconds": statistics.median(pulled),
+            "ratio": median["seconds"] / statistics.median(pulled),
+            "lazy_first_tail_MiB_seconds": statistics.median(tails),
+            "warm_fuse_gb_s": median["warm_fuse_gb_s"], "warm_direct_gb_s": median["warm_direct_gb_s"],
+            "warm_ratio": median["warm_fuse_gb_s"] / median["warm_direct_gb_s"],
+            "raw": {"lazy": lazy, "pull_then_read": pulled, "tail": tails}}
+    return results
 
 
 def publish_case(registry: RunningRegistry, work: Path, model: Path, name: str, size: int) -> dict[str, object]:

@@ -46,6 +46,7 @@ CHILD_POLL_SECONDS = 0.1
 PR_SET_PDEATHSIG = 1
 JOB_WAIT = 600.0  # seconds a server waits for its job before it gives up (its mount pod then ends)
 JOB_READ_TIMEOUT = 30.0
+READAHEAD_KIB = 8192
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
 
@@ -214,11 +215,16 @@ def serve(model: LazyModel, target: Path, *, ready: Any = None) -> None:
                 continue
             return
 
+    async def widen_then_announce() -> None:
+        await trio.to_thread.run_sync(os.stat, target)  # answered once the kernel's INIT is (which sets read-ahead)
+        widen_readahead(target)
+        if ready is not None:
+            ready()
+
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(upgrade_when_complete)
-            if ready is not None:
-                ready()
+            nursery.start_soon(widen_then_announce)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
 
@@ -226,6 +232,20 @@ def serve(model: LazyModel, target: Path, *, ready: Any = None) -> None:
         trio.run(main)
     finally:
         pyfuse3.close(unmount=False)
+
+
+def widen_readahead(target: Path, kib: int = READAHEAD_KIB) -> None:
+    """Let the kernel read ahead ``kib`` KiB on the new FUSE mount at ``target`` (its bdi's 128 KiB default
+    caps every read request at 128 KiB: one Python call and one reply per 128 KiB)."""
+    device = ""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == str(target) and fields[fields.index("-") + 1].startswith("fuse"):
+            device = fields[2]
+    try:
+        Path(f"/sys/class/bdi/{device}/read_ahead_kb").write_text(f"{kib}\n")
+    except OSError as exc:
+        log.warning("could not raise the read-ahead of the FUSE mount at %s (%s): reads stay at 128 KiB", target, exc)
 
 
 def _cache_for(job: dict[str, Any]) -> ModelCache:

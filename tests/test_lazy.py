@@ -385,3 +385,46 @@ def test_the_download_child_ends_with_its_helper(csi: CsiProcess, tmp_path: Path
                                Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"
                                for pid in children), 20)
     subprocess.run(["umount", "-l", str(target)], check=False, capture_output=True)
+
+
+def _fuse_device(target: Path) -> str:
+    """The major:minor of the FUSE mount at ``target`` (its bdi's name)."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == str(target) and fields[fields.index("-") + 1] == "fuse.ocimodel":
+            return fields[2]
+    raise AssertionError(f"no FUSE mount at {target}")
+
+
+def _bytes_read(pid: int) -> int:
+    """Bytes the process has read with read(2)/pread(2) and the like (its ``rchar``)."""
+    return int(next(line.split()[1] for line in Path(f"/proc/{pid}/io").read_text().splitlines()
+                    if line.startswith("rchar:")))
+
+
+def test_full_reads_are_large_and_served_once(csi: CsiProcess, tmp_path: Path, big, proxy_factory) -> None:  # type: ignore[no-untyped-def]
+    """A lazy mount reads ahead in 8 MiB windows (not the kernel's 128 KiB FUSE default); a blob committed
+    while a handle is open is then read from the committed file (no request, no chunk file); a second read
+    of the same handle comes from the kernel's page cache of the FUSE inode: the server reads nothing."""
+    name, data = big
+    proxy = proxy_factory(8_000_000)
+    target = tmp_path / "pod" / "mnt"
+    target.parent.mkdir()
+    csi.node.NodePublishVolume(lazy_request("full", target, f"{proxy.host}/{name}"))
+    assert Path(f"/sys/class/bdi/{_fuse_device(target)}/read_ahead_kb").read_text().strip() == "8192"
+    helper = helper_pid(csi, target)
+    digest = Digest.of_bytes(data)
+    handle = os.open(target / "weights.safetensors", os.O_RDONLY)
+    try:
+        wait_until(lambda: csi.root.joinpath("blobs", "sha256", digest.hex).exists(), 60)
+        asked = len(proxy.requests())
+        assert os.pread(handle, SIZE, 0) == data  # the first read through the FUSE handle
+        assert len(proxy.requests()) == asked  # no byte fetched again: the committed blob served it
+        opened = {os.readlink(fd) for fd in Path(f"/proc/{helper}/fd").iterdir() if fd.is_symlink()}
+        assert str(csi.root / "blobs" / "sha256" / digest.hex) in opened
+        before = _bytes_read(helper)
+        assert os.pread(handle, SIZE, 0) == data  # again: from the FUSE inode's page cache
+        assert _bytes_read(helper) - before < SIZE // 8  # FUSE requests only (none for the data), no blob read
+    finally:
+        os.close(handle)
+    csi.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id="full", target_path=str(target)))
