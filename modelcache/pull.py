@@ -39,7 +39,10 @@ def download_blobs(store: ContentStore, client: RegistryClient, ref: Reference, 
                    connections: int = 1, ranged_min_size: int = 0) -> None:
     """Download every blob of ``descriptors`` the store lacks (verified, resumable, ``workers`` blobs at a
     time; a blob of at least ``ranged_min_size`` bytes over ``connections`` concurrent Range requests).
-    Once ``cancel`` is set, each download stops at its next read, its partial file kept for resuming."""
+    Once ``cancel`` is set, each download stops at its next read, its partial file kept for resuming.
+    Declared sizes are not trusted to free space: a download runs into the free space, and a full disk
+    raises :class:`StoreFull` with the bytes still to come (the partial file kept), for eviction to make room
+    for bytes that arrived."""
 
     def on_bytes(n: int) -> None:
         if cancel is not None and cancel.is_set():
@@ -53,9 +56,10 @@ def download_blobs(store: ContentStore, client: RegistryClient, ref: Reference, 
     total = sum(d.size for d in unique.values())
     progress.set("downloading", total=total, done=total - sum(d.size for d in missing))
     need = sum(d.size - _partial_size(store, d.digest) for d in missing)
-    free = shutil.disk_usage(store.root).free
-    if need > free:
-        raise StoreFull(f"{ref}: needs {need} more bytes but the cache has {free} free", needed=need - free)
+    usage = shutil.disk_usage(store.root)
+    if need > usage.total:  # no eviction could make room; a smaller need evicts only as its bytes arrive
+        raise StoreFull(f"{ref}: declares {need} more bytes, more than the cache's whole filesystem "
+                        f"({usage.total} bytes)", needed=need - usage.free)
     if not missing:
         return
 

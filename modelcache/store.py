@@ -217,9 +217,10 @@ class ContentStore:
                     partial.unlink()
                 raise
             except OSError as exc:
-                if isinstance(exc, StoreFull):
-                    raise
-                raise_if_full(exc, f"blob {digest}")
+                try:
+                    raise_if_full(exc, f"blob {digest}")
+                except StoreFull as full:  # the disk filled with bytes that arrived: the rest is what it needs
+                    raise StoreFull(str(full), needed=size - verifier.count) from None
                 raise
             return target
 

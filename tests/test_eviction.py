@@ -160,3 +160,15 @@ def test_max_model_bytes_counts_the_whole_model(small_fs: Path, fixtures: Fixtur
     assert "maxModelGiB" in str(info.value)
     assert flights.cache.get_record(keys[0]) is not None
     assert not list(flights.cache.store.ingest_dir.iterdir())  # nothing was downloaded
+
+
+def test_a_declared_size_that_never_arrives_evicts_nothing(small_fs: Path, fixtures: Fixtures) -> None:
+    """A layer declaring a little more than the free space (and less than eviction could free) evicts nothing
+    while its bytes do not come: eviction is for bytes that fill the disk, not for declared sizes."""
+    flights = flights_on(small_fs / "cache")
+    keys = cached_models(fixtures, flights, ["kept-a", "kept-b", "kept-c"], 12 << 20)
+    free = shutil.disk_usage(small_fs).free
+    with pytest.raises(ModelCacheError) as info:
+        pull_through(flights, declaring(fixtures, "evict/liar:v1", free + (8 << 20)))
+    assert info.value.kind is not Kind.RESOURCE_EXHAUSTED, info.value
+    assert [flights.cache.get_record(k) is not None for k in keys] == [True, True, True]
