@@ -79,3 +79,14 @@ class PullCancelled(ModelCacheError):
     """A pull stopped because its process is shutting down; its partial downloads resume next time."""
 
     kind = Kind.UNAVAILABLE
+
+
+class ListenError(ModelCacheError):
+    """A server could not listen on ``address``, the value of the configuration field ``setting``
+    (``metrics_address``, ``endpoint``); ``reason`` says why (``address already in use``)."""
+
+    kind = Kind.UNAVAILABLE
+
+    def __init__(self, address: str, setting: str, reason: str) -> None:
+        self.address, self.setting, self.reason = address, setting, reason[:1].lower() + reason[1:]
+        super().__init__(f"{address}: {self.reason}")

@@ -31,6 +31,7 @@ from modelcache.credentials import Credentials, CredentialStore
 from modelcache.egress import ANY_BUT_METADATA, AddressClass, EgressRefused
 from modelcache.errors import Kind, RegistryError
 from modelcache.hosts import Endpoint, HostsConfig
+from modelcache.mirrorhealth import MIRRORS, MirrorHealth
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,11 @@ STREAM_ERRORS: tuple[type[BaseException], ...] = (
     requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
     urllib3.exceptions.HTTPError, ConnectionError, TimeoutError,
 )
-_CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))')
+# anchored at a position and each followed by a step past what they matched: linear in the header
+_CHALLENGE_NAME = re.compile(r'[\s,]*(\w+)\s*=\s*')
+_CHALLENGE_VALUE = re.compile(r'"((?:[^"\\]|\\.)*)"|([^,\s]*)')
+_CHALLENGE_JUNK = re.compile(r'[^,]*,?')
+MAX_CHALLENGE = 8 << 10
 MAX_TOKEN_RESPONSE = 1 << 20
 MAX_ERROR_BODY = 64 << 10
 MAX_REDIRECTS = 5
@@ -55,15 +60,26 @@ def tls_failure(exc: BaseException) -> str:
             f"it under 'registries' in the node settings (or pass --plain-http)")
 
 
+class Unreachable(RegistryError):
+    """No connection could be made or kept (refused, timed out, reset), after every attempt; ``cause`` names
+    the last failure."""
+
+    def __init__(self, message: str, cause: str) -> None:
+        super().__init__(message, kind=Kind.UNAVAILABLE)
+        self.cause = cause
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How often and how patiently to retry transient failures."""
+    """How often and how patiently to retry transient failures. A mirror gets one attempt, and
+    ``mirror_connect_timeout`` to accept the connection: the next endpoint is tried at once."""
 
     attempts: int = 5
     base_delay: float = 0.25
     max_delay: float = 4.0
     connect_timeout: float = 10.0
     read_timeout: float = 30.0
+    mirror_connect_timeout: float = 0.5
 
     def delay(self, attempt: int, retry_after: str | None = None) -> float:
         """Seconds to wait before retry number ``attempt`` (1-based)."""
@@ -74,10 +90,23 @@ class RetryPolicy:
 
 
 def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
-    """Split a ``WWW-Authenticate`` value into its scheme and parameters."""
+    """Split a ``WWW-Authenticate`` value into its scheme and parameters, in one pass (a value over
+    MAX_CHALLENGE bytes is refused); text that is no ``name=value`` is skipped up to the next comma."""
+    if len(header) > MAX_CHALLENGE:
+        raise RegistryError(f"the registry's authentication challenge is {len(header)} bytes long (the limit is "
+                            f"{MAX_CHALLENGE}); refusing it", kind=Kind.UNAUTHENTICATED, status=401)
     scheme, _, rest = header.strip().partition(" ")
-    params = {m.group(1).lower(): (m.group(2) if m.group(2) is not None else m.group(3))
-              for m in _CHALLENGE_PARAM.finditer(rest)}
+    params: dict[str, str] = {}
+    pos = 0
+    while pos < len(rest):
+        name = _CHALLENGE_NAME.match(rest, pos)
+        if name is None:
+            pos = max(_CHALLENGE_JUNK.match(rest, pos).end(), pos + 1)  # type: ignore[union-attr]
+            continue
+        value = _CHALLENGE_VALUE.match(rest, name.end())
+        assert value is not None  # the token alternative matches the empty string
+        params[name.group(1).lower()] = value.group(1) if value.group(1) is not None else value.group(2)
+        pos = max(value.end(), name.end())
     return scheme.lower(), params
 
 
@@ -113,12 +142,14 @@ class Transport:
     """Sends requests for one registry name, handling the allow-list, mirrors, auth, redirects and retries.
 
     ``allowed_registries``: globs on ``host[:port]`` a reference's registry must match (empty: any registry).
+    ``mirrors``: which mirrors are down (the process's record, shared by every transport, by default).
     """
 
     def __init__(self, hosts: HostsConfig | None = None, credentials: CredentialStore | None = None,
                  retry: RetryPolicy | None = None, user_agent: str = "ocimodel",
-                 allowed_registries: Iterable[str] = ()) -> None:
+                 allowed_registries: Iterable[str] = (), mirrors: MirrorHealth = MIRRORS) -> None:
         self.hosts = hosts or HostsConfig()
+        self.mirrors = mirrors
         self.allowed_registries = tuple(allowed_registries)
         self.credentials = credentials or CredentialStore()
         self.retry = retry or RetryPolicy()
@@ -228,12 +259,13 @@ class Transport:
                 auth: tuple[str, str] | None = None) -> requests.Response:
         """One request to ``url`` without following redirects, under the address rule for it: ``same`` says
         ``url`` is on ``endpoint``'s own origin. TLS is verified as configured for ``endpoint`` on its host
-        name (any port), always anywhere else."""
+        name (any port), always anywhere else. A mirror has ``mirror_connect_timeout`` to accept."""
         own_host = egress.origin(url)[1] == egress.origin(endpoint.url)[1]
+        connect = self.retry.mirror_connect_timeout if endpoint.is_mirror and same else self.retry.connect_timeout
         with egress.permitting(ANY_BUT_METADATA if same else self._elsewhere(endpoint)):
             return self.session.request(method, url, params=params, headers=headers, data=data, auth=auth,
-                                        stream=True, timeout=self._timeouts(), allow_redirects=False,
-                                        verify=endpoint.verify_tls if own_host else True)
+                                        stream=True, timeout=(connect, self.retry.read_timeout),
+                                        allow_redirects=False, verify=endpoint.verify_tls if own_host else True)
 
     def used_auth(self, host: str) -> bool:
         """True when requests to ``host`` needed credentials or a token."""
@@ -241,11 +273,10 @@ class Transport:
             return host in self._basic_hosts or any(h == host for h, _ in self._tokens)
 
     # -- sending ----------------------------------------------------------------------------------------
-    def _timeouts(self) -> tuple[float, float]:
-        return (self.retry.connect_timeout, self.retry.read_timeout)
-
-    def _send(self, call: Callable[[], requests.Response], what: str) -> requests.Response:
-        """Run ``call`` with retries on connection errors and transient statuses."""
+    def _send(self, call: Callable[[], requests.Response], what: str, attempts: int = 0) -> requests.Response:
+        """Run ``call`` with retries on connection errors and transient statuses, ``attempts`` times in all
+        (0: the retry policy's)."""
+        attempts = attempts or self.retry.attempts
         attempt = 0
         while True:
             attempt += 1
@@ -254,12 +285,13 @@ class Transport:
             except requests.exceptions.SSLError as exc:
                 raise RegistryError(f"{what}: {tls_failure(exc)}", kind=Kind.UNAVAILABLE) from None
             except STREAM_ERRORS as exc:
-                if attempt >= self.retry.attempts:
-                    raise RegistryError(f"{what}: registry unreachable after {attempt} attempts "
-                                        f"({type(exc).__name__})", kind=Kind.UNAVAILABLE) from None
+                if attempt >= attempts:
+                    cause = type(exc).__name__
+                    raise Unreachable(f"{what}: registry unreachable after {attempt} attempt"
+                                      f"{'s' if attempt > 1 else ''} ({cause})", cause) from None
                 time.sleep(self.retry.delay(attempt))
                 continue
-            if response.status_code in RETRY_STATUSES and attempt < self.retry.attempts:
+            if response.status_code in RETRY_STATUSES and attempt < attempts:
                 retry_after = response.headers.get("Retry-After")
                 response.close()
                 time.sleep(self.retry.delay(attempt, retry_after))
@@ -273,7 +305,8 @@ class Transport:
         """Send ``method path`` to the first endpoint that answers well; raise a :class:`RegistryError`.
 
         ``path`` is below the endpoint, or a URL (an upload location). The response is streamed: close it.
-        Mirrors are tried first for reads; any failure at a mirror falls through to the next endpoint.
+        Mirrors are tried first for reads, once each; any failure at a mirror falls through to the next
+        endpoint, and a mirror that cannot be reached is skipped while :attr:`mirrors` holds it down.
         ``skip_endpoints`` passes over the first ones (a caller that found their answer wrong).
         A registry outside ``allowed_registries`` is refused before anything is sent.
         """
@@ -283,6 +316,8 @@ class Transport:
         endpoints = self.hosts.endpoints(registry, upstream_host, for_push=for_push)[skip_endpoints:]
         last_error: RegistryError | None = None
         for endpoint in endpoints:
+            if endpoint.is_mirror and not self.mirrors.usable(endpoint.url):
+                continue
             query = dict(params or {})
             if endpoint.is_mirror:
                 query["ns"] = registry
@@ -293,9 +328,13 @@ class Transport:
             except RegistryError as exc:
                 if not endpoint.is_mirror:
                     raise
+                if isinstance(exc, Unreachable):
+                    self.mirrors.failed(endpoint.url, exc.cause)
                 log.info("mirror %s failed for %s (%s); trying next endpoint", endpoint.host, what, exc.kind.value)
                 last_error = exc
                 continue
+            if endpoint.is_mirror:
+                self.mirrors.answered(endpoint.url)
             if ok(response.status_code):
                 return response
             error = status_error(response, f"{registry}: {what}")
@@ -318,7 +357,7 @@ class Transport:
             def call(a: str | None = auth) -> requests.Response:
                 return self._follow(method, endpoint, url, query, headers, a, body, label)
 
-            response = self._send(call, label)
+            response = self._send(call, label, attempts=1 if endpoint.is_mirror else 0)
             if response.status_code != 401 or egress.origin(response.url) != egress.origin(endpoint.url):
                 return response
             challenge = response.headers.get("WWW-Authenticate", "")
