@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from modelcache.metrics import PullMetrics
+from modelcache.metrics import PullMetrics, serve_metrics
 
 
 class CsiMetrics:
@@ -36,6 +36,5 @@ class CsiMetrics:
 
     def serve(self, address: str) -> None:
         """Serve ``/metrics`` on ``host:port`` in a background thread."""
-        host, _, port = address.rpartition(":")
-        server, _ = start_http_server(int(port), addr=host or "127.0.0.1", registry=self.registry)
+        server = serve_metrics(address, self.registry, setting="metrics_address", default_host="127.0.0.1")
         self.port = int(server.server_address[1])

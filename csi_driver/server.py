@@ -29,7 +29,7 @@ from csi_driver.metrics import CsiMetrics
 from csi_driver.node import NodeService
 from csi_driver.proto import csi_pb2, csi_pb2_grpc
 from csi_driver.publications import Publication, Publications
-from modelcache.errors import ModelCacheError
+from modelcache.errors import ListenError, ModelCacheError
 from modelcache.settings import Settings
 from modelcache.singleflight import PullFlights
 from modelcache.warmrequests import WarmRequests
@@ -155,19 +155,32 @@ class Driver:
         self.events.close()
 
 
-def _bind_unix(server: grpc.Server, endpoint: str) -> None:
-    if endpoint.startswith("unix://"):
-        path = endpoint[len("unix://"):]
-        if os.path.exists(path):
-            if not stat.S_ISSOCK(os.stat(path).st_mode):
-                raise SystemExit(f"endpoint {path} exists and is not a socket")
-            os.unlink(path)
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        server.add_insecure_port(f"unix:{path}")
-    elif endpoint.startswith("tcp://"):
-        server.add_insecure_port(endpoint[len("tcp://"):])
-    else:
-        raise SystemExit(f"endpoint must be unix:///path or tcp://host:port, not {endpoint!r}")
+def _claim_endpoint(endpoint: str) -> str:
+    """The gRPC address of ``endpoint`` once it is known to be free (a unix socket no process answers on is a
+    previous run's: removed; a tcp port is bound once to try it); :class:`ListenError` when it is not."""
+    try:
+        if endpoint.startswith("unix://"):
+            path = endpoint[len("unix://"):]
+            if os.path.exists(path):
+                if not stat.S_ISSOCK(os.stat(path).st_mode):
+                    raise ListenError(endpoint, "endpoint", "exists and is not a socket")
+                with socket.socket(socket.AF_UNIX) as probe:
+                    probe.settimeout(1.0)
+                    if probe.connect_ex(path) == 0:
+                        raise ListenError(endpoint, "endpoint", "address already in use")
+                os.unlink(path)
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            return f"unix:{path}"
+        if endpoint.startswith("tcp://"):
+            host, _, port = endpoint[len("tcp://"):].rpartition(":")
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            socket.create_server((host.strip("[]"), int(port)), family=family).close()
+            return endpoint[len("tcp://"):]
+    except ValueError:
+        pass
+    except OSError as exc:
+        raise ListenError(endpoint, "endpoint", os.strerror(exc.errno) if exc.errno else str(exc)) from None
+    raise ListenError(endpoint, "endpoint", "must be unix:///path or tcp://host:port")
 
 
 def build_driver(settings: Settings, config: PluginConfig, *, pvcs: PvcAccess | None = None,
@@ -179,6 +192,7 @@ def build_driver(settings: Settings, config: PluginConfig, *, pvcs: PvcAccess | 
     state_dir, publish_wait, metrics_address = config.state_dir, config.publish_wait, config.metrics_address
     if mode not in MODES:
         raise SystemExit(f"--mode must be one of {', '.join(MODES)}")
+    address = _claim_endpoint(endpoint)  # before anything starts: another plugin may be serving it
     serves_node = mode in ("node", "all")
     serves_controller = mode in ("controller", "all")
     controller_dir = state_dir or settings.root
@@ -191,7 +205,8 @@ def build_driver(settings: Settings, config: PluginConfig, *, pvcs: PvcAccess | 
         metrics.serve(metrics_address)
         log.info("metrics on port %d", metrics.port)
     server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
-                         interceptors=[ErrorAndLogInterceptor(metrics.observe)])
+                         interceptors=[ErrorAndLogInterceptor(metrics.observe)],
+                         options=[("grpc.so_reuseport", 0)])  # a port another process holds is an error
     csi_pb2_grpc.add_IdentityServicer_to_server(identity, server)
     node = pulls = controller = None
     events = PodEvents(create_event, node_id)
@@ -212,7 +227,10 @@ def build_driver(settings: Settings, config: PluginConfig, *, pvcs: PvcAccess | 
     if serves_controller:
         controller = ControllerService(settings, controller_dir, pvcs=pvcs)
         csi_pb2_grpc.add_ControllerServicer_to_server(controller, server)
-    _bind_unix(server, endpoint)
+    try:
+        server.add_insecure_port(address)
+    except RuntimeError:  # taken since _claim_endpoint looked
+        raise ListenError(endpoint, "endpoint", "cannot bind") from None
     server.start()
     if node is not None:
         for target in node.orphans():

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from prometheus_client import start_http_server
 
 from kubeadapter.client import KubeClient
 from modelcache import pagecache
@@ -19,6 +18,7 @@ from modelcache.cache import ModelCache
 from modelcache.errors import Kind, ModelCacheError
 from modelcache.eviction import evict
 from modelcache.gc import usage
+from modelcache.metrics import serve_metrics
 from modelcache.mounts import mounts_of
 from modelcache.settings import Settings
 from modelcache.singleflight import PullFlights
@@ -106,9 +106,8 @@ class Agent:
             await trio.sleep(seconds)
 
     async def _serve_metrics(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        host, _, port = self.config.metrics_address.rpartition(":")
-        server, _ = start_http_server(int(port), addr=host or "0.0.0.0",  # noqa: S104 - a DaemonSet port
-                                      registry=self.metrics.registry)
+        server = serve_metrics(self.config.metrics_address, self.metrics.registry, setting="metrics_address",
+                               default_host="0.0.0.0")  # noqa: S104 - a DaemonSet port
         self.metrics_port = int(server.server_address[1])
         task_status.started()
         try:

@@ -70,10 +70,15 @@ def cmd_warm(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     """Add ``agent`` and ``warm``."""
     agent = sub.add_parser("agent", help="run the node agent (prefetch, warm, evict, report)")
-    agent.add_argument("--node-name", default="")
-    agent.add_argument("--kubeconfig", default="", help="kubeconfig ('' = in-cluster, 'none' = no Kubernetes)")
-    agent.add_argument("--metrics-address", default="0.0.0.0:9810")
-    agent.add_argument("--evict-interval", type=float, default=30.0)
+    agent.add_argument("--node-name", default="",
+                       help="the Node this agent serves, whose labels select ModelCache objects (default: $NODE_NAME, "
+                            "else the host name)")
+    agent.add_argument("--kubeconfig", default="", help="kubeconfig (default: in-cluster; 'none' = no Kubernetes: "
+                                                        "only eviction, warm requests and metrics)")
+    agent.add_argument("--metrics-address", default="0.0.0.0:9810",
+                       help="host:port to serve Prometheus metrics on (default: %(default)s)")
+    agent.add_argument("--evict-interval", type=float, default=30.0, metavar="SECONDS",
+                       help="how often to check the cache against its watermarks and evict (default: %(default)s)")
     add_node_options(agent)
     agent.set_defaults(handler=cmd_agent, log_level=logging.INFO)
 
@@ -83,7 +88,8 @@ def register(sub: Any) -> None:
     group.add_argument("--evict", action="store_true", help="drop from page cache")
     group.add_argument("--report", action="store_true", help="only report residency")
     warm.add_argument("--lock", action="store_true", help="also mlock and hold until interrupted")
-    warm.add_argument("--share", type=float, help="share of available memory a warm may use (default 0.5)")
-    warm.add_argument("--json", action="store_true")
+    warm.add_argument("--share", type=float, help="share of available memory a warm may use (default: the node "
+                                                   "settings' warmMemoryShare, 0.5 unless set)")
+    warm.add_argument("--json", action="store_true", help="print JSON, with the residency of every file")
     add_node_options(warm)
     warm.set_defaults(handler=cmd_warm)

@@ -89,36 +89,49 @@ def cmd_fuse_pull(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     """Add the CSI subcommands."""
     csi = sub.add_parser("csi", help="run the CSI plugin (gRPC on a unix socket)")
-    csi.add_argument("--endpoint", default=os.environ.get("CSI_ENDPOINT", "unix:///csi/csi.sock"))
-    csi.add_argument("--node-id", default=os.environ.get("NODE_ID", ""))
-    csi.add_argument("--mode", choices=MODES, default="all")
+    csi.add_argument("--endpoint", default=os.environ.get("CSI_ENDPOINT", "unix:///csi/csi.sock"),
+                     help="where to serve gRPC: unix:///path (kubelet's plugin socket) or tcp://host:port "
+                          "(default: %(default)s; $CSI_ENDPOINT when set)")
+    csi.add_argument("--node-id", default=os.environ.get("NODE_ID", ""),
+                     help="the node ID reported to Kubernetes, the Node object's name (default: $NODE_ID, else the "
+                          "host name)")
+    csi.add_argument("--mode", choices=MODES, default="all",
+                     help="which CSI services to serve: node (the DaemonSet), controller (the provisioner's pod) or "
+                          "all (default: %(default)s)")
     csi.add_argument("--state-dir", help="where the controller keeps its volume records (default: --root)")
     csi.add_argument("--publish-wait", type=float, default=DEFAULT_PUBLISH_WAIT,
-                     help="seconds NodePublishVolume waits for a pull before answering ABORTED (kubelet retries)")
+                     help="seconds NodePublishVolume waits for a pull before answering ABORTED (kubelet retries; "
+                          "default: %(default)s)")
     csi.add_argument("--pod-name", default=os.environ.get("POD_NAME", ""),
                      help="the plugin's own pod (default $POD_NAME): with it, lazy volumes are served by mount pods "
                           "from the pod's image; without, by processes in sessions of their own")
     csi.add_argument("--pod-namespace", default=os.environ.get("POD_NAMESPACE", ""),
                      help="the namespace of --pod-name and of the mount pods (default $POD_NAMESPACE)")
-    csi.add_argument("--metrics-address", default="", help="host:port for Prometheus metrics ('' = off)")
-    csi.add_argument("--kubeconfig", default="", help="kubeconfig for PVC lookups and pod events "
-                     "('' = in-cluster, 'none' = off)")
+    csi.add_argument("--metrics-address", default="",
+                     help="host:port to serve Prometheus metrics on (default: off; a host of '' is 127.0.0.1)")
+    csi.add_argument("--kubeconfig", default="", help="kubeconfig for PVC lookups, pod events and mount pods "
+                     "(default: in-cluster, if there is a cluster; 'none' = off)")
     add_node_options(csi)
     csi.set_defaults(handler=cmd_csi, log_level=logging.INFO)
 
     mount = sub.add_parser("mount", help="mount a model read-only at a directory (no Kubernetes needed)")
-    mount.add_argument("reference")
-    mount.add_argument("target")
+    mount.add_argument("reference", help="the model: registry/repository[:tag][@digest]")
+    mount.add_argument("target", help="the directory to mount it on")
     mount.add_argument("--lazy", action="store_true", help="FUSE lazy mount (reads before the pull ends)")
     mount.add_argument("--lazy-verify", choices=("background", "strict"),
                        help="background (default): serve chunks while the pull verifies the blobs; strict: serve a "
                             "file only once its blob is verified (the lazyVerify volume attribute)")
-    mount.add_argument("--include", action="append")
-    mount.add_argument("--exclude", action="append")
-    mount.add_argument("--path")
+    mount.add_argument("--include", action="append", metavar="GLOB",
+                       help="show only files matching this glob (repeatable; default: every file)")
+    mount.add_argument("--exclude", action="append", metavar="GLOB",
+                       help="hide files matching this glob (repeatable; default: none)")
+    mount.add_argument("--path", help="mount this sub-directory of the model (default: its root; container images: "
+                                      "/models)")
     mount.add_argument("--layers", metavar="KINDS", help="only these layer kinds: a comma list of weights, config, "
-                       "code, datasets, docs (the layers volume attribute)")
-    mount.add_argument("--username", help="registry user (password from $OCIMODEL_PASSWORD)")
+                       "code, datasets, docs (the layers volume attribute; default: every kind)")
+    mount.add_argument("--username", help="registry user, as a volume's pull secret (password from "
+                                          "$OCIMODEL_PASSWORD; default: anonymous, plus the node's credentials "
+                                          "where nodeCredentialRegistries lends them)")
     add_node_options(mount)
     add_policy_options(mount)
     mount.set_defaults(handler=cmd_mount)
@@ -130,6 +143,6 @@ def register(sub: Any) -> None:
     pull.set_defaults(handler=cmd_fuse_pull, log_level=logging.INFO)
 
     umount = sub.add_parser("umount", help="unmount a model mounted with 'ocimodel mount'")
-    umount.add_argument("target")
+    umount.add_argument("target", help="the directory a model was mounted on")
     add_node_options(umount)
     umount.set_defaults(handler=cmd_umount)

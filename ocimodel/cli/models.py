@@ -108,31 +108,36 @@ def _inspect_text(data: dict[str, Any]) -> str:
 def register(sub: Any) -> None:
     """Add ``pull``, ``push``, ``sign`` and ``inspect``."""
     pull = sub.add_parser("pull", help="pull a model into the node cache")
-    pull.add_argument("reference")
-    pull.add_argument("--include", action="append", help="glob of files to keep (repeatable)")
-    pull.add_argument("--exclude", action="append", help="glob of files to drop (repeatable)")
-    pull.add_argument("--path", help="sub-path to expose (container images: default /models)")
+    pull.add_argument("reference", help="the model: registry/repository[:tag][@digest]")
+    pull.add_argument("--include", action="append", metavar="GLOB",
+                      help="keep only files matching this glob (repeatable; default: every file)")
+    pull.add_argument("--exclude", action="append", metavar="GLOB",
+                      help="drop files matching this glob (repeatable; default: none)")
+    pull.add_argument("--path", help="sub-directory of the model to expose (default: its root; container images: "
+                                     "/models)")
     pull.add_argument("--layers", metavar="KINDS", help=f"only these layer kinds, a comma list of "
-                      f"{', '.join(LAYER_KINDS)} (ModelPack and ModelKit); the others are never downloaded")
+                      f"{', '.join(LAYER_KINDS)} (ModelPack and ModelKit); the others are never downloaded "
+                      f"(default: every kind)")
     pull.add_argument("--list-files", action="store_true", help="include the file list")
     add_common(pull)
     add_policy_options(pull)
     pull.set_defaults(handler=cmd_pull)
 
     push = sub.add_parser("push", help="push a directory as a ModelPack artifact")
-    push.add_argument("directory")
-    push.add_argument("reference")
+    push.add_argument("directory", help="the model's directory; each file becomes one layer")
+    push.add_argument("reference", help="where to push: registry/repository:tag")
     push.add_argument("--layer-format", choices=[c.value for c in Compression], default="raw",
-                      help="how each file is stored (model-spec recommends raw)")
+                      help="how each file is stored (model-spec recommends raw; default: %(default)s)")
     push.add_argument("--no-chunk-index", action="store_true",
                       help="do not record the chunk index that lets lazy mounts verify each chunk before serving it")
     push.add_argument("--sign-key", metavar="PATH",
-                      help="sign the pushed model with this PEM private key (password from $OCIMODEL_KEY_PASSWORD)")
+                      help="sign the pushed model with this PEM private key (password from $OCIMODEL_KEY_PASSWORD; "
+                           "default: not signed)")
     add_common(push)
     push.set_defaults(handler=cmd_push)
 
     sign = sub.add_parser("sign", help="sign a model in the registry (cosign's key-based tag scheme)")
-    sign.add_argument("reference")
+    sign.add_argument("reference", help="the model to sign: registry/repository[:tag][@digest]")
     sign.add_argument("--key", required=True, metavar="PATH",
                       help="PEM private key: ECDSA P-256/P-384, Ed25519 or RSA (password from $OCIMODEL_KEY_PASSWORD)")
     add_common(sign)
@@ -140,6 +145,6 @@ def register(sub: Any) -> None:
 
     inspect = sub.add_parser("inspect", help="describe a model (layers, kinds, paths, signatures) without "
                                              "downloading it")
-    inspect.add_argument("reference")
+    inspect.add_argument("reference", help="the model: registry/repository[:tag][@digest]")
     add_common(inspect)
     inspect.set_defaults(handler=cmd_inspect)

@@ -26,11 +26,13 @@ EXIT_INTEGRITY = EXIT_CODES[Kind.INTEGRITY]
 
 def add_node_options(parser: argparse.ArgumentParser, *, registry: bool = True) -> None:
     """``--root`` and ``--config``; with ``registry``, also ``--plain-http`` and ``--docker-config``."""
-    parser.add_argument("--root", help="cache root (default /var/lib/ocimodel, or the config's root)")
-    parser.add_argument("--config", help="node settings file (YAML or JSON)")
+    parser.add_argument("--root", help="cache root (default: the settings' root, else /var/lib/ocimodel)")
+    parser.add_argument("--config", metavar="FILE", help="node settings file, YAML or JSON: registries and mirrors, "
+                        "allowedRegistries, watermarks, signaturePolicy (default: none, built-in defaults)")
     if registry:
         parser.add_argument("--plain-http", action="store_true", help="talk HTTP, not HTTPS, to registries")
-        parser.add_argument("--docker-config", help="Docker config.json with registry credentials")
+        parser.add_argument("--docker-config", help="Docker config.json with registry credentials (default: the "
+                            "settings' dockerConfig, else $DOCKER_CONFIG/config.json or ~/.docker/config.json)")
 
 
 def add_common(parser: argparse.ArgumentParser, *, registry: bool = True) -> None:
@@ -38,16 +40,19 @@ def add_common(parser: argparse.ArgumentParser, *, registry: bool = True) -> Non
     add_node_options(parser, registry=registry)
     parser.add_argument("--json", action="store_true", help="print JSON")
     if registry:
-        parser.add_argument("--username", help="registry user (password from --password-stdin or $OCIMODEL_PASSWORD)")
+        parser.add_argument("--username", help="registry user, for this command only (password from --password-stdin "
+                            "or $OCIMODEL_PASSWORD; default: the Docker config and credential helpers)")
         parser.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
 
 
 def add_policy_options(parser: argparse.ArgumentParser) -> None:
     """``--verify-key`` (repeatable) and ``--policy``: a signature policy for this command."""
     parser.add_argument("--verify-key", action="append", metavar="PATH",
-                        help="require a cosign signature by this PEM public key or certificate (repeatable)")
+                        help="require a cosign signature by this PEM public key or certificate (repeatable; "
+                             "default: the --policy or --config file's signaturePolicy)")
     parser.add_argument("--policy", metavar="FILE", help="signature policy file (YAML: a signaturePolicy list of "
-                        "rules, or {default: signed|none, rules: [...]})")
+                        "rules, or {default: signed|none, rules: [...]}; default: the --config file's "
+                        "signaturePolicy)")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
