@@ -374,12 +374,16 @@ def test_the_download_child_ends_with_its_helper(csi: CsiProcess, tmp_path: Path
     helper = helper_pid(csi, target)
     children: list[int] = []
 
-    def found_children() -> bool:
-        children.extend(int(c) for task in Path(f"/proc/{helper}/task").iterdir()
-                        for c in (task / "children").read_text().split())
+    def found_the_download_child() -> bool:
+        """A child just forked shows the helper's command line until it execs: wait for the one running fuse-pull."""
+        try:
+            pids = [int(c) for task in Path(f"/proc/{helper}/task").iterdir()
+                    for c in (task / "children").read_text().split()]
+            children[:] = [pid for pid in pids if b"fuse-pull" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        except OSError:  # a thread or a child ended while we looked
+            return False
         return bool(children)
-    wait_until(found_children, 30)
-    assert all(b"fuse-pull" in Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children)
+    wait_until(found_the_download_child, 30)
     os.kill(helper, signal.SIGKILL)
     wait_until(lambda: not any(Path(f"/proc/{pid}").exists() and
                                Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"
