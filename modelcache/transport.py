@@ -40,10 +40,11 @@ STREAM_ERRORS: tuple[type[BaseException], ...] = (
     requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
     urllib3.exceptions.HTTPError, ConnectionError, TimeoutError,
 )
-# anchored at a position and each followed by a step past what they matched: linear in the header
-_CHALLENGE_NAME = re.compile(r'[\s,]*(\w+)\s*=\s*')
+# each matched where the last one ended, never searched for: parsing a challenge is linear in its length
+_CHALLENGE_SEPARATORS = re.compile(r'[\s,]*')
+_CHALLENGE_NAME = re.compile(r'(\w+)\s*=\s*')
 _CHALLENGE_VALUE = re.compile(r'"((?:[^"\\]|\\.)*)"|([^,\s]*)')
-_CHALLENGE_JUNK = re.compile(r'[^,]*,?')
+_CHALLENGE_JUNK = re.compile(r'[^\s,]+')
 MAX_CHALLENGE = 8 << 10
 MAX_TOKEN_RESPONSE = 1 << 20
 MAX_ERROR_BODY = 64 << 10
@@ -91,7 +92,7 @@ class RetryPolicy:
 
 def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
     """Split a ``WWW-Authenticate`` value into its scheme and parameters, in one pass (a value over
-    MAX_CHALLENGE bytes is refused); text that is no ``name=value`` is skipped up to the next comma."""
+    MAX_CHALLENGE bytes is refused); a word that starts no ``name=value`` is skipped."""
     if len(header) > MAX_CHALLENGE:
         raise RegistryError(f"the registry's authentication challenge is {len(header)} bytes long (the limit is "
                             f"{MAX_CHALLENGE}); refusing it", kind=Kind.UNAUTHENTICATED, status=401)
@@ -99,14 +100,18 @@ def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
     params: dict[str, str] = {}
     pos = 0
     while pos < len(rest):
+        separators = _CHALLENGE_SEPARATORS.match(rest, pos)
+        assert separators is not None  # it matches the empty string
+        pos = separators.end()
         name = _CHALLENGE_NAME.match(rest, pos)
         if name is None:
-            pos = max(_CHALLENGE_JUNK.match(rest, pos).end(), pos + 1)  # type: ignore[union-attr]
+            junk = _CHALLENGE_JUNK.match(rest, pos)
+            pos = junk.end() if junk else pos + 1
             continue
         value = _CHALLENGE_VALUE.match(rest, name.end())
-        assert value is not None  # the token alternative matches the empty string
+        assert value is not None  # its unquoted form matches the empty string
         params[name.group(1).lower()] = value.group(1) if value.group(1) is not None else value.group(2)
-        pos = max(value.end(), name.end())
+        pos = value.end()
     return scheme.lower(), params
 
 

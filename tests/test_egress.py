@@ -318,6 +318,18 @@ def test_a_realm_spelled_to_look_like_the_registry_gets_no_credentials(serve, sp
     assert other.seen == []
 
 
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("length", [7000, 60000])
+def test_a_long_challenge_costs_no_cpu(serve, length: int) -> None:
+    """A challenge of word characters without '=' took the parameter regex quadratic time (84 s for 60 KB):
+    parsing is linear, and a challenge over 8 KiB is refused."""
+    registry = serve("127.0.0.2", lambda hostile, h: reply(h, 401, b"", {"WWW-Authenticate": "Bearer " + "a" * length}))
+    with pytest.raises(RegistryError) as info:
+        make_client().resolve(parse_reference(f"{registry.host}/m:v1"))
+    assert info.value.kind is Kind.UNAUTHENTICATED
+    assert ("8192" in str(info.value)) is (length > 8192)
+
+
 # -- redirects ----------------------------------------------------------------------------------------------
 def test_redirect_to_plain_http_on_another_host_is_not_followed(serve) -> None:
     elsewhere = serve("127.0.0.3", not_found)
