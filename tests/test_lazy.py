@@ -385,9 +385,13 @@ def test_the_download_child_ends_with_its_helper(csi: CsiProcess, tmp_path: Path
         return bool(children)
     wait_until(found_the_download_child, 30)
     os.kill(helper, signal.SIGKILL)
-    wait_until(lambda: not any(Path(f"/proc/{pid}").exists() and
-                               Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"
-                               for pid in children), 20)
+
+    def running(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:  # reaped (between any two looks)
+            return False
+    wait_until(lambda: not any(running(pid) for pid in children), 20)
     subprocess.run(["umount", "-l", str(target)], check=False, capture_output=True)
 
 
