@@ -152,6 +152,16 @@ def cold_start(registry: RunningRegistry, work: Path, total: int) -> None:
     warm(registry.root / "data")
 
 
+def stop(plugin: CsiProcess) -> None:
+    """Stop a plugin; kill it if it does not end in time (a download under way can delay its exit)."""
+    try:
+        plugin.stop()
+    except subprocess.TimeoutExpired:
+        assert plugin.process is not None
+        plugin.process.kill()
+        plugin.process.wait()
+
+
 def lazy_load(registry: RunningRegistry, work: Path, ref: str, total: int, run: str) -> dict[str, float]:
     """Publish lazily and read every file at once; then, once the pull is complete, re-read through the
     same (FUSE) handles and directly from the cache, both warm."""
@@ -174,7 +184,7 @@ def lazy_load(registry: RunningRegistry, work: Path, ref: str, total: int, run: 
     for handle in handles.values():
         os.close(handle)
     plugin.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id=run, target_path=str(target)))
-    plugin.stop()
+    stop(plugin)
     shutil.rmtree(work / run)
     return {"seconds": seconds, "warm_fuse_gb_s": total / through / 1e9, "warm_direct_gb_s": total / direct / 1e9}
 
@@ -187,7 +197,7 @@ def pull_then_read(registry: RunningRegistry, work: Path, ref: str, total: int, 
     publish_until_done(plugin, publish_request(run, target, ref))
     seconds = time.perf_counter() - start + read_all(target)
     plugin.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id=run, target_path=str(target)))
-    plugin.stop()
+    stop(plugin)
     shutil.rmtree(work / run)
     return seconds
 
@@ -201,7 +211,7 @@ def lazy_tail(registry: RunningRegistry, work: Path, ref: str, total: int, last:
     tail_read(target / last)
     seconds = time.perf_counter() - start
     plugin.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id=run, target_path=str(target)))
-    plugin.stop()
+    stop(plugin)
     shutil.rmtree(work / run)
     return seconds
 
@@ -223,6 +233,7 @@ def full_load(registry: RunningRegistry, work: Path, model: Path, runs: int) -> 
             if not i % 2:
                 pulled.append(pull_then_read(registry, work, ref, total, f"pull-{label}-{i}"))
             tails.append(lazy_tail(registry, work, ref, total, last, f"tail-{label}-{i}"))
+            print(label, lazy[-1], pulled[-1], tails[-1], file=sys.stderr, flush=True)
         median = {key: statistics.median(r[key] for r in lazy) for key in lazy[0]}
         results[label] = {
             "lazy_full_read_seconds": median["seconds"], "pull_then_read_seconds": statistics.median(pulled),
