@@ -27,6 +27,7 @@ from modelcache.mounts import mount_options, mounts_at
 from tests.conftest import needs_root
 from tests.helpers.csi import CsiProcess, Mode, code_of, helper_pid, mount_capability
 from tests.helpers.fakekube import FakeKubeAPI, write_kubeconfig
+from tests.helpers.kustomize import render
 from tests.helpers.namespaces import PLUGIN_NAMESPACE, PodView, share, unmount_tree
 from tests.helpers.oci import Fixtures
 from tests.helpers.proxy import ProxyProcess
@@ -210,16 +211,9 @@ def test_provisioned_volume_mounts_with_the_provisioners_keys(node: Path, fixtur
 
 # -- the controller as deploy/ starts it ---------------------------------------------------------------------
 
-def _render(path: str) -> list[dict]:  # type: ignore[type-arg]
-    out = subprocess.run(["kubectl", "kustomize", str(ROOT / path)], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
-
-
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 def test_controller_as_deployed_becomes_ready_and_provisions(fixtures: Fixtures) -> None:
     fixtures.raw_model("deployed/ctl:v1", {"w": b"controller"})
-    objects = _render("deploy/base")
+    objects = render("deploy/base")
     deployment = next(o for o in objects if o["kind"] == "Deployment")
     container = next(c for c in deployment["spec"]["template"]["spec"]["containers"] if "ocimodel" in c["image"])
     security = container["securityContext"]

@@ -6,7 +6,6 @@ privileges its containers and service accounts use, each with its reason recorde
 from __future__ import annotations
 
 import contextlib
-import functools
 import ipaddress
 import json
 import re
@@ -30,25 +29,14 @@ from modelcache.settings import Settings
 from ocimodel.cli import build_parser
 from tests.conftest import needs_root
 from tests.helpers.fakekube import FakeKubeAPI
+from tests.helpers.kustomize import render
 
 ROOT = Path(__file__).resolve().parent.parent
 # the driver as installed: the base and every overlay (a new overlay is checked without being listed here)
 OVERLAYS = sorted(f"deploy/overlays/{p.parent.name}" for p in (ROOT / "deploy/overlays").glob("*/kustomization.yaml"))
 DRIVER_KUSTOMIZATIONS = ["deploy/base", *OVERLAYS]
 KUSTOMIZATIONS = [*DRIVER_KUSTOMIZATIONS, "deploy/examples"]
-needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 IMAGE = f"ghcr.io/ocimodel/ocimodel:{__version__}"
-
-
-@functools.cache
-def _rendered(path: str) -> str:
-    out = subprocess.run(["kubectl", "kustomize", str(ROOT / path)], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    return out.stdout
-
-
-def render(path: str) -> list[dict[str, Any]]:
-    return [doc for doc in yaml.safe_load_all(_rendered(path)) if doc]
 
 
 def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -64,7 +52,6 @@ def ocimodel_containers(objects: list[dict[str, Any]]) -> list[tuple[dict[str, A
             for c in pod_spec(o)["containers"] if "ocimodel" in c["image"]]
 
 
-@needs_kubectl
 @pytest.mark.parametrize("path", KUSTOMIZATIONS)
 def test_every_object_has_what_its_kind_requires(path: str) -> None:
     objects = render(path)
@@ -96,7 +83,6 @@ def test_every_object_has_what_its_kind_requires(path: str) -> None:
                 assert '"auth"' not in value and "password" not in value.lower()
 
 
-@needs_kubectl
 def test_base_driver_objects() -> None:
     objects = render("deploy/base")
     driver = by_kind(objects, "CSIDriver")[0]
@@ -177,7 +163,6 @@ def test_base_driver_objects() -> None:
     assert by_kind(objects, "Secret")[0]["metadata"]["name"] == "ocimodel-registry-auth"
 
 
-@needs_kubectl
 @pytest.mark.parametrize("path", ["deploy/base", "deploy/overlays/production"])
 def test_images_and_flags_match_the_code(path: str) -> None:
     parser = build_parser()
@@ -193,19 +178,22 @@ def test_images_and_flags_match_the_code(path: str) -> None:
             assert "/etc/ocimodel/config" in mounts
 
 
-@needs_kubectl
 def test_examples_use_known_volume_attributes() -> None:
+    """Every CSI volume and StorageClass of the examples parses as the node would parse it (lazy included);
+    a misspelled key in one of them would be refused, so this check can fail."""
     from csi_driver.attributes import parse_volume_context
     from csi_driver.errors import CsiError
-    for pod in by_kind(render("deploy/examples"), "Pod"):
-        for volume in pod_spec(pod)["volumes"]:
-            if "csi" in volume:
-                attributes = volume["csi"]["volumeAttributes"]
-                if attributes.get("mount") == "lazy":
-                    with pytest.raises(CsiError):
-                        parse_volume_context(attributes)
-                else:
-                    parse_volume_context(attributes)
+    examples = render("deploy/examples")
+    contexts = [{k: v for k, v in sc["parameters"].items() if not k.startswith("csi.storage.k8s.io/")}
+                for sc in by_kind(examples, "StorageClass")]
+    contexts += [volume["csi"]["volumeAttributes"] for pod in by_kind(examples, "Pod")
+                 for volume in pod_spec(pod)["volumes"] if "csi" in volume]
+    assert len(contexts) >= 3 and any(c.get("mount") == "lazy" for c in contexts)
+    for context in contexts:
+        spec = parse_volume_context(context, lazy_supported=True)
+        assert str(spec.reference) and spec.mount == context.get("mount", "bind")
+        with pytest.raises(CsiError, match="unknown volume attributes"):
+            parse_volume_context({**context, "refrence": context["reference"]}, lazy_supported=True)
 
 
 def _free_port() -> int:
@@ -233,7 +221,6 @@ def confined(obj: dict[str, Any], container: dict[str, Any]) -> list[str]:
     return prefix
 
 
-@needs_kubectl
 @needs_root
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) missing")
 def test_node_containers_start_with_the_daemonset_arguments(tmp_path: Path) -> None:
@@ -389,7 +376,6 @@ def host_paths(obj: dict[str, Any]) -> dict[str, str]:
             for v in pod_spec(obj).get("volumes", []) if "hostPath" in v}
 
 
-@needs_kubectl
 @pytest.mark.parametrize("path", KUSTOMIZATIONS)
 def test_every_privilege_has_a_recorded_reason(path: str) -> None:
     for obj in workloads(render(path)):
@@ -417,7 +403,6 @@ def test_every_privilege_has_a_recorded_reason(path: str) -> None:
         assert {k.rsplit(".", 1)[1] for k in recorded} <= names
 
 
-@needs_kubectl
 @pytest.mark.parametrize("path", KUSTOMIZATIONS)
 def test_containers_are_confined(path: str) -> None:
     """Every container: read-only root filesystem. Every container that is not privileged: seccomp
@@ -437,7 +422,6 @@ def test_containers_are_confined(path: str) -> None:
             assert "SYS_ADMIN" not in (capabilities.get("add") or []), where
 
 
-@needs_kubectl
 @pytest.mark.parametrize("path", KUSTOMIZATIONS)
 def test_host_paths_are_only_what_each_container_uses(path: str) -> None:
     """No hostPath of the whole kubelet directory (it holds every pod's Secret volumes) or anything above it;
@@ -485,7 +469,6 @@ def _node_policies(objects: list[dict[str, Any]]) -> list[tuple[dict[str, Any], 
     return found
 
 
-@needs_kubectl
 @pytest.mark.parametrize("path", KUSTOMIZATIONS)
 def test_cluster_roles_grant_no_secrets_and_node_writes_are_policed(path: str) -> None:
     objects = render(path)
@@ -504,7 +487,6 @@ def test_cluster_roles_grant_no_secrets_and_node_writes_are_policed(path: str) -
                     f"{path}: {name} lets {user} patch any Node, and no admission policy bound with Deny narrows it"
 
 
-@needs_kubectl
 @pytest.mark.parametrize("path", DRIVER_KUSTOMIZATIONS)
 def test_node_label_policy_is_shipped(path: str) -> None:
     """The policy that keeps the node service account to its own node's ocimodel.csi.dev/ labels is in every
@@ -526,7 +508,6 @@ def test_node_label_policy_is_shipped(path: str) -> None:
         assert f"oldObject.{'spec' if field in ('spec', 'taints') else 'metadata'}" in text and field in text, field
 
 
-@needs_kubectl
 @pytest.mark.parametrize("path", KUSTOMIZATIONS)
 def test_tolerations_name_their_taints(path: str) -> None:
     """No toleration of every taint (control-plane nodes included): each names its key."""
@@ -535,7 +516,6 @@ def test_tolerations_name_their_taints(path: str) -> None:
             assert toleration.get("key"), f"{path}: {obj['metadata']['name']} tolerates every taint: {toleration}"
 
 
-@needs_kubectl
 def test_production_places_the_node_plugin_on_gpu_nodes_from_one_patch() -> None:
     kustomization = yaml.safe_load((ROOT / "deploy/overlays/production/kustomization.yaml").read_text())
     assert {"path": "node-placement.yaml"} in kustomization["patches"]
@@ -544,7 +524,6 @@ def test_production_places_the_node_plugin_on_gpu_nodes_from_one_patch() -> None
     assert {t["key"] for t in spec["tolerations"]} == {"nvidia.com/gpu"}
 
 
-@needs_kubectl
 @pytest.mark.parametrize("path", DRIVER_KUSTOMIZATIONS)
 def test_mirrors_are_real_addresses_over_https(path: str) -> None:
     """A mirror on loopback is the node pod's own (it is not on the host network): unreachable, and
@@ -560,7 +539,6 @@ def test_mirrors_are_real_addresses_over_https(path: str) -> None:
                 assert not ipaddress.ip_address(host).is_loopback, f"{path}: mirror {mirror} is loopback"
 
 
-@needs_kubectl
 @pytest.mark.parametrize("path", DRIVER_KUSTOMIZATIONS)
 def test_images_are_pinned_as_the_kustomization_says(path: str) -> None:
     """A kustomization that says its images are pinned by digest names them by digest."""
@@ -602,7 +580,6 @@ POLICY_CASES = {  # name: (old, new, requesting pod's node, operation, allowed)
 }
 
 
-@needs_kubectl
 @pytest.mark.parametrize("case", POLICY_CASES)
 def test_node_label_policy_decides_as_intended(case: str) -> None:
     """The rendered policy's CEL, evaluated (cel-python) on Node updates by the service account."""
@@ -685,7 +662,6 @@ def _admits(policy: dict[str, Any], operation: str, obj: dict[str, Any] | None, 
     return all(holds(v["expression"]) for v in policy["spec"]["validations"])
 
 
-@needs_kubectl
 @pytest.mark.parametrize("path", DRIVER_KUSTOMIZATIONS)
 def test_mount_pods_are_allowed_as_built_and_rbac_is_namespaced(path: str) -> None:
     """The pod the plugin builds from its own rendered pod passes the rendered policy (so the two agree on
@@ -760,7 +736,6 @@ MOUNT_POD_CASES: dict[str, tuple[str, Any, str | None, bool]] = {  # name: (oper
 }
 
 
-@needs_kubectl
 @pytest.mark.parametrize("case", MOUNT_POD_CASES)
 def test_mount_pod_policy_decides_as_intended(case: str) -> None:
     """The node service account creates and deletes only mount pods as the plugin builds them, on its node."""
