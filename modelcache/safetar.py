@@ -34,9 +34,38 @@ ZSTD_MAX_WINDOW = 1 << 27
 _BAD_HEADER: tuple[type[Exception], ...] = (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError)  # type: ignore[attr-defined]
 
 
+MAX_MEMBER_BYTES = 1 << 44  # no model layer member is larger (16 TiB); larger is a forged size field
+_MAX_PAX_LENGTH_DIGITS = 7  # a pax record is at most MAX_HEADER_BYTES long
+_MAX_PAX_NUMBER = 32  # characters of a numeric pax value (size, mtime, uid, ...)
+_PAX_NUMBER_FIELDS = frozenset({"size", "mtime", "atime", "ctime", "uid", "gid"})
+
+
+def _pax_records(buf: bytes) -> list[tuple[bytes, bytes]]:
+    """The ``length keyword=value\\n`` records of a pax header, in one pass over it (tarfile's regexes are
+    quadratic on digit runs, CVE-2024-6232, on the Pythons that lack the fix); a malformed record is refused."""
+    records = []
+    pos = 0
+    while pos < len(buf):
+        space = buf.find(b" ", pos, pos + _MAX_PAX_LENGTH_DIGITS + 1)
+        digits = buf[pos:space] if space > pos else b""
+        if not digits.isdigit():
+            raise UnsafeContent(f"malformed pax header record at byte {pos} (no length field)")
+        end = pos + int(digits)
+        if end <= space + 1 or end > len(buf) or buf[end - 1:end] != b"\n":
+            raise UnsafeContent(f"malformed pax header record at byte {pos} (length {int(digits)})")
+        keyword, equals, value = buf[space + 1:end - 1].partition(b"=")
+        if not equals or not keyword:
+            raise UnsafeContent(f"malformed pax header record at byte {pos} (no keyword=value)")
+        records.append((keyword, value))
+        pos = end
+    return records
+
+
 class _BoundedTarInfo(tarfile.TarInfo):
-    """Refuses pax and GNU long-name headers larger than MAX_HEADER_BYTES before reading them, and a bad
-    header after the first one (tarfile would take it for the end and skip what follows without a word)."""
+    """Refuses, before tarfile acts on them: pax and GNU long-name headers larger than MAX_HEADER_BYTES, pax
+    global headers, GNU sparse members and pax keys, sizes below zero or over MAX_MEMBER_BYTES, malformed pax
+    records (parsed here, linearly), and a bad header after the first one (tarfile would take it for the end
+    and skip what follows without a word)."""
 
     @classmethod
     def fromtarfile(cls, tarfile_: tarfile.TarFile) -> Self:
@@ -49,11 +78,49 @@ class _BoundedTarInfo(tarfile.TarInfo):
                                 f"layer rather than skipping the rest of it") from None
 
     def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
-        header_types = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
-                        tarfile.SOLARIS_XHDTYPE)
+        _check_size(self)
+        if self.type == tarfile.XGLTYPE:
+            raise UnsafeContent(f"{self.name[:200]!r} is a pax global header; they are refused")
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise UnsafeContent(f"{self.name[:200]!r} is a GNU sparse member; sparse members are refused")
+        header_types = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.SOLARIS_XHDTYPE)
         if self.type in header_types and self.size > MAX_HEADER_BYTES:
             raise UnsafeContent(f"tar header of {self.size} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
         return super()._proc_member(tarfile_)  # type: ignore[misc, no-any-return]
+
+    def _proc_pax(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        """An extended header, as tarfile reads one, with its records parsed by :func:`_pax_records`."""
+        records = _pax_records(tarfile_.fileobj.read(self._block(self.size))[:self.size])  # type: ignore[attr-defined]
+        binary = (b"hdrcharset", b"BINARY") in records
+        pax_headers: dict[str, str] = {}
+        for raw_keyword, raw_value in records:
+            keyword = self._decode_pax_field(raw_keyword, "utf-8", "utf-8", tarfile_.errors)  # type: ignore[attr-defined]
+            if keyword.startswith("GNU.sparse."):
+                raise UnsafeContent(f"pax key {keyword[:100]!r}: GNU sparse members are refused")
+            if keyword in _PAX_NUMBER_FIELDS and len(raw_value) > _MAX_PAX_NUMBER:
+                raise UnsafeContent(f"pax key {keyword!r} has a {len(raw_value)}-character value")
+            encoding = tarfile_.encoding if binary and keyword in tarfile.PAX_NAME_FIELDS else "utf-8"
+            pax_headers[keyword] = self._decode_pax_field(  # type: ignore[attr-defined]
+                raw_value, encoding, tarfile_.encoding or "utf-8", tarfile_.errors)
+        try:
+            following = self.fromtarfile(tarfile_)
+        except tarfile.HeaderError as exc:
+            raise UnsafeContent(f"the header after a pax header is invalid ({exc})") from None
+        following._apply_pax_info(pax_headers, tarfile_.encoding, tarfile_.errors)  # type: ignore[attr-defined]
+        following.offset = self.offset
+        _check_size(following)
+        if "size" in pax_headers:  # the next header starts after the size the pax header gives
+            offset = following.offset_data
+            if following.isreg() or following.type not in tarfile.SUPPORTED_TYPES:
+                offset += following._block(following.size)  # type: ignore[attr-defined]
+            tarfile_.offset = offset
+        return following
+
+
+def _check_size(member: tarfile.TarInfo) -> None:
+    """Refuse a size tarfile would move its offset by backwards (looping over one header) or absurdly far."""
+    if not 0 <= member.size <= MAX_MEMBER_BYTES:
+        raise UnsafeContent(f"tar member {member.name[:200]!r} has a size of {member.size} bytes")
 
 
 class LimitedReader:
@@ -290,5 +357,6 @@ def tar_errors(what: str, compression: Compression) -> Iterator[None]:
         if str(exc).startswith(what):
             raise
         raise UnsafeContent(f"{what}: {exc}") from None
-    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError) as exc:
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError, ValueError,
+            OverflowError, LookupError) as exc:
         raise IntegrityError(f"{what}: not a valid {compression.value} archive ({exc})") from None

@@ -343,3 +343,78 @@ def test_the_cap_from_the_node_settings_through_the_cli(fixtures: Fixtures, tmp_
     proc = cli_pull(ref, tmp_path / "cache", "--config", str(config))
     assert_refused_in_one_line(proc)
     assert "maxModelFiles" in proc.stderr
+
+
+# -- headers tarfile would act on before any member check (sizes, pax records, sparse maps) -----------------
+def header(name: str, size: int = 0, kind: bytes = tarfile.REGTYPE) -> bytes:
+    """One ustar header block for ``name``."""
+    info = tarfile.TarInfo(name)
+    info.size, info.type = size, kind
+    return info.tobuf(tarfile.USTAR_FORMAT)
+
+
+def with_data(block: bytes, data: bytes) -> bytes:
+    return block + data + b"\0" * (-len(data) % 512)
+
+
+def negative_size(name: str, size: int) -> bytes:
+    """A header whose size field is base-256 ``size`` (below zero), its checksum recomputed."""
+    block = bytearray(header(name))
+    block[124:136] = (size % 256 ** 12).to_bytes(12, "big")
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+def pax(records: dict[str, str], kind: bytes = tarfile.XHDTYPE) -> bytes:
+    body = b""
+    for key, value in records.items():
+        tail = f" {key}={value}\n".encode()
+        length = len(tail) + len(str(len(tail)))
+        length += len(str(length)) - len(str(len(tail)))
+        body += str(length).encode() + tail
+    return with_data(header("PaxHeaders/x", len(body), kind), body)
+
+
+END = b"\0" * 1024
+FILE = with_data(header("after", 1), b"x")
+HOSTILE_HEADERS: dict[str, bytes] = {
+    "negative-size-dot": with_data(header("a", 1), b"a") + negative_size(".", -512) + FILE + END,
+    "negative-size-outside-the-model": negative_size("../elsewhere", -512) + FILE + END,
+    "pax-size-below-zero": pax({"size": "-512"}) + header("f") + FILE + END,
+    "pax-global-headers": pax({f"g{i}": "1" for i in range(1000)}, tarfile.XGLTYPE) + FILE + END,
+    "cve-2024-6232-pax-digits": with_data(header("PaxHeaders/x", 1 << 17, tarfile.XHDTYPE), b"1" * (1 << 17))
+    + FILE + END,
+    "gnu-sparse-1.0-map-without-newline": pax({"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+                                               "GNU.sparse.name": "s", "GNU.sparse.realsize": "1"})
+    + with_data(header("GNUSparseFile.0/s", 4096), b"9" * 4096) + END,
+    "gnu-sparse-type": with_data(header("s", 512, tarfile.GNUTYPE_SPARSE), bytes(512)) + END,
+}
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("case", sorted(HOSTILE_HEADERS))
+def test_hostile_headers_are_refused_before_tarfile_acts_on_them(fixtures: Fixtures, tmp_path: Path,
+                                                               case: str) -> None:
+    """A negative size sent tarfile's offset backwards (the lazy index read one header forever), a pax header
+    of digits took tarfile's regex minutes, global headers piled up, a GNU sparse map was read unbounded (or
+    failed as 'internal'): each is refused, by the CLI with exit 6 and by the lazy view."""
+    name = f"headers/{case}:v1"
+    fixtures.manifest(name, [fixtures.layer(name, HOSTILE_HEADERS[case], mt.model_layer_type("weight", TAR))])
+    root = tmp_path / "cache"
+    assert lazy_outcome(root, fixtures.ref(name)) is Kind.UNSAFE_CONTENT
+    assert_refused_in_one_line(cli_pull(fixtures.ref(name), root))
+    assert_cache_clean(root)
+
+
+def test_well_formed_pax_headers_still_work(fixtures: Fixtures, tmp_path: Path) -> None:
+    long_name = "d/" + "n" * 200
+    info = tarfile.TarInfo(long_name)
+    info.size = 2
+    info.pax_headers = {"comment": "1" * 5000, "mtime": "1700000000.5"}
+    name = "headers/pax:v1"
+    data = with_data(info.tobuf(tarfile.PAX_FORMAT), b"ok") + END
+    fixtures.manifest(name, [fixtures.layer(name, data, mt.model_layer_type("weight", TAR))])
+    assert lazy_outcome(tmp_path / "lazy", fixtures.ref(name)) == ["d"]
+    path = ModelCache(ContentStore(tmp_path / "cache"), make_client()).pull(fixtures.ref(name)).path
+    assert (path / long_name).read_bytes() == b"ok"
