@@ -18,6 +18,7 @@ import glob
 import hashlib
 import json
 import logging
+import os
 import tempfile
 import threading
 from collections.abc import Mapping, Sequence
@@ -251,6 +252,9 @@ class SignaturePolicy:
                                      "digest": str(ref.digest), "reference": str(ref)})
 
 
+_UNSIGNED_DIRS = (".git", ".github")  # what model-signing ignores by default when it signs
+
+
 @dataclass(frozen=True)
 class FileSignature:
     """OpenSSF model signatures (Sigstore bundles over the model's files) that must verify on the files of
@@ -267,6 +271,13 @@ class FileSignature:
         rule's keys or certificates; return the signer's name, or raise :class:`SignatureRefused`."""
         import model_signing  # heavy (Sigstore); loaded only when a policy needs it
 
+        # the library skips everything under an ignored path: nothing unsigned may hide there
+        for ignored in (OMS_FILE, *_UNSIGNED_DIRS):
+            path = tree / ignored
+            if os.path.lexists(path) and (ignored != OMS_FILE or path.is_symlink() or not path.is_file()):
+                raise SignatureRefused(f"signature required by policy {self.rule.name!r}: {self.ref.digest} has "
+                                       f"{ignored!r} at its root{'' if ignored != OMS_FILE else ', not a file'}; "
+                                       f"OpenSSF model signatures leave what is under that path unchecked")
         candidates: list[Path] = []
         with tempfile.TemporaryDirectory(prefix="ocimodel-oms-") as work:
             for i, raw in enumerate(self.bundles):

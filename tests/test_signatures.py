@@ -313,6 +313,28 @@ def test_openssf_model_signatures_are_checked_on_the_files(fixtures: Fixtures, t
     assert nothing_cached(tmp_path / "tampered-root")
 
 
+
+@pytest.mark.parametrize("hidden", ["model.sig/payload.py", ".github/workflows/x.py"])
+def test_unsigned_files_under_a_path_the_signature_ignores_are_refused(fixtures: Fixtures, tmp_path: Path,
+                                                                       hidden: str) -> None:
+    """model-signing skips all under ``model.sig`` (and, as signed by default, ``.git``/``.github``): the
+    signed files plus unsigned ones there, with the genuine bundle attached as a referrer, are refused."""
+    import model_signing
+    _, private, public = write_keys(tmp_path, "release")
+    directory = tmp_path / "signed"
+    directory.mkdir()
+    files = {"weights.safetensors": os.urandom(1000), "config.json": b"{}"}
+    for relpath, data in files.items():
+        (directory / relpath).write_bytes(data)
+    model_signing.signing.Config().use_elliptic_key_signer(private_key=private).set_hashing_config(
+        model_signing.hashing.Config().set_ignored_paths(paths=["model.sig"])).sign(directory, tmp_path / "bundle")
+    name = f"oms/hidden-{hidden.partition('/')[0].strip('.')}:v1"
+    digest = fixtures.raw_model(name, {**files, hidden: b"import os  # unsigned"})
+    attach_bundle(fixtures, name.split(":")[0], digest, (tmp_path / "bundle").read_bytes())
+    refused = pull(fixtures.ref(name), tmp_path / "root", "--verify-key", str(public))
+    assert refused.returncode == 9 and "leave what is under that path unchecked" in refused.stderr, refused.stderr
+    assert nothing_cached(tmp_path / "root")
+
 @needs_root
 @pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse is missing")
 def test_a_lazy_volume_signed_over_its_files_is_verified_whole_before_it_is_mounted(fixtures: Fixtures,
