@@ -1,9 +1,9 @@
 """Which revision of a tag each ModelCache holds on this node: one small JSON file per ModelCache under
-``<root>/revisions/``, written atomically by the node agent and read by the CSI node plugin, so that a volume
+``<root>/agent/revisions/``, written atomically by the node agent and read by the CSI node plugin, so that a volume
 naming a covered tag is published from the node's current revision without asking the registry (the two
 processes never import each other; this file is their contract).
 
-``<root>/revisions/<namespace>.<name>.json``::
+``<root>/agent/revisions/<namespace>.<name>.json``::
 
     {"schemaVersion": 1, "owner": "inference/qwen", "reference": "registry.example.com/m/qwen:prod",
      "current": {"reference": "registry.example.com/m/qwen:prod@sha256:...", "digest": "sha256:...",
@@ -104,7 +104,7 @@ class Revisions:
     """The revision files of one cache root."""
 
     def __init__(self, root: Path) -> None:
-        self.dir = root / "revisions"
+        self.dir = root / "agent" / "revisions"  # agent/ is private to root (0700)
 
     def path(self, owner: str) -> Path:
         """The file of ModelCache ``namespace/name`` (a namespace holds no dot, so the name is unambiguous)."""

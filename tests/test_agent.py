@@ -135,7 +135,7 @@ def test_agent_prefetches_reports_and_forgets(cluster_agent) -> None:
                                     "ocimodel.csi.dev/inference.qwen_revision": None}}}
     cluster.wait_for(lambda: [r for r in cluster.requests("PATCH", "/api/v1/nodes/node-a") if r.body == gone])
     cluster.wait_for(lambda: not Pins(root).pinned())
-    assert not (root / "revisions" / "inference.qwen.json").exists()
+    assert not (root / "agent" / "revisions" / "inference.qwen.json").exists()
     watches = [r for r in cluster.requests("GET", f"{BASE}/modelcaches") if r.query.get("watch") == ["true"]]
     assert watches and watches[0].query["resourceVersion"] == ["10"]
     assert process.poll() is None
