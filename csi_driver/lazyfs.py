@@ -43,6 +43,7 @@ ATTR_TIMEOUT = 300.0
 PENDING_WAIT = 3600.0
 LAZY_RETRY = RetryPolicy(attempts=3, base_delay=0.2, max_delay=2.0, connect_timeout=3.0, read_timeout=10.0)
 CHILD_POLL_SECONDS = 0.1
+STOP_GRACE = 2.0  # a download child told to stop ends within this, at its next read or else at once
 PR_SET_PDEATHSIG = 1
 JOB_WAIT = 600.0  # seconds a server waits for its job before it gives up (its mount pod then ends)
 JOB_READ_TIMEOUT = 30.0
@@ -292,13 +293,20 @@ def _stop_with_parent() -> None:
 
 def pull_main() -> int:
     """``ocimodel fuse-pull``: download the model of a lazy-mount job (JSON on stdin) into the cache; print
-    ``ERROR <kind> <message>`` on failure. SIGTERM stops it at its next read (the download resumes later)."""
+    ``ERROR <kind> <message>`` on failure. SIGTERM stops it at its next read (the download resumes later),
+    or after STOP_GRACE seconds at the latest: a child waiting on a lock held by another process's download
+    of the same blob (the plugin's, say) reads nothing, and must not outlive its helper for that download."""
     job = json.loads(sys.stdin.read())
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    _stop_with_parent()
-    if os.getppid() != job.get("helper_pid"):  # the helper was gone before that took effect
+
+    def on_term(*_: object) -> None:
         stop.set()
+        threading.Timer(STOP_GRACE, os._exit, (143,)).start()  # partial downloads survive this, as kill -9
+    signal.signal(signal.SIGTERM, on_term)
+    _stop_with_parent()
+    if os.getppid() != job.get("helper_pid"):  # the helper was gone before that took effect: no one to pull for
+        print("ERROR UNAVAILABLE the lazy mount's server ended before its download started", flush=True)
+        return 1
     try:
         cache = _cache_for(job)
         cache.materialise(cache.client.resolve(parse_reference(job["reference"])), _options_for(job), Progress(),

@@ -214,6 +214,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 return hit
             assert pinned.digest is not None
             self.pulls.check_upstream(pinned, credentials)  # a mirror could serve it to anyone
+            # the download starts now, here, while the server process starts: the server reads what it has
+            # written (its ranged state), and the server's own download child joins it through the store's locks
+            self.pulls.start(pinned, spec.options, credentials, secrets_fingerprint(request.secrets))
             publication = self._publication(request, spec, target, tree_key(pinned.digest, spec.options), "",
                                             str(pinned), str(pinned.digest), 0, 0)
             self.state.put(publication)  # first: a full disk fails here, before anything is mounted
