@@ -41,9 +41,10 @@ class LazyVolumes:
         """Start the server of ``target`` and wait until it has mounted. The server is lent node-wide
         credentials only for ``nodeCredentialRegistries`` unless this is ``ocimodel mount``."""
         root = self.pulls.settings.root
+        docker_config = credentials.to_docker_config() if credentials else {"auths": {}}
+        self.state.put_credentials(target, docker_config)  # for a restore after the server is gone
         job = {"target": target, "volume_id": volume_id, "reference": reference,
-               "settings": self.pulls.settings.to_mapping(),
-               "docker_config": credentials.to_docker_config() if credentials else {"auths": {}},
+               "settings": self.pulls.settings.to_mapping(), "docker_config": docker_config,
                "for_volume": self.pulls.for_volumes, "include": list(options.include),
                "exclude": list(options.exclude), "path": options.subpath, "layers": list(options.layers),
                "strict": strict,
@@ -145,7 +146,8 @@ class LazyVolumes:
     def _restore(self, publication: Publication) -> str:
         target = publication.target_path
         reference = parse_reference(publication.reference)
-        if self.pulls.authorize(reference, None) is not None:  # the policy (changed?) wants the files signed
+        credentials = self._kept_credentials(target)
+        if self.pulls.authorize(reference, credentials) is not None:  # the policy (changed?) wants the files signed
             raise ModelCacheError(f"{reference} is signed over its files: it is verified whole when it is "
                                   f"published again, never served lazily", kind=Kind.REFUSED)
         hit = self.pulls.cached(reference, publication.options())
@@ -164,11 +166,20 @@ class LazyVolumes:
         if not self.runner.available():
             raise CsiError(grpc.StatusCode.FAILED_PRECONDITION, "FUSE lazy mounts are not available on this node")
         detach(target, remove=False)
-        started = self.start(target, publication.reference, publication.options(), None, publication.strict,
+        started = self.start(target, publication.reference, publication.options(), credentials, publication.strict,
                              publication.volume_id)
         publication.helper_pid, publication.mount_pod, publication.problem = started.pid, started.pod, ""
         self.state.put(publication)
         return "helper"
+
+    def _kept_credentials(self, target: str) -> CredentialStore | None:
+        """The volume's own credentials (its ``nodePublishSecretRef``) kept at publish, or None."""
+        kept = self.state.credentials(target)
+        if kept is None:
+            return None
+        store = CredentialStore()
+        store.add_docker_config(kept, source="the lazy volume's kept credentials")
+        return store
 
     # -- what servers report ------------------------------------------------------------------------------
     def check_verdicts(self) -> None:

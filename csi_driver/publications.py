@@ -1,16 +1,19 @@
-"""Published-volume records, kept on disk (atomic JSON) so a restarted driver knows what it mounted,
-and per-target locks that answer ABORTED while another operation on the same target runs."""
+"""Published-volume records, kept on disk (atomic JSON) so a restarted driver knows what it mounted, the
+credentials a lazy volume needs to resume (root-only files), and per-target locks that answer ABORTED while
+another operation on the same target runs."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -61,16 +64,38 @@ class Publication:
 
 
 class Publications:
-    """Records under ``<root>/csi/publications`` and in-process locks per target."""
+    """Records under ``<root>/csi/publications``, lazy volumes' credentials under ``<root>/csi/credentials``
+    (0700; files 0600), and in-process locks per target."""
 
     def __init__(self, root: Path) -> None:
         self.dir = root / "csi" / "publications"
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.secrets = root / "csi" / "credentials"
+        self.secrets.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(self.secrets, 0o700)
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
     def _path(self, target: str) -> Path:
         return self.dir / f"{hashlib.sha256(target.encode()).hexdigest()[:32]}.json"
+
+    def _secret_path(self, target: str) -> Path:
+        return self.secrets / f"{hashlib.sha256(target.encode()).hexdigest()[:32]}.json"
+
+    def put_credentials(self, target: str, docker_config: dict[str, Any] | None) -> None:
+        """Keep the Docker config a lazy volume's server needs to resume after a restart (root only: written
+        0600 by an atomic replace, in a 0700 directory); none: forget it. Never logged."""
+        if docker_config and docker_config.get("auths"):
+            atomic_write_json(self._secret_path(target), {"target": target, "docker_config": docker_config})
+        else:
+            self._secret_path(target).unlink(missing_ok=True)
+
+    def credentials(self, target: str) -> dict[str, Any] | None:
+        """The Docker config kept for ``target`` by :meth:`put_credentials`, or None."""
+        data = read_json(self._secret_path(target))
+        if isinstance(data, dict) and data.get("target") == target and isinstance(data.get("docker_config"), dict):
+            return data["docker_config"]  # type: ignore[no-any-return]
+        return None
 
     def get(self, target: str) -> Publication | None:
         """The record for ``target``, if any."""
@@ -90,8 +115,9 @@ class Publications:
         atomic_write_json(self._path(publication.target_path), asdict(publication))
 
     def delete(self, target: str) -> None:
-        """Forget ``target``."""
+        """Forget ``target`` and its credentials."""
         self._path(target).unlink(missing_ok=True)
+        self._secret_path(target).unlink(missing_ok=True)
 
     def all(self) -> list[Publication]:
         """Every record."""
