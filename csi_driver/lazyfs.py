@@ -365,7 +365,7 @@ def helper_main(socket_path: Path) -> int:
         cache.check_declared_size(resolved, options)  # before a file is shown or a byte fetched
         child_job = {**job, "reference": str(resolved.reference.by_digest(resolved.digest))}
         model = LazyModel(cache, resolved, options, strict=bool(job.get("strict")),
-                          download=download_in_child(child_job))
+                          download=download_in_child(child_job), published_at=float(job.get("published_at", 0)))
         if job.get("verdict"):
             model.on_broken = functools.partial(write_verdict, job["verdict"])
         model.build()

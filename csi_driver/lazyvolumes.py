@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from csi_driver.lazyservers import READY_TIMEOUT, ServerRunner, Started
 from csi_driver.metrics import CsiMetrics
 from csi_driver.publications import Publication, Publications
 from modelcache.credentials import CredentialStore
+from modelcache.digest import Digest
 from modelcache.errors import Kind, ModelCacheError
 from modelcache.mounts import is_mountpoint, mounts_at, mounts_of
 from modelcache.options import PullOptions
@@ -37,9 +39,10 @@ class LazyVolumes:
         self.mount_tree = mount_tree
 
     def start(self, target: str, reference: str, options: PullOptions, credentials: CredentialStore | None,
-              strict: bool, volume_id: str = "", timeout: float = READY_TIMEOUT) -> Started:
-        """Start the server of ``target`` and wait until it has mounted. The server is lent node-wide
-        credentials only for ``nodeCredentialRegistries`` unless this is ``ocimodel mount``."""
+              strict: bool, volume_id: str = "", timeout: float = READY_TIMEOUT, published_at: float = 0.0) -> Started:
+        """Start the server of ``target`` (published at ``published_at``, default now) and wait until it has
+        mounted. The server is lent node-wide credentials only for ``nodeCredentialRegistries`` unless this is
+        ``ocimodel mount``."""
         root = self.pulls.settings.root
         docker_config = credentials.to_docker_config() if credentials else {"auths": {}}
         self.state.put_credentials(target, docker_config)  # for a restore after the server is gone
@@ -47,7 +50,7 @@ class LazyVolumes:
                "settings": self.pulls.settings.to_mapping(), "docker_config": docker_config,
                "for_volume": self.pulls.for_volumes, "include": list(options.include),
                "exclude": list(options.exclude), "path": options.subpath, "layers": list(options.layers),
-               "strict": strict,
+               "strict": strict, "published_at": published_at or time.time(),
                "verdict": str(verdict_path(root, target))}
         verdict_path(root, target).unlink(missing_ok=True)
         return self.runner.start(job, timeout)
@@ -167,7 +170,7 @@ class LazyVolumes:
             raise CsiError(grpc.StatusCode.FAILED_PRECONDITION, "FUSE lazy mounts are not available on this node")
         detach(target, remove=False)
         started = self.start(target, publication.reference, publication.options(), credentials, publication.strict,
-                             publication.volume_id)
+                             publication.volume_id, published_at=publication.published_at)
         publication.helper_pid, publication.mount_pod, publication.problem = started.pid, started.pod, ""
         self.state.put(publication)
         return "helper"
@@ -182,13 +185,25 @@ class LazyVolumes:
         return store
 
     # -- what servers report ------------------------------------------------------------------------------
+    def _served_verdict(self, publication: Publication) -> str | None:
+        """Why bytes the volume's model served before it was verified were wrong, as its committer found
+        (also when no server of the volume runs any more: a restore bound the finished tree)."""
+        cache = self.pulls.cache
+        record = cache.get_record(publication.key)
+        for blob in record.blobs if record is not None else []:
+            reason = cache.store.served.verdict_since(Digest.parse(blob), publication.published_at)
+            if reason is not None:
+                return reason
+        return None
+
     def check_verdicts(self) -> None:
         """Turn what servers reported (a model that failed verification after it served reads) into an
         abnormal volume, a pod Event, a metric and an error log line, once per volume."""
         for publication in self.state.all():
             if publication.mount != "lazy" or publication.problem:
                 continue
-            reason = read_verdict(verdict_path(self.pulls.settings.root, publication.target_path))
+            reason = read_verdict(verdict_path(self.pulls.settings.root, publication.target_path)) or \
+                self._served_verdict(publication)
             if reason is None:
                 continue
             publication.problem = f"the model failed verification and every read fails: {reason}"

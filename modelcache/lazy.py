@@ -9,14 +9,14 @@ paths appear once the background pull has finished.
 
 Integrity: an OCI digest covers a whole blob, not a chunk. A model pushed with a chunk index (see
 :mod:`modelcache.chunkindex`) has every chunk verified before it is served; a chunk that fails is asked
-of the next endpoint, then the read fails. Without an index, chunks served before the pull finished are
-compared with the verified blob when it commits; a mismatch marks the model broken and every later read
-fails. Strict mode serves a file only once its blob is verified and committed.
+of the next endpoint, then the read fails. Without an index, every range is recorded on disk before it is
+served and compared with the verified blob by whoever commits it (:mod:`modelcache.servedranges`, which
+survives restarts); a mismatch marks the model broken and every later read fails. Strict mode serves a
+file only once its blob is verified and committed.
 """
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import logging
@@ -30,11 +30,14 @@ from pathlib import Path
 
 from modelcache import chunkindex
 from modelcache.cache import ModelCache
+from modelcache.chunkcache import RANGE_CHUNK, ChunkCache
 from modelcache.chunkindex import ChunkIndex
 from modelcache.digest import Digest
 from modelcache.errors import IntegrityError, Kind, ModelCacheError, UnsafeContent
 from modelcache.fsutil import pwrite_all
 from modelcache.layout import Plan
+from modelcache.lazytree import Node as Node
+from modelcache.lazytree import Source, check_links, ensure_dir, merge_layer
 from modelcache.mediatypes import Compression
 from modelcache.options import PullOptions
 from modelcache.paths import PathFilter, safe_relpath
@@ -42,128 +45,23 @@ from modelcache.progress import Progress
 from modelcache.rangedingest import RangedView, covers
 from modelcache.records import PullResult
 from modelcache.registry import Resolved
-from modelcache.safetar import OPAQUE, WHITEOUT, checked_members, open_tar, tar_errors
-from modelcache.treerules import Budget, check_symlink
+from modelcache.safetar import checked_members, open_tar, tar_errors
+from modelcache.treerules import Budget
 
 log = logging.getLogger(__name__)
 
-RANGE_CHUNK = 4 << 20  # a lazy read fetches whole chunks of this size by HTTP Range
 READAHEAD_CHUNKS = 4
 STRICT_WAIT = 3600.0
 LOCAL_READAHEAD = 32 << 20  # how far ahead of a sequential reader the committed blob is read
 LOCAL_READ_SIZE = 4 << 20
-LIVE_UNIT = 4 << 20  # without a chunk index, what was served from a running download is compared in these
+LIVE_UNIT = 4 << 20  # without a chunk index, what is served from a running download is recorded in these
 LIVE_NEAR = 64 << 20  # a reader at most this far ahead of the background pull's stream waits for it ...
 LIVE_WAIT_SECONDS = 2.0  # ... at most this long, then fetches by range
 LIVE_POLL_SECONDS = 0.01
 
 
-@dataclass(frozen=True)
-class Source:
-    """Where a file's bytes live: ``size`` bytes at ``offset`` inside blob ``digest``."""
-
-    digest: Digest
-    blob_size: int
-    offset: int
-    size: int
-
-
-@dataclass
-class Node:
-    """A directory, file or symlink of the lazy tree."""
-
-    kind: str
-    mode: int
-    size: int = 0
-    children: dict[str, Node] = field(default_factory=dict)
-    source: Source | None = None
-    target: str = ""
-    local: str = ""
-
-
 class LazyBroken(ModelCacheError):
     """The model failed verification or its pull failed for good; reads must fail."""
-
-
-def _ensure_dir(root: Node, parts: list[str]) -> Node:
-    node = root
-    for part in parts:
-        child = node.children.get(part)
-        if child is None:
-            child = node.children[part] = Node("dir", 0o555)
-        if child.kind != "dir":
-            raise UnsafeContent(f"path component {part!r} is both a file and a directory")
-        node = child
-    return node
-
-
-class ChunkCache:
-    """Chunks of one blob fetched on demand into a sparse file; which chunks are present is kept in memory.
-
-    Readers hold it while they read (:meth:`enter`/:meth:`leave`); :meth:`retire` stops new readers and
-    waits for the current ones, so comparing and closing never race a read (a closed descriptor number
-    can be reused by another file at once)."""
-
-    def __init__(self, path: Path, size: int, chunk_size: int = RANGE_CHUNK) -> None:
-        self.path = path
-        self.size = size
-        self.chunk_size = chunk_size
-        self.present: set[int] = set()
-        self.inflight: dict[int, threading.Event] = {}
-        self.lock = threading.Lock()
-        self._idle = threading.Condition(self.lock)
-        self._users = 0
-        self.retired = False
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)  # held while in use: gc removes only unlocked leftovers
-        os.ftruncate(self.fd, size)
-
-    def enter(self) -> bool:
-        """Start using the cache; False once it is retired (read the committed blob instead)."""
-        with self.lock:
-            if self.retired:
-                return False
-            self._users += 1
-            return True
-
-    def leave(self) -> None:
-        """Stop using the cache."""
-        with self.lock:
-            self._users -= 1
-            if not self._users:
-                self._idle.notify_all()
-
-    def retire(self) -> None:
-        """Let no new reader in and wait for the current ones."""
-        with self.lock:
-            self.retired = True
-            while self._users:
-                self._idle.wait()
-
-    def mismatches(self, committed: Path) -> list[int]:
-        """Chunks fetched by range whose bytes differ from the verified, committed blob (after retire)."""
-        bad = []
-        with open(committed, "rb") as blob:
-            for index in sorted(self.present):
-                start = index * self.chunk_size
-                length = min(self.chunk_size, self.size - start)
-                if os.pread(self.fd, length, start) != os.pread(blob.fileno(), length, start):
-                    bad.append(index)
-        return bad
-
-    def close(self) -> None:
-        """Retire, close and delete the sparse file."""
-        self.retire()
-        os.close(self.fd)
-        self.path.unlink(missing_ok=True)
-
-    def discard(self) -> None:
-        """At process exit: let no reader in and delete the file without waiting for fetches in flight (the
-        descriptor stays open for them and ends with the process)."""
-        with self.lock:
-            self.retired = True
-        self.path.unlink(missing_ok=True)
 
 
 # fetches every blob the model needs into the store (raising ModelCacheError), stopping once the event is set
@@ -177,7 +75,7 @@ class _LiveFile:
     fd: int
     inode: int
     verified: set[int] = field(default_factory=set)  # chunks checked against the chunk index
-    served: set[int] = field(default_factory=set)  # LIVE_UNIT units served without an index (the floor)
+    recorded: set[int] = field(default_factory=set)  # whole LIVE_UNIT units recorded as served (no index)
     verifying: dict[int, threading.Event] = field(default_factory=dict)  # chunks being checked
     bad: set[int] = field(default_factory=set)  # chunks that failed the check (this file never rewrites them)
     written: list[list[int]] = field(default_factory=list)  # ranges known to be written (they only grow)
@@ -187,8 +85,9 @@ class LazyModel:
     """The tree of ``resolved`` and the logic to read it before, during and after the pull."""
 
     def __init__(self, cache: ModelCache, resolved: Resolved, options: PullOptions, *,
-                 strict: bool = False, download: Download | None = None) -> None:
+                 strict: bool = False, download: Download | None = None, published_at: float = 0.0) -> None:
         self.cache = cache
+        self.published_at = published_at  # verdicts on served bytes reached before then are another volume's
         self.download = download
         self.resolved = resolved
         self.options = options
@@ -210,6 +109,8 @@ class LazyModel:
         self._readahead = threading.Semaphore(4)
         self.lazy_dir = cache.store.root / "lazy"
         self.on_broken: Callable[[str], None] | None = None  # told once when verification fails
+        self._told = False
+        self.blobs: set[Digest] = set()  # the blobs the tree reads from
         self.stopping = threading.Event()
         self.index: ChunkIndex | None = None  # with one, each chunk is verified before it is served
         self.started = False  # the background pull was started
@@ -231,16 +132,18 @@ class LazyModel:
                                   self.cache.expand_ratio)
         for step in steps:
             descriptor = step.descriptor
+            if step.compression in (Compression.RAW, Compression.TAR):
+                self.blobs.add(descriptor.digest)
             if step.compression is Compression.RAW:
                 budget.charge(f"layer {descriptor.digest}", entries=1, nbytes=descriptor.size)
                 self._add_file(step.dest, Source(descriptor.digest, descriptor.size, 0, descriptor.size), 0o444)
             elif step.compression is Compression.TAR:
                 layer = self._index_tar(descriptor.digest, descriptor.size, budget)
-                base = _ensure_dir(self.root, step.dest.split("/")) if step.dest else self.root
-                _merge_layer(base, layer, step.dest, path_filter)
+                base = ensure_dir(self.root, step.dest.split("/")) if step.dest else self.root
+                merge_layer(base, layer, step.dest, path_filter)
             else:
                 self.pending = True
-        _check_links(self.root)
+        check_links(self.root)
         if self.plan.subpath:
             sub = self.lookup_path(self.plan.subpath)
             if sub is not None and sub.kind == "dir":
@@ -254,7 +157,7 @@ class LazyModel:
 
     def _place(self, relpath: str, node: Node) -> None:
         parts = safe_relpath(relpath, "lazy tree").split("/")
-        parent = _ensure_dir(self.root, parts[:-1])
+        parent = ensure_dir(self.root, parts[:-1])
         if node.kind == "dir":
             parent.children.setdefault(parts[-1], node)
             return
@@ -283,7 +186,7 @@ class LazyModel:
             for member in checked_members(archive, prefix="", budget=budget, what=what):
                 info = member.info
                 parts = info.name.split("/")
-                parent = _ensure_dir(layer, parts[:-1])
+                parent = ensure_dir(layer, parts[:-1])
                 if member.removes:
                     parent.children.pop(parts[-1], None)
                 elif info.isdir():
@@ -314,12 +217,16 @@ class LazyModel:
                     self.download(self.stopping)
                 self.final = self.cache.materialise(self.resolved, self.options, self.progress,
                                                     cancel=self.stopping)
-                self._compare_served_chunks()
+                for digest in self.blobs:
+                    self.cache.store.served.settle(digest)
+                    self._check_served(digest)
             except ModelCacheError as exc:
-                self.failure = exc
-                level = logging.ERROR if exc.kind in (Kind.INTEGRITY, Kind.UNSAFE_CONTENT) else logging.WARNING
-                log.log(level, "background pull of %s failed: %s%s", self.resolved.reference, exc,
-                        " -- THE LAZY MOUNT NOW ANSWERS EIO" if exc.kind is Kind.INTEGRITY else "")
+                if exc.kind is Kind.INTEGRITY:
+                    self._broken(str(exc))
+                elif not self._is_broken():
+                    self.failure = exc
+                    level = logging.ERROR if exc.kind is Kind.UNSAFE_CONTENT else logging.WARNING
+                    log.log(level, "background pull of %s failed: %s", self.resolved.reference, exc)
             except Exception as exc:  # noqa: BLE001 - reported to readers as a failure
                 self.failure = ModelCacheError(f"background pull failed: {exc}")
                 log.exception("background pull of %s failed", self.resolved.reference)
@@ -327,40 +234,44 @@ class LazyModel:
                 if self.failure is None or self.failure.kind in (Kind.INTEGRITY, Kind.UNSAFE_CONTENT):
                     self.close()  # after a transient failure the chunks stay, to be compared after the retry
                 self.complete.set()
-                if self.failure is not None and self.failure.kind is Kind.INTEGRITY and self.on_broken:
-                    self.on_broken(str(self.failure))
 
         thread = threading.Thread(target=run, name="lazy-pull", daemon=True)
         self.started = True
         thread.start()
         return thread
 
-    def _compare_served_chunks(self) -> None:
-        """The floor for models without a chunk index: every chunk served by a range request before the
-        pull finished must equal the verified blob; otherwise the model is broken (every read fails)."""
+    def _is_broken(self) -> bool:
+        return self.failure is not None and self.failure.kind in (Kind.INTEGRITY, Kind.UNSAFE_CONTENT)
+
+    def _broken(self, reason: str) -> LazyBroken:
+        """Mark the model broken (every later read fails), log and tell :attr:`on_broken` once; the error
+        for the read at hand."""
         with self._chunks_lock:
-            caches = list(self._chunks.items())
-            lives = [(digest, live.fd, set(live.served)) for digest, files in self._live.items() for live in files
-                     if live.served]
-        bad: list[str] = []
-        for digest, chunks in caches:
-            chunks.retire()
-            committed = self.cache.store.blob_path(digest)
-            mismatched = chunks.mismatches(committed) if committed.exists() else []
-            if mismatched:
-                bad.append(f"blob {digest} chunks {mismatched[:8]}")
-        for digest, fd, served in lives:
-            differing = _differing_units(fd, self.cache.store.blob_path(digest), served)
-            if differing:
-                bad.append(f"blob {digest} read from the download under way, units {differing[:8]}")
-        if bad:
-            raise IntegrityError("bytes served before the pull finished differ from the verified blob "
-                                 f"({'; '.join(bad)}): the registry or a cache in front of it answered wrongly, "
-                                 "and readers may have read wrong weights")
+            tell = not self._told
+            self._told = True
+            if not self._is_broken():
+                self.failure = IntegrityError(reason)
+        if tell:
+            log.error("%s: %s -- THE LAZY MOUNT NOW ANSWERS EIO", self.resolved.reference, reason)
+            if self.on_broken is not None:
+                self.on_broken(reason)
+        return LazyBroken(f"model failed verification: {reason}", kind=Kind.INTEGRITY)
+
+    def _check_served(self, digest: Digest) -> None:
+        """Raise :class:`LazyBroken` (marking the model broken) when bytes of ``digest`` served before it was
+        verified, by this volume's servers or any other since this volume was published, were wrong."""
+        reason = self.cache.store.served.verdict_since(digest, self.published_at)
+        if reason is not None:
+            raise self._broken(reason)
+
+    def _record_served(self, digest: Digest, start: int, data: bytes) -> None:
+        """Record (durably) that ``data`` at ``start`` of unverified blob ``digest`` is about to be served."""
+        self.cache.store.served.record(digest, start, data)
+        self._check_served(digest)
 
     def retry_background(self) -> threading.Thread | None:
         """Start the pull again after a failure that was not an integrity error (the registry came back)."""
-        if self.failure is None or self.failure.kind in (Kind.INTEGRITY, Kind.UNSAFE_CONTENT):
+        if self.failure is None or self._is_broken():
             return None
         self.failure = None
         self.complete.clear()
@@ -385,7 +296,7 @@ class LazyModel:
     # -- reading --------------------------------------------------------------------------------------
     def check_usable(self) -> None:
         """Raise :class:`LazyBroken` when reads must fail (a verification failure is permanent)."""
-        if self.failure is not None and self.failure.kind in (Kind.INTEGRITY, Kind.UNSAFE_CONTENT):
+        if self._is_broken():
             raise LazyBroken(f"model failed verification: {self.failure}", kind=Kind.INTEGRITY)
 
     def adopt_final_tree(self) -> None:
@@ -396,7 +307,7 @@ class LazyModel:
         root = Node("dir", 0o555)
         for dirpath, dirnames, filenames in os.walk(base):
             rel = os.path.relpath(dirpath, base)
-            parent = root if rel == "." else _ensure_dir(root, rel.split("/"))
+            parent = root if rel == "." else ensure_dir(root, rel.split("/"))
             for name in dirnames + filenames:
                 path = os.path.join(dirpath, name)
                 st = os.lstat(path)
@@ -561,11 +472,27 @@ class LazyModel:
                 return None
             if not now or offset % unit == 0 or offset % unit <= unit // 2 < (offset + size) % unit:
                 self._verify_ahead(live, digest, blob_size, last + 1)  # at most twice per chunk from the loop
-        else:
-            with self._chunks_lock:
-                live.served.update(range(first, last + 1))
+        elif not all(unit in live.recorded for unit in range(first, last + 1)):
+            if now:
+                return None
+            self._record_live(live, digest, blob_size, offset, size)
         data = os.pread(live.fd, size, offset)
         return data if len(data) == size else None
+
+    def _record_live(self, live: _LiveFile, digest: Digest, blob_size: int, offset: int, size: int) -> None:
+        """Without a chunk index: record what a read of the running download serves, per whole LIVE_UNIT
+        once it is written (a ranged download never rewrites a byte of its file), else just the bytes read."""
+        for unit in range(offset // LIVE_UNIT, (offset + size - 1) // LIVE_UNIT + 1):
+            if unit in live.recorded:
+                continue
+            start, end = unit * LIVE_UNIT, min((unit + 1) * LIVE_UNIT, blob_size)
+            whole = self._written(live, digest, start, end)
+            if not whole:
+                start, end = max(start, offset), min(end, offset + size)
+            self._record_served(digest, start, os.pread(live.fd, end - start, start))
+            if whole:
+                with self._chunks_lock:
+                    live.recorded.add(unit)
 
     def _await_live_view(self, digest: Digest, blob_size: int, offset: int) -> RangedView | None:
         """The ranged download of ``digest`` under way; a reader near the start of a blob that download is
@@ -658,7 +585,16 @@ class LazyModel:
             return files[-1]
 
     def _committed_fd(self, digest: Digest, path: Path) -> int | None:
-        """An open descriptor of a committed blob, kept for the life of the model."""
+        """An open descriptor of a committed blob, kept for the life of the model; before the first, what was
+        served of the blob before it was verified is compared with it (whoever committed it)."""
+        with self._chunks_lock:
+            fd = self._fds.get(digest)
+        if fd is not None:
+            return fd
+        if not path.exists():
+            return None
+        self.cache.store.served.settle(digest)
+        self._check_served(digest)
         with self._chunks_lock:
             fd = self._fds.get(digest)
             if fd is None:
@@ -719,6 +655,8 @@ class LazyModel:
                 expected = self.index.expected(digest, index) if self.index is not None else None
                 self.cache.client.read_range(self.resolved.reference, digest, start, length, chunks.size,
                                              functools.partial(pwrite_all, chunks.fd), expected)
+                if expected is None:  # no chunk index: the floor
+                    self._record_served(digest, start, os.pread(chunks.fd, length, start))
                 with chunks.lock:
                     chunks.present.add(index)
             finally:
@@ -750,41 +688,6 @@ class LazyModel:
             threading.Thread(target=fetch, daemon=True, name="readahead").start()
 
 
-def _differing_units(fd: int, committed: Path, units: set[int]) -> list[int]:
-    """The LIVE_UNIT units whose bytes in ``fd`` differ from the committed blob (all, if it is missing)."""
-    try:
-        blob = os.open(committed, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return sorted(units)
-    try:
-        if os.fstat(blob).st_ino == os.fstat(fd).st_ino:
-            return []  # the very file that was verified and committed (ranged downloads never rewrite bytes)
-        return [u for u in sorted(units)
-                if os.pread(fd, LIVE_UNIT, u * LIVE_UNIT) != os.pread(blob, LIVE_UNIT, u * LIVE_UNIT)]
-    finally:
-        os.close(blob)
-
-
-def _check_links(root: Node) -> None:
-    """Check every symlink of the merged tree by the rule the assembled tree obeys
-    (:func:`modelcache.treerules.check_symlink`): inside, from its own directory, never climbing out of a link."""
-    def kind_of(relpath: str) -> str | None:
-        node: Node | None = root
-        for part in relpath.split("/"):
-            node = node.children.get(part) if node is not None and node.kind == "dir" else None
-        return None if node is None else node.kind
-
-    pending = [("", root)]
-    while pending:
-        base, node = pending.pop()
-        for name, child in node.children.items():
-            path = f"{base}/{name}" if base else name
-            if child.kind == "dir":
-                pending.append((path, child))
-            elif child.kind == "symlink":
-                check_symlink(path, child.target, kind_of, "model")
-
-
 class _BlobReader:
     """A read-only, seekable file over a blob read through :meth:`LazyModel.read_blob` (so tarfile can read
     the headers of an uncompressed tar layer and seek over the data it never reads)."""
@@ -810,24 +713,3 @@ class _BlobReader:
 
     def seekable(self) -> bool:
         return True
-
-
-def _merge_layer(target: Node, layer: Node, relbase: str, path_filter: PathFilter) -> None:
-    """Lay ``layer`` over ``target`` as the tree assembler does: an opaque marker clears what lower layers
-    put in that directory, a ``.wh.<name>`` removes ``<name>``, files outside the filter are left out."""
-    if OPAQUE in layer.children:
-        target.children.clear()
-    for name in layer.children:
-        if name.startswith(WHITEOUT) and name != OPAQUE:
-            target.children.pop(name[len(WHITEOUT):], None)
-    for name, child in sorted(layer.children.items()):
-        if name.startswith(WHITEOUT):
-            continue
-        relpath = f"{relbase}/{name}" if relbase else name
-        if child.kind == "dir":
-            existing = target.children.get(name)
-            if existing is None or existing.kind != "dir":
-                existing = target.children[name] = Node("dir", 0o555)
-            _merge_layer(existing, child, relpath, path_filter)
-        elif path_filter.accepts(relpath):
-            target.children[name] = child

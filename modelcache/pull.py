@@ -53,6 +53,9 @@ def download_blobs(store: ContentStore, client: RegistryClient, ref: Reference, 
     for descriptor in descriptors:
         unique.setdefault(descriptor.digest, descriptor)
     missing = [d for d in unique.values() if not store.has_blob(d.digest, d.size)]
+    for descriptor in unique.values():
+        if descriptor not in missing:
+            store.served.settle(descriptor.digest)  # its committer may have died before comparing
     total = sum(d.size for d in unique.values())
     progress.set("downloading", total=total, done=total - sum(d.size for d in missing))
     need = sum(d.size - _partial_size(store, d.digest) for d in missing)

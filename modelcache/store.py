@@ -2,7 +2,8 @@
 
 Ingest goes to ``ingest/<alg>-<hex>`` under a per-digest lock; a partial ingest left by a killed
 process is re-hashed and resumed with a Range request. A verified blob is fsynced, renamed into
-place and stripped of write bits.
+place and stripped of write bits; then what lazy mounts served of it before is compared with it
+(:mod:`modelcache.servedranges`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from modelcache.errors import IntegrityError, StoreFull
 from modelcache.fsutil import WritebackWindows, file_lock, fsync_dir, raise_if_full
 from modelcache.rangedingest import RangedIngest, RangedView, RangeFetch, RangesUnsupported
 from modelcache.rangedingest import clear as clear_ranged
+from modelcache.servedranges import ServedRanges
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,7 @@ class ContentStore:
         self.layers = self.root / "layers"
         self.trees = self.root / "trees"
         self.models = self.root / "models"
+        self.served = ServedRanges(self.root, self.blob_path)  # what lazy mounts served before verification
 
     def ensure(self) -> None:
         """Create the directory layout and set its modes (also on a store an older version made): other
@@ -212,6 +215,7 @@ class ContentStore:
                     fetch(out, verifier)  # type: ignore[arg-type]
                     os.fdatasync(raw.fileno())
                 _commit(partial, target)
+                self.served.settle(digest)
             except IntegrityError:
                 with contextlib.suppress(FileNotFoundError):
                     partial.unlink()
@@ -272,6 +276,7 @@ class ContentStore:
                 clear_ranged(partial, state)
                 already = attempt()
             _commit(partial, target)
+            self.served.settle(digest)
             return already
 
     def put_bytes(self, digest: Digest, data: bytes) -> Path:
@@ -287,8 +292,10 @@ class ContentStore:
 
     def remove_blob(self, digest: Digest) -> None:
         """Delete a committed blob (the caller has checked nothing uses it)."""
-        with self.lock(f"blob-{digest.algorithm}-{digest.hex}"), contextlib.suppress(FileNotFoundError):
-            self.blob_path(digest).unlink()
+        with self.lock(f"blob-{digest.algorithm}-{digest.hex}"):
+            with contextlib.suppress(FileNotFoundError):
+                self.blob_path(digest).unlink()
+            self.served.forget(digest)
 
     def iter_blobs(self) -> Iterator[tuple[Digest, Path]]:
         """Every committed blob."""

@@ -1,12 +1,15 @@
 """Lazy volumes across a restart whose server is gone while the download is unfinished (issue 25): a private
 volume resumes with the credentials it was published with (kept root-only, gone at unpublish, never
-logged)."""
+logged); wrong bytes served before the restart (a model without a chunk index) are still found when the
+blob commits, by whichever process commits it."""
 
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import os
+import re
 import signal
 import stat
 import threading
@@ -14,7 +17,9 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
+import requests
 
+from csi_driver.proto import csi_pb2
 from modelcache.mounts import mounts_at
 from tests.conftest import PASSWORD, USER
 from tests.helpers.csi import helper_pid
@@ -103,3 +108,47 @@ def test_a_private_lazy_volume_resumes_with_its_kept_credentials(node: Path, fix
         if path.is_file() and not path.is_symlink():
             content = path.read_bytes()
             assert not any(form in content for form in secret_forms), path
+
+
+def test_wrong_bytes_served_before_a_restart_are_found_when_the_blob_commits(node: Path, fixtures: Fixtures,
+                                                                             registry) -> None:  # type: ignore[no-untyped-def]
+    data = os.urandom(SIZE)
+    fixtures.raw_model("restart/wrong:v1", {"weights.safetensors": data})  # no chunk index
+    proxy = GatedProxy(registry.host, ProxyBehaviour(corrupt_ranges=True))  # whole GETs stay right
+    csi = plugin(node, "--config", str(_private_config(node)), "--metrics-address", "127.0.0.1:0")
+    try:
+        target = kubelet_target(node / "pods", POD_UID, "wrong")
+        request = inline_request("wrong", target, f"{proxy.host}/restart/wrong:v1", mount="lazy")
+        csi.node.NodePublishVolume(request)
+        served = _read(target / "weights.safetensors", 8 << 20, 4096)
+        assert served != data[8 << 20:(8 << 20) + 4096]  # a reader got a wrong byte (and cannot know yet)
+        blob = csi.root / "blobs" / "sha256" / sha(data)
+        server = helper_pid(csi, target)
+        _kill_plugin(csi)
+        os.kill(server, signal.SIGKILL)
+        wait_until(lambda: not _alive(server), 10, "the server to end")
+        assert not blob.exists()  # the gate holds the download: nobody has compared anything yet
+
+        csi.start()
+        wait_until(lambda: "ModelVolumeRestored" in csi.log_text(), 60, "the restore")
+        proxy.gate.set()
+        wait_until(blob.exists, 120, "the resumed download to commit")
+        wait_until(lambda: "ModelIntegrityFailure" in csi.log_text(), 60, "the integrity failure")
+        assert "bytes served before the pull finished differ" in csi.log_text()
+        with pytest.raises(OSError) as info:
+            _read(target / "weights.safetensors", 0, 4096)
+        assert info.value.errno == errno.EIO
+        assert mounts_at(target)[-1].fstype == FUSE  # the finished tree is not stacked on it
+        assert list((csi.root / "lazy" / "served").glob("*.broken.json"))
+        stats = csi.node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(volume_id=request.volume_id,
+                                                                              volume_path=str(target)))
+        assert stats.volume_condition.abnormal and "failed verification" in stats.volume_condition.message
+        port = re.findall(r"metrics on port (\d+)", csi.log_text())[-1]
+        metrics = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        assert "ocimodel_csi_lazy_integrity_failures_total 1.0" in metrics
+        _unpublish(csi, "wrong", target)
+        assert not target.exists()
+    finally:
+        proxy.gate.set()
+        stop_all(csi)
+        proxy.close()

@@ -1,0 +1,90 @@
+"""The tree of a lazy model: its nodes, where a file's bytes live, and the rules by which layers merge and
+links are checked (those the assembled tree obeys)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from modelcache.digest import Digest
+from modelcache.errors import UnsafeContent
+from modelcache.paths import PathFilter
+from modelcache.safetar import OPAQUE, WHITEOUT
+from modelcache.treerules import check_symlink
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a file's bytes live: ``size`` bytes at ``offset`` inside blob ``digest``."""
+
+    digest: Digest
+    blob_size: int
+    offset: int
+    size: int
+
+
+@dataclass
+class Node:
+    """A directory, file or symlink of the lazy tree."""
+
+    kind: str
+    mode: int
+    size: int = 0
+    children: dict[str, Node] = field(default_factory=dict)
+    source: Source | None = None
+    target: str = ""
+    local: str = ""
+
+
+def ensure_dir(root: Node, parts: list[str]) -> Node:
+    """The directory at ``parts`` under ``root``, created as needed."""
+    node = root
+    for part in parts:
+        child = node.children.get(part)
+        if child is None:
+            child = node.children[part] = Node("dir", 0o555)
+        if child.kind != "dir":
+            raise UnsafeContent(f"path component {part!r} is both a file and a directory")
+        node = child
+    return node
+
+
+def check_links(root: Node) -> None:
+    """Check every symlink of the merged tree by the rule the assembled tree obeys
+    (:func:`modelcache.treerules.check_symlink`): inside, from its own directory, never climbing out of a link."""
+    def kind_of(relpath: str) -> str | None:
+        node: Node | None = root
+        for part in relpath.split("/"):
+            node = node.children.get(part) if node is not None and node.kind == "dir" else None
+        return None if node is None else node.kind
+
+    pending = [("", root)]
+    while pending:
+        base, node = pending.pop()
+        for name, child in node.children.items():
+            path = f"{base}/{name}" if base else name
+            if child.kind == "dir":
+                pending.append((path, child))
+            elif child.kind == "symlink":
+                check_symlink(path, child.target, kind_of, "model")
+
+
+
+def merge_layer(target: Node, layer: Node, relbase: str, path_filter: PathFilter) -> None:
+    """Lay ``layer`` over ``target`` as the tree assembler does: an opaque marker clears what lower layers
+    put in that directory, a ``.wh.<name>`` removes ``<name>``, files outside the filter are left out."""
+    if OPAQUE in layer.children:
+        target.children.clear()
+    for name in layer.children:
+        if name.startswith(WHITEOUT) and name != OPAQUE:
+            target.children.pop(name[len(WHITEOUT):], None)
+    for name, child in sorted(layer.children.items()):
+        if name.startswith(WHITEOUT):
+            continue
+        relpath = f"{relbase}/{name}" if relbase else name
+        if child.kind == "dir":
+            existing = target.children.get(name)
+            if existing is None or existing.kind != "dir":
+                existing = target.children[name] = Node("dir", 0o555)
+            merge_layer(existing, child, relpath, path_filter)
+        elif path_filter.accepts(relpath):
+            target.children[name] = child

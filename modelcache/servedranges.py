@@ -1,0 +1,128 @@
+"""The integrity floor of lazy mounts without a chunk index, kept on disk so that it survives restarts: every
+range of a blob a lazy server serves before the blob is verified is recorded first (``<root>/lazy/served/
+<alg>-<hex>.ranges``, one ``start end sha256`` line per range, appended and fdatasynced before the bytes are
+returned), and whoever commits the blob (the server's download, the plugin's or the agent's pull, a later
+pull that finds it committed) compares those hashes with the verified blob. A mismatch leaves a per-blob
+marker (``<alg>-<hex>.broken.json``) that every lazy server of the blob, and the plugin, turn into EIO,
+a verdict and an Event.
+
+No record is lost to a race: a recorder that finds the blob committed after appending settles it itself,
+and a settler removes the record file only after comparing it and writing any marker."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from modelcache.digest import Digest
+from modelcache.fsutil import atomic_write_json, raise_if_full, read_json
+
+log = logging.getLogger(__name__)
+READ_SIZE = 4 << 20
+
+
+class ServedRanges:
+    """Records of served ranges and verdicts per blob, under ``<root>/lazy/served``."""
+
+    def __init__(self, root: Path, blob_path: Callable[[Digest], Path]) -> None:
+        self.dir = root / "lazy" / "served"
+        self.blob_path = blob_path
+
+    def _records(self, digest: Digest) -> Path:
+        return self.dir / f"{digest.algorithm}-{digest.hex}.ranges"
+
+    def _marker(self, digest: Digest) -> Path:
+        return self.dir / f"{digest.algorithm}-{digest.hex}.broken.json"
+
+    def record(self, digest: Digest, start: int, data: bytes | memoryview) -> str | None:
+        """Record that ``data`` at ``start`` of the unverified blob ``digest`` is about to be served; return
+        the reason the blob's served bytes are known wrong (then serve nothing), else None. fdatasync: one per
+        range (4 MiB), so that a node crash cannot lose the record of bytes a reader already has."""
+        line = f"{start} {start + len(data)} {hashlib.sha256(data).hexdigest()}\n".encode()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self._records(digest), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, line)  # one small O_APPEND write: whole, never interleaved with another process's
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise_if_full(exc, f"recording a served range of {digest}")
+            raise
+        if self.blob_path(digest).exists():  # committed meanwhile: its committer may have read the records before
+            return self.settle(digest)
+        return self.verdict(digest)
+
+    def settle(self, digest: Digest) -> str | None:
+        """Compare the recorded ranges of committed blob ``digest`` with it, leave a marker on a mismatch, drop
+        the records; return the blob's verdict (the reason its served bytes were wrong, or None)."""
+        records = self._records(digest)
+        try:
+            lines = records.read_text().splitlines()
+        except FileNotFoundError:
+            return self.verdict(digest)
+        try:
+            blob = os.open(self.blob_path(digest), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return self.verdict(digest)  # not committed: compared when it is
+        try:
+            wrong = sorted({(start, end) for start, end, want in _parse(lines) if _sha(blob, start, end) != want})
+        finally:
+            os.close(blob)
+        if wrong:
+            reason = (f"bytes served before the pull finished differ from the verified blob (blob {digest}, "
+                      f"ranges {', '.join(f'{s}-{e}' for s, e in wrong[:8])}): the registry or a cache in front of "
+                      f"it answered wrongly, and readers may have read wrong weights")
+            log.error("%s", reason)
+            if self.verdict(digest) is None:
+                atomic_write_json(self._marker(digest), {"broken": reason, "at": time.time()})
+        records.unlink(missing_ok=True)
+        return self.verdict(digest)
+
+    def verdict(self, digest: Digest) -> str | None:
+        """Why the served bytes of ``digest`` were wrong, or None."""
+        data = read_json(self._marker(digest))
+        return str(data["broken"]) if isinstance(data, dict) and data.get("broken") else None
+
+    def verdict_since(self, digest: Digest, since: float) -> str | None:
+        """:meth:`verdict`, when it was reached after ``since`` (a volume published later never served
+        unverified bytes of the blob: it was committed by then)."""
+        data = read_json(self._marker(digest))
+        if isinstance(data, dict) and data.get("broken") and float(data.get("at", 0)) >= since:
+            return str(data["broken"])
+        return None
+
+    def forget(self, digest: Digest) -> None:
+        """The blob is removed from the cache: drop its records and verdict."""
+        for path in (self._records(digest), self._marker(digest)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+def _parse(lines: list[str]) -> list[tuple[int, int, str]]:
+    parsed = []
+    for line in lines:
+        parts = line.split()
+        if len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit():
+            parsed.append((int(parts[0]), int(parts[1]), parts[2]))
+        elif line.strip():  # a torn line can only come from a crash mid-write, before its bytes were served
+            log.warning("ignoring a torn served-range record: %r", line[:120])
+    return parsed
+
+
+def _sha(fd: int, start: int, end: int) -> str:
+    digest = hashlib.sha256()
+    position = start
+    while position < end:
+        data = os.pread(fd, min(READ_SIZE, end - position), position)
+        if not data:
+            break
+        digest.update(data)
+        position += len(data)
+    return digest.hexdigest()
