@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from modelcache import mediatypes as mt
+from tests.helpers.oci import Fixtures
 from tests.helpers.registry import RunningRegistry
 
 
@@ -72,3 +76,31 @@ def test_exit_codes_and_messages(registry: RunningRegistry, tmp_path: Path) -> N
     assert down.returncode == 5 and "unreachable" in down.stderr
     rm = ocimodel("cache", "rm", "nothing", "--root", str(tmp_path), check=False)
     assert rm.returncode == 3
+
+
+def test_a_full_disk_exits_7(fixtures: Fixtures, tmp_path: Path) -> None:
+    """A download that runs into a full cache filesystem (a 64 MiB tmpfs, most of it taken) exits 7."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    fixtures.raw_model("cli/full:v1", {"weights.safetensors": os.urandom(40 << 20)})
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(small)], check=True)
+    try:
+        (small / "filler").write_bytes(b"\0" * (40 << 20))  # fits the declared size, not the free space
+        out = ocimodel("pull", fixtures.ref("cli/full:v1"), "--plain-http", "--root", str(small / "cache"),
+                       check=False)
+        assert out.returncode == 7, out.stderr
+        assert "no space left" in out.stderr.lower(), out.stderr
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_an_unsupported_artifact_exits_8(fixtures: Fixtures, tmp_path: Path) -> None:
+    """A raw model layer without a file path annotation cannot become a file: exit 8, no tree."""
+    layer = fixtures.layer("cli/odd:v1", b"weights", mt.model_layer_type("weight", mt.Compression.RAW))
+    fixtures.manifest("cli/odd:v1", [layer])
+    root = tmp_path / "cache"
+    out = ocimodel("pull", fixtures.ref("cli/odd:v1"), "--plain-http", "--root", str(root), check=False)
+    assert out.returncode == 8, out.stderr
+    assert not (root / "trees").exists() or not list((root / "trees").iterdir())
