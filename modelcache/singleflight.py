@@ -117,9 +117,17 @@ class PullFlights:
             try:
                 return cache.pull(pinned, options, flight.progress, cancel=self._stopping, check_tree=check_tree)
             except StoreFull as exc:  # evict before failing; give up once nothing more can go
-                if not make_room(cache, exc.needed, self.settings.low_watermark, str(exc)).evicted:
+                # giving up drops the partial downloads nobody is writing, so that a disk this pull filled does
+                # not stay full (records, pins and publications must still be writable)
+                try:
+                    evicted = make_room(cache, exc.needed, self.settings.low_watermark, str(exc)).evicted
+                except StoreFull:
+                    cache.store.clear_partials()
+                    raise
+                if not evicted:
+                    cache.store.clear_partials()
                     raise StoreFull(f"{exc}; nothing can be evicted (every cached model is mounted, pinned or in "
-                                    f"use)", needed=exc.needed) from None
+                                    f"use), so none was evicted", needed=exc.needed) from None
 
     def authorize(self, reference: Reference, credentials: CredentialStore | None) -> FileSignature | None:
         """Check digest-pinned ``reference`` against the signature policy (for paths that do not pull

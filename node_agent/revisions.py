@@ -209,10 +209,16 @@ class Realiser:
         except ModelCacheError as exc:
             self.metrics.pulls.failed.labels(reason=exc.kind.name).inc()
             raise
+        failure: ModelCacheError | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._report_progress, tracked, flight.progress)
-            result: PullResult = await self.thread(flight.future.result, limiter=self.pull_limiter)
+            try:
+                result: PullResult = await self.thread(flight.future.result, limiter=self.pull_limiter)
+            except ModelCacheError as exc:  # raised out of the nursery it would reach callers as an ExceptionGroup
+                failure = exc
             nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
         return result
 
     async def _report_progress(self, tracked: Tracked, progress: Progress) -> None:

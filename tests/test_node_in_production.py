@@ -328,7 +328,7 @@ def test_a_full_cache_evicts_unused_models_before_failing(tmp_path: Path, fixtur
         Pins(root).pin("team/old", first.record.key)  # pinned: not evictable
         with pytest.raises(ModelCacheError) as info:
             flights.start(*_args(fixtures, "evict/new:v1")).future.result(60)
-        assert info.value.kind is Kind.RESOURCE_EXHAUSTED and "nothing can be evicted" in str(info.value)
+        assert info.value.kind is Kind.RESOURCE_EXHAUSTED and "none was evicted" in str(info.value)
         assert (first.path / "w.bin").read_bytes() == old  # the cache is intact
         Pins(root).unpin("team/old")
         second = flights.start(*_args(fixtures, "evict/new:v1")).future.result(60)

@@ -181,7 +181,7 @@ def test_ocimodel_signs_what_it_pushes(registry, tmp_path: Path) -> None:  # typ
 
 @needs_root
 def test_csi_publish_and_agent_enforce_the_node_policy(fixtures: Fixtures, tmp_path: Path) -> None:
-    from tests.test_agent import Cluster, modelcache, status_patches
+    from tests.helpers.fakekube import Cluster, modelcache
     key, _, public = write_keys(tmp_path, "release")
     signed = model(fixtures, "prod/signed:v1")
     cosign_signature(fixtures, "prod/signed", signed, key)
@@ -210,7 +210,7 @@ def test_csi_publish_and_agent_enforce_the_node_policy(fixtures: Fixtures, tmp_p
                               str(tmp_path / "agent-root"), "--config", str(config), "--plain-http",
                               "--metrics-address", "127.0.0.1:0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        failed = cluster.wait_for(lambda: [s for s in status_patches(cluster, "unsigned")
+        failed = cluster.wait_for(lambda: [s for s in cluster.status_patches("unsigned")
                                            if s.get("phase") == "Failed"])
         assert "signature required by policy 'prod'" in failed[0]["message"]
         assert nothing_cached(tmp_path / "agent-root")
