@@ -13,7 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from csi_driver import DEFAULT_PUBLISH_WAIT, MODES
-from ocimodel.cli.options import add_node_options, add_policy_options, exit_now, settings_from_args
+from ocimodel.cli.options import (
+    add_node_options,
+    add_policy_options,
+    add_selection_options,
+    exit_now,
+    settings_from_args,
+)
 
 
 def cmd_csi(args: argparse.Namespace) -> int:
@@ -121,14 +127,7 @@ def register(sub: Any) -> None:
     mount.add_argument("--lazy-verify", choices=("background", "strict"),
                        help="background (default): serve chunks while the pull verifies the blobs; strict: serve a "
                             "file only once its blob is verified (the lazyVerify volume attribute)")
-    mount.add_argument("--include", action="append", metavar="GLOB",
-                       help="show only files matching this glob (repeatable; default: every file)")
-    mount.add_argument("--exclude", action="append", metavar="GLOB",
-                       help="hide files matching this glob (repeatable; default: none)")
-    mount.add_argument("--path", help="mount this sub-directory of the model (default: its root; container images: "
-                                      "/models)")
-    mount.add_argument("--layers", metavar="KINDS", help="only these layer kinds: a comma list of weights, config, "
-                       "code, datasets, docs (the layers volume attribute; default: every kind)")
+    add_selection_options(mount, path_help="mount this sub-directory of the model")
     mount.add_argument("--username", help="registry user, as a volume's pull secret (password from "
                                           "$OCIMODEL_PASSWORD; default: anonymous, plus the node's credentials "
                                           "where nodeCredentialRegistries lends them)")

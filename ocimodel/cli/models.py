@@ -10,14 +10,21 @@ from typing import Any
 
 from modelcache.cosign import sign_cosign
 from modelcache.describe import describe
-from modelcache.mediatypes import LAYER_KINDS, Compression
+from modelcache.mediatypes import Compression
 from modelcache.options import PullOptions, parse_layer_kinds
 from modelcache.progress import Progress
 from modelcache.push import push_directory
 from modelcache.reference import parse_reference
 from modelcache.registry import RegistryClient
 from modelcache.sigkeys import load_private_key
-from ocimodel.cli.options import add_common, add_policy_options, emit, explicit_credentials, settings_from_args
+from ocimodel.cli.options import (
+    add_common,
+    add_policy_options,
+    add_selection_options,
+    emit,
+    explicit_credentials,
+    settings_from_args,
+)
 from ocimodel.progress import ProgressLine
 
 
@@ -109,15 +116,7 @@ def register(sub: Any) -> None:
     """Add ``pull``, ``push``, ``sign`` and ``inspect``."""
     pull = sub.add_parser("pull", help="pull a model into the node cache")
     pull.add_argument("reference", help="the model: registry/repository[:tag][@digest]")
-    pull.add_argument("--include", action="append", metavar="GLOB",
-                      help="keep only files matching this glob (repeatable; default: every file)")
-    pull.add_argument("--exclude", action="append", metavar="GLOB",
-                      help="drop files matching this glob (repeatable; default: none)")
-    pull.add_argument("--path", help="sub-directory of the model to expose (default: its root; container images: "
-                                     "/models)")
-    pull.add_argument("--layers", metavar="KINDS", help=f"only these layer kinds, a comma list of "
-                      f"{', '.join(LAYER_KINDS)} (ModelPack and ModelKit); the others are never downloaded "
-                      f"(default: every kind)")
+    add_selection_options(pull, path_help="sub-directory of the model to expose")
     pull.add_argument("--list-files", action="store_true", help="include the file list")
     add_common(pull)
     add_policy_options(pull)

@@ -14,6 +14,7 @@ import yaml
 
 from modelcache.credentials import Credentials, CredentialStore
 from modelcache.errors import Kind, ModelCacheError
+from modelcache.mediatypes import LAYER_KINDS
 from modelcache.reference import parse_reference
 from modelcache.settings import Settings
 from modelcache.signatures import SignaturePolicy
@@ -43,6 +44,19 @@ def add_common(parser: argparse.ArgumentParser, *, registry: bool = True) -> Non
         parser.add_argument("--username", help="registry user, for this command only (password from --password-stdin "
                             "or $OCIMODEL_PASSWORD; default: the Docker config and credential helpers)")
         parser.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+
+
+def add_selection_options(parser: argparse.ArgumentParser, *, path_help: str) -> None:
+    """``--include``, ``--exclude``, ``--path`` and ``--layers``: which part of a model a pull or a mount shows
+    (the include/exclude/path/layers volume attributes)."""
+    parser.add_argument("--include", action="append", metavar="GLOB",
+                        help="keep only files matching this glob (repeatable; default: every file)")
+    parser.add_argument("--exclude", action="append", metavar="GLOB",
+                        help="drop files matching this glob (repeatable; default: none)")
+    parser.add_argument("--path", help=f"{path_help} (default: its root; container images: /models)")
+    parser.add_argument("--layers", metavar="KINDS", help=f"only these layer kinds, a comma list of "
+                        f"{', '.join(LAYER_KINDS)} (ModelPack and ModelKit); the others are never downloaded "
+                        f"(default: every kind)")
 
 
 def add_policy_options(parser: argparse.ArgumentParser) -> None:
