@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 from csi_driver.errors import invalid
 from csi_driver.proto import csi_pb2
-from modelcache.credentials import Credentials, CredentialStore
+from modelcache.assemble.options import PullOptions, parse_layer_kinds
 from modelcache.errors import ModelCacheError
-from modelcache.options import PullOptions, parse_layer_kinds
-from modelcache.reference import Reference, parse_reference
+from modelcache.registry.credentials import Credentials, CredentialStore
+from modelcache.registry.reference import Reference, parse_reference
 
 Mode = csi_pb2.VolumeCapability.AccessMode.Mode
 SUPPORTED_MODES = frozenset({Mode.SINGLE_NODE_WRITER, Mode.SINGLE_NODE_READER_ONLY, Mode.MULTI_NODE_READER_ONLY,

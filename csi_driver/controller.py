@@ -26,8 +26,8 @@ from csi_driver.proto import csi_pb2, csi_pb2_grpc
 from modelcache.digest import Digest
 from modelcache.errors import ModelCacheError
 from modelcache.fsutil import atomic_write_json, read_json
-from modelcache.reference import parse_reference
-from modelcache.registry import RegistryClient
+from modelcache.registry.client import RegistryClient
+from modelcache.registry.reference import parse_reference
 from modelcache.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -26,16 +26,16 @@ import pyfuse3
 import trio
 
 from csi_driver.lazymount import write_verdict
+from modelcache.assemble.options import PullOptions
 from modelcache.cache import ModelCache
-from modelcache.credentials import CredentialStore
 from modelcache.errors import Kind, ModelCacheError, PullCancelled
-from modelcache.lazy import Download, LazyModel, Node
+from modelcache.lazy.model import Download, LazyModel, Node
 from modelcache.mounts import bind_mount_readonly, unmount_all
-from modelcache.options import PullOptions
 from modelcache.progress import Progress
-from modelcache.reference import parse_reference
+from modelcache.registry.credentials import CredentialStore
+from modelcache.registry.reference import parse_reference
+from modelcache.registry.transport import RetryPolicy
 from modelcache.settings import Settings
-from modelcache.transport import RetryPolicy
 
 log = logging.getLogger(__name__)
 

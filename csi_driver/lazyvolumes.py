@@ -18,12 +18,12 @@ from csi_driver.lazymount import FUSE_TYPE, detach, healthy, read_verdict, stale
 from csi_driver.lazyservers import READY_TIMEOUT, ServerRunner, Started
 from csi_driver.metrics import CsiMetrics
 from csi_driver.publications import Publication, Publications
-from modelcache.credentials import CredentialStore
+from modelcache.assemble.options import PullOptions
 from modelcache.digest import Digest
 from modelcache.errors import Kind, ModelCacheError
 from modelcache.mounts import is_mountpoint, mounts_at, mounts_of
-from modelcache.options import PullOptions
-from modelcache.reference import parse_reference
+from modelcache.registry.credentials import CredentialStore
+from modelcache.registry.reference import parse_reference
 from modelcache.singleflight import PullFlights
 
 log = logging.getLogger(__name__)

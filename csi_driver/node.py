@@ -35,11 +35,11 @@ from csi_driver.lazyvolumes import LazyVolumes
 from csi_driver.metrics import CsiMetrics
 from csi_driver.proto import csi_pb2, csi_pb2_grpc
 from csi_driver.publications import Publication, Publications
-from modelcache.credentials import CredentialStore
 from modelcache.errors import ModelCacheError
 from modelcache.mounts import bind_mount_readonly, is_mountpoint, mount_options, mounts_at, mounts_of, unmount_all
 from modelcache.records import PullResult, tree_key
-from modelcache.reference import Reference
+from modelcache.registry.credentials import CredentialStore
+from modelcache.registry.reference import Reference
 from modelcache.revisions import Revisions
 from modelcache.singleflight import PullFlights
 

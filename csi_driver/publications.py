@@ -18,8 +18,8 @@ from typing import Any
 import grpc
 
 from csi_driver.errors import CsiError
+from modelcache.assemble.options import PullOptions
 from modelcache.fsutil import atomic_write_json, read_json
-from modelcache.options import PullOptions
 
 log = logging.getLogger(__name__)
 

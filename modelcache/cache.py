@@ -1,5 +1,5 @@
 """The node's model cache: lookups of assembled models, and pulls that make a reference available as a
-tree (resolve, then the steps in :mod:`modelcache.pull`), safe to run concurrently across processes."""
+tree (resolve, then the steps in :mod:`modelcache.assemble.pull`), safe to run concurrently across processes."""
 
 from __future__ import annotations
 
@@ -12,17 +12,17 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from modelcache.access import is_private
+from modelcache.assemble.layout import Plan, Step, needs_config, plan_for
+from modelcache.assemble.options import PullOptions
+from modelcache.assemble.pull import assemble_tree, download_blobs, extract_layers, layer_name
 from modelcache.errors import UnsafeContent
 from modelcache.fsutil import atomic_write_json, read_json, remove_tree
-from modelcache.layout import Plan, Step, needs_config, plan_for
-from modelcache.options import PullOptions
 from modelcache.progress import Progress
-from modelcache.pull import assemble_tree, download_blobs, extract_layers, layer_name
 from modelcache.records import ModelRecord, PullResult, tree_key
-from modelcache.reference import Reference, parse_reference
-from modelcache.registry import MAX_CONFIG_BYTES, RegistryClient, Resolved
-from modelcache.store import ContentStore, blob_lease
+from modelcache.registry.access import is_private
+from modelcache.registry.client import MAX_CONFIG_BYTES, RegistryClient, Resolved
+from modelcache.registry.reference import Reference, parse_reference
+from modelcache.store.content import ContentStore, blob_lease
 
 log = logging.getLogger(__name__)
 

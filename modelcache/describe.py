@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from modelcache import chunkindex
-from modelcache import mediatypes as mt
-from modelcache.bundles import BUNDLE_TYPE
-from modelcache.cosign import SIMPLESIGNING, signature_tag
+from modelcache.assemble.layout import needs_config, plan_for
 from modelcache.errors import Kind, ModelCacheError
-from modelcache.layout import needs_config, plan_for
-from modelcache.manifest import Descriptor, Manifest
-from modelcache.reference import Reference
-from modelcache.registry import RegistryClient
+from modelcache.registry import mediatypes as mt
+from modelcache.registry.client import RegistryClient
+from modelcache.registry.manifest import Descriptor, Manifest
+from modelcache.registry.reference import Reference
+from modelcache.trust import chunkindex
+from modelcache.trust.bundles import BUNDLE_TYPE
+from modelcache.trust.cosign import SIMPLESIGNING, signature_tag
 
 
 def describe(client: RegistryClient, ref: Reference) -> dict[str, Any]:

@@ -65,6 +65,10 @@ class UnsupportedArtifact(ModelCacheError):
     kind = Kind.UNSUPPORTED
 
 
+class RangesUnsupported(ModelCacheError):
+    """The registry answered a Range request with the whole blob: fetch it as one stream instead."""
+
+
 class StoreFull(ModelCacheError):
     """No space left in the cache root; ``needed`` is how many more bytes were wanted, when known."""
 

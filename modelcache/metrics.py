@@ -12,7 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from modelcache.errors import ListenError
-from modelcache.mirrorhealth import MIRRORS, MirrorHealth
+from modelcache.registry.mirrorhealth import MIRRORS, MirrorHealth
 
 PULL_BUCKETS = (0.1, 0.5, 1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600)
 

@@ -18,12 +18,12 @@ from typing import IO, Any
 
 import zstandard
 
-from modelcache import chunkindex
-from modelcache import mediatypes as mt
 from modelcache.digest import Digest
 from modelcache.errors import Kind, ModelCacheError
-from modelcache.reference import Reference
-from modelcache.registry import RegistryClient
+from modelcache.registry import mediatypes as mt
+from modelcache.registry.client import RegistryClient
+from modelcache.registry.reference import Reference
+from modelcache.trust import chunkindex
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".onnx", ".h5", ".msgpack", ".ckpt", ".npz")
 CODE_SUFFIXES = (".py", ".sh", ".ipynb", ".js", ".go", ".rs")

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from modelcache.assemble.options import PullOptions
 from modelcache.digest import Digest
-from modelcache.options import PullOptions
 
 
 @dataclass

@@ -25,7 +25,7 @@ from typing import Any
 
 from modelcache.errors import ModelCacheError
 from modelcache.fsutil import atomic_write_json, read_json
-from modelcache.reference import Reference, parse_reference
+from modelcache.registry.reference import Reference, parse_reference
 
 SCHEMA_VERSION = 1
 

@@ -16,13 +16,13 @@ from modelcache.cache import (
     DEFAULT_RANGED_MIN_SIZE,
     ModelCache,
 )
-from modelcache.credentials import CredentialStore, default_docker_config_path
 from modelcache.errors import Kind, ModelCacheError
-from modelcache.hosts import HostsConfig
-from modelcache.registry import RegistryClient
-from modelcache.signatures import SignaturePolicy
-from modelcache.store import DEFAULT_MAX_CONNECTIONS, DEFAULT_ROOT, ContentStore
-from modelcache.transport import RetryPolicy, Transport
+from modelcache.registry.client import RegistryClient
+from modelcache.registry.credentials import CredentialStore, default_docker_config_path
+from modelcache.registry.hosts import HostsConfig
+from modelcache.registry.transport import RetryPolicy, Transport
+from modelcache.store.content import DEFAULT_MAX_CONNECTIONS, DEFAULT_ROOT, ContentStore
+from modelcache.trust.signatures import SignaturePolicy
 
 KNOWN_KEYS = {"root", "registries", "plainHTTP", "dockerConfig", "pullWorkers", "maxExpandRatio",
               "highWatermark", "lowWatermark", "warmMemoryShare", "readTimeoutSeconds", "verifyIntervalHours",

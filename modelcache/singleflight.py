@@ -13,19 +13,19 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
-from modelcache.access import check_upstream_access, upstream_hosts
+from modelcache.assemble.options import PullOptions
 from modelcache.cache import ModelCache
-from modelcache.credentials import CredentialStore
 from modelcache.errors import Kind, ModelCacheError, StoreFull
-from modelcache.eviction import make_room
 from modelcache.metrics import PullMetrics
-from modelcache.options import PullOptions
 from modelcache.progress import Progress
 from modelcache.records import PullResult
-from modelcache.reference import Reference, parse_reference
-from modelcache.registry import RegistryClient
+from modelcache.registry.access import check_upstream_access, upstream_hosts
+from modelcache.registry.client import RegistryClient
+from modelcache.registry.credentials import CredentialStore
+from modelcache.registry.reference import Reference, parse_reference
 from modelcache.settings import Settings
-from modelcache.signatures import FileSignature
+from modelcache.trust.signatures import FileSignature
+from modelcache.upkeep.eviction import make_room
 
 log = logging.getLogger(__name__)
 

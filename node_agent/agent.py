@@ -16,13 +16,13 @@ from kubeadapter.client import KubeClient
 from modelcache import pagecache
 from modelcache.cache import ModelCache
 from modelcache.errors import Kind, ModelCacheError
-from modelcache.eviction import evict
-from modelcache.gc import usage
 from modelcache.metrics import serve_metrics
 from modelcache.mounts import mounts_of
 from modelcache.settings import Settings
 from modelcache.singleflight import PullFlights
-from modelcache.verify import verify_cache
+from modelcache.upkeep.eviction import evict
+from modelcache.upkeep.gc import usage
+from modelcache.upkeep.verify import verify_cache
 from modelcache.warmrequests import WarmRequests
 from node_agent import GROUP, PLURAL, VERSION
 from node_agent.metrics import AgentMetrics

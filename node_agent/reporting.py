@@ -11,8 +11,8 @@ from typing import Any
 import trio
 
 from kubeadapter.client import KubeClient
-from modelcache.credentials import CredentialStore
 from modelcache.errors import Kind, ModelCacheError
+from modelcache.registry.credentials import CredentialStore
 from node_agent import GROUP, KIND, PLURAL, VERSION
 from node_agent.spec import ModelCacheSpec
 

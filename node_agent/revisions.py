@@ -19,14 +19,14 @@ import trio
 
 from modelcache import pagecache
 from modelcache.errors import ModelCacheError
-from modelcache.gc import in_use
-from modelcache.pins import Pins
 from modelcache.progress import Progress
 from modelcache.records import PullResult
-from modelcache.reference import Reference, parse_reference
+from modelcache.registry.reference import Reference, parse_reference
 from modelcache.revisions import Revision, Revisions, RevisionState
 from modelcache.settings import Settings
 from modelcache.singleflight import PullFlights
+from modelcache.upkeep.gc import in_use
+from modelcache.upkeep.pins import Pins
 from node_agent.metrics import AgentMetrics
 from node_agent.reporting import Reporter, timestamp
 from node_agent.spec import ModelCacheSpec, node_labels

@@ -7,10 +7,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from modelcache.assemble.options import PullOptions, parse_layer_kinds
 from modelcache.digest import Digest
 from modelcache.errors import Kind, ModelCacheError
-from modelcache.options import PullOptions, parse_layer_kinds
-from modelcache.reference import Reference, parse_reference
+from modelcache.registry.reference import Reference, parse_reference
 
 LABEL_PREFIX = "ocimodel.csi.dev/"
 UPDATE_POLICIES = ("Pinned", "Follow")

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from modelcache.cache import ModelCache
-from modelcache.credentials import Credentials, CredentialStore
-from modelcache.hosts import HostsConfig
-from modelcache.registry import RegistryClient
-from modelcache.store import ContentStore
-from modelcache.transport import RetryPolicy, Transport
+from modelcache.registry.client import RegistryClient
+from modelcache.registry.credentials import Credentials, CredentialStore
+from modelcache.registry.hosts import HostsConfig
+from modelcache.registry.transport import RetryPolicy, Transport
+from modelcache.store.content import ContentStore
 from tests.helpers.oci import Fixtures
 from tests.helpers.proxy import ProxyBehaviour, RegistryProxy
 from tests.helpers.registry import REGISTRY_BINARY, RunningRegistry, start_registry

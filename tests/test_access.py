@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from modelcache.store import ContentStore
+from modelcache.store.content import ContentStore
 from tests.conftest import PASSWORD, USER, needs_root
 from tests.helpers.csi import CsiProcess, code_of, is_mounted, publish_request
 from tests.helpers.oci import Fixtures

@@ -18,7 +18,7 @@ import psutil
 import pytest
 import requests
 
-from modelcache.pins import Pins
+from modelcache.upkeep.pins import Pins
 from tests.conftest import PASSWORD, USER
 from tests.helpers.fakekube import BASE, Cluster, modelcache, write_kubeconfig
 from tests.helpers.oci import Fixtures

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from modelcache.cache import ModelCache
-from modelcache.credentials import Credentials, CredentialStore
 from modelcache.errors import Kind, ModelCacheError
-from modelcache.store import ContentStore
+from modelcache.registry.credentials import Credentials, CredentialStore
+from modelcache.store.content import ContentStore
 from tests.conftest import PASSWORD, USER, creds_for, make_client
 from tests.helpers.oci import Fixtures
 from tests.helpers.proxy import ProxyBehaviour

@@ -22,8 +22,8 @@ def test_import_contracts_hold() -> None:
 
 
 def test_core_import_does_not_load_front_end_libraries() -> None:
-    code = ("import sys, modelcache.cache, modelcache.pull, modelcache.gc, modelcache.settings, modelcache.push, "
-            "modelcache.mounts;"
+    code = ("import sys, modelcache.cache, modelcache.assemble.pull, modelcache.upkeep.gc, modelcache.settings, "
+            "modelcache.push, modelcache.mounts;"
             "bad = [m for m in ('grpc', 'kubernetes', 'pyfuse3', 'trio') if m in sys.modules]; print(bad)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr

@@ -16,16 +16,16 @@ from pathlib import Path
 import pytest
 
 from csi_driver.proto import csi_pb2
-from modelcache import chunkindex
-from modelcache import mediatypes as mt
+from modelcache.assemble.options import PullOptions
 from modelcache.cache import ModelCache
 from modelcache.digest import Digest
 from modelcache.errors import IntegrityError, Kind
-from modelcache.lazy import LazyBroken, LazyModel
-from modelcache.options import PullOptions
+from modelcache.lazy.model import LazyBroken, LazyModel
 from modelcache.push import push_directory
-from modelcache.reference import parse_reference
-from modelcache.store import ContentStore
+from modelcache.registry import mediatypes as mt
+from modelcache.registry.reference import parse_reference
+from modelcache.store.content import ContentStore
+from modelcache.trust import chunkindex
 from tests.conftest import make_client, needs_root
 from tests.helpers.csi import CsiProcess, publish_request
 from tests.helpers.proxy import ProxyProcess

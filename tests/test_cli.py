@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from modelcache import mediatypes as mt
+from modelcache.registry import mediatypes as mt
 from tests.helpers.oci import Fixtures
 from tests.helpers.registry import RunningRegistry
 

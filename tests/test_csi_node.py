@@ -236,7 +236,7 @@ def test_registry_errors_map_to_codes(csi: CsiProcess, tmp_path: Path, fixtures:
 
 def test_integrity_and_unsafe_content_codes(csi: CsiProcess, tmp_path: Path, fixtures: Fixtures,
                                             proxy_factory) -> None:
-    from modelcache import mediatypes as mt
+    from modelcache.registry import mediatypes as mt
     from tests.helpers.oci import Entry
     fixtures.tar_model("csi/evil:v1", [Entry("../escape", b"x")], mt.Compression.TAR)
     code = code_of(csi.node.NodePublishVolume, publish_request("v", target(tmp_path), fixtures.ref("csi/evil:v1")))

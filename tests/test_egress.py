@@ -19,14 +19,14 @@ import pytest
 
 from modelcache.cache import ModelCache
 from modelcache.digest import Digest
-from modelcache.egress import AddressClass, classify, registry_allowed
 from modelcache.errors import Kind, ModelCacheError, RegistryError
-from modelcache.hosts import HostsConfig
 from modelcache.push import push_directory
-from modelcache.reference import parse_reference
-from modelcache.registry import RegistryClient
+from modelcache.registry.client import RegistryClient
+from modelcache.registry.egress import AddressClass, classify, registry_allowed
+from modelcache.registry.hosts import HostsConfig
+from modelcache.registry.reference import parse_reference
 from modelcache.settings import Settings
-from modelcache.store import ContentStore
+from modelcache.store.content import ContentStore
 from tests.conftest import FAST_RETRY, PASSWORD, USER, creds_for, make_client
 from tests.helpers.oci import Fixtures
 from tests.helpers.registry import RunningRegistry

@@ -12,19 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from modelcache import mediatypes as mt
+from modelcache.assemble.options import PullOptions
 from modelcache.cache import ModelCache
 from modelcache.digest import Digest
 from modelcache.errors import Kind, ModelCacheError, StoreFull
-from modelcache.eviction import evict
-from modelcache.hosts import HostsConfig
-from modelcache.options import PullOptions
-from modelcache.pins import Pins
 from modelcache.records import PullResult
-from modelcache.reference import parse_reference
+from modelcache.registry import mediatypes as mt
+from modelcache.registry.hosts import HostsConfig
+from modelcache.registry.reference import parse_reference
 from modelcache.settings import Settings
 from modelcache.singleflight import PullFlights
-from modelcache.store import ContentStore
+from modelcache.store.content import ContentStore
+from modelcache.upkeep.eviction import evict
+from modelcache.upkeep.pins import Pins
 from tests.conftest import make_client, needs_root
 from tests.helpers.oci import Fixtures
 

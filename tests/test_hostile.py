@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from modelcache import mediatypes as mt
 from modelcache.cache import ModelCache
 from modelcache.digest import Digest
 from modelcache.errors import Kind, ModelCacheError
-from modelcache.store import ContentStore
-from modelcache.transport import RetryPolicy
+from modelcache.registry import mediatypes as mt
+from modelcache.registry.transport import RetryPolicy
+from modelcache.store.content import ContentStore
 from tests.conftest import make_client
 from tests.helpers.oci import Entry, Fixtures, compress, make_tar
 from tests.helpers.proxy import ProxyBehaviour

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from modelcache import mediatypes as mt
 from modelcache.digest import Digest
-from modelcache.reference import parse_reference
+from modelcache.registry import mediatypes as mt
+from modelcache.registry.reference import parse_reference
 from tests.helpers.oci import Fixtures
 from tests.helpers.proxy import RegistryProxy
 from tests.test_modelkit import sample

@@ -20,8 +20,8 @@ import grpc
 import pytest
 
 from csi_driver.proto import csi_pb2
-from modelcache import mediatypes as mt
 from modelcache.digest import Digest
+from modelcache.registry import mediatypes as mt
 from tests.conftest import needs_root
 from tests.helpers.csi import CsiProcess, helper_pid, is_mounted, publish_request
 from tests.helpers.oci import Entry, Fixtures

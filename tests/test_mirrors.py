@@ -16,12 +16,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from modelcache.cache import ModelCache
 from modelcache.errors import ModelCacheError
-from modelcache.hosts import HostsConfig, RegistryHost
 from modelcache.metrics import PullMetrics
-from modelcache.mirrorhealth import MIRRORS, MirrorHealth
-from modelcache.registry import RegistryClient
-from modelcache.store import ContentStore
-from modelcache.transport import Transport
+from modelcache.registry.client import RegistryClient
+from modelcache.registry.hosts import HostsConfig, RegistryHost
+from modelcache.registry.mirrorhealth import MIRRORS, MirrorHealth
+from modelcache.registry.transport import Transport
+from modelcache.store.content import ContentStore
 from tests.conftest import FAST_RETRY
 from tests.helpers.oci import Fixtures
 from tests.helpers.proxy import RegistryProxy
@@ -111,7 +111,8 @@ def timed_pull(cache: ModelCache, ref: str) -> float:
 
 
 def down_logs(caplog: pytest.LogCaptureFixture, mirror: str) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "modelcache.mirrorhealth" and mirror in r.getMessage()]
+    return [r.getMessage() for r in caplog.records
+            if r.name == "modelcache.registry.mirrorhealth" and mirror in r.getMessage()]
 
 
 def test_refused_mirror_costs_one_try_and_is_counted(fixtures: Fixtures, tmp_path: Path,
@@ -121,7 +122,7 @@ def test_refused_mirror_costs_one_try_and_is_counted(fixtures: Fixtures, tmp_pat
     mirror = closed_port()
     metrics = CollectorRegistry()
     PullMetrics(metrics)
-    caplog.set_level(logging.INFO, "modelcache.mirrorhealth")
+    caplog.set_level(logging.INFO, "modelcache.registry.mirrorhealth")
     assert timed_pull(cache_for(tmp_path / "a", fixtures.host, mirror), fixtures.ref("mirrors/refused:v1")) < 5
     assert timed_pull(cache_for(tmp_path / "b", fixtures.host, mirror), fixtures.ref("mirrors/refused:v1")) < 5
     assert len(down_logs(caplog, mirror)) == 1 and "is down" in down_logs(caplog, mirror)[0]
@@ -135,7 +136,7 @@ def test_unreachable_mirror_costs_under_a_second_once(fixtures: Fixtures, tmp_pa
                                                       caplog: pytest.LogCaptureFixture) -> None:
     """A mirror whose connections never complete costs one short connect time-out, not one per request."""
     fixtures.raw_model("mirrors/unreachable:v1", FILES)
-    caplog.set_level(logging.INFO, "modelcache.mirrorhealth")
+    caplog.set_level(logging.INFO, "modelcache.registry.mirrorhealth")
     elapsed = timed_pull(cache_for(tmp_path / "c", fixtures.host, unanswered), fixtures.ref("mirrors/unreachable:v1"))
     assert elapsed < 5
     assert len(down_logs(caplog, unanswered)) == 1
@@ -150,7 +151,7 @@ def test_a_down_mirror_is_tried_once_per_hold_off_and_comes_back(fixtures: Fixtu
     ref = fixtures.ref("mirrors/flaky:v1")
     clock = Clock()
     health = MirrorHealth(first=30, longest=120, clock=clock)
-    caplog.set_level(logging.INFO, "modelcache.mirrorhealth")
+    caplog.set_level(logging.INFO, "modelcache.registry.mirrorhealth")
     timed_pull(cache_for(tmp_path / "1", fixtures.host, resetter.url, health), ref)
     assert resetter.accepted == 1  # the manifest's request; every later one skipped it
     clock.now = 29

@@ -14,13 +14,13 @@ from typing import Any
 import pytest
 import yaml
 
-from modelcache import mediatypes as mt
+from modelcache.assemble.options import PullOptions, parse_layer_kinds
 from modelcache.cache import ModelCache
 from modelcache.digest import Digest
 from modelcache.errors import Kind, ModelCacheError
-from modelcache.options import PullOptions, parse_layer_kinds
 from modelcache.records import tree_key
-from modelcache.store import ContentStore
+from modelcache.registry import mediatypes as mt
+from modelcache.store.content import ContentStore
 from tests.conftest import make_client, needs_root
 from tests.helpers.oci import KIT_STYLES, Entry, Fixtures, KitPart, compress, make_tar
 from tests.helpers.proxy import RegistryProxy

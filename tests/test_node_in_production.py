@@ -21,17 +21,17 @@ import grpc
 import pytest
 
 from csi_driver.proto import csi_pb2
+from modelcache.assemble.options import PullOptions
 from modelcache.cache import ModelCache
 from modelcache.digest import Digest
 from modelcache.errors import Kind, ModelCacheError
-from modelcache.gc import ModelInUse, collect_garbage, remove_model
-from modelcache.options import PullOptions
-from modelcache.pins import Pins
 from modelcache.records import tree_key
-from modelcache.reference import Reference, parse_reference
+from modelcache.registry.reference import Reference, parse_reference
 from modelcache.settings import Settings
 from modelcache.singleflight import PullFlights
-from modelcache.store import ContentStore
+from modelcache.store.content import ContentStore
+from modelcache.upkeep.gc import ModelInUse, collect_garbage, remove_model
+from modelcache.upkeep.pins import Pins
 from tests.conftest import make_client, needs_root
 from tests.helpers.csi import CsiProcess, code_of, is_mounted, publish_request
 from tests.helpers.fakekube import write_kubeconfig
@@ -261,7 +261,7 @@ def test_a_leased_model_is_never_removed_and_removal_never_waits(tmp_path: Path,
     result = cache.pull(fixtures.ref("lease/model:v1"))
     key = result.record.key
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from modelcache.store import ContentStore; from pathlib import Path\n"
+        "import sys, time; from modelcache.store.content import ContentStore; from pathlib import Path\n"
         "with ContentStore(Path(sys.argv[1])).lease('tree-' + sys.argv[2]):\n"
         "    print('held', flush=True); sys.stdin.read()\n"), str(tmp_path / "root"), key],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # another process between lookup and mount
@@ -271,7 +271,7 @@ def test_a_leased_model_is_never_removed_and_removal_never_waits(tmp_path: Path,
         with pytest.raises(ModelInUse):
             remove_model(cache, key)
         assert time.monotonic() - started < 1  # refused, not queued
-        from modelcache.eviction import evict
+        from modelcache.upkeep.eviction import evict
         assert key in evict(cache, high=-1.0, low=0.0).blocked
         collect_garbage(cache)
         assert (result.path / "w").read_bytes() == b"leased"

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from modelcache import mediatypes as mt
+from modelcache.assemble.options import PullOptions
 from modelcache.cache import ModelCache
 from modelcache.digest import Digest
 from modelcache.errors import Kind, ModelCacheError
-from modelcache.options import PullOptions
-from modelcache.store import ContentStore
+from modelcache.registry import mediatypes as mt
+from modelcache.store.content import ContentStore
 from tests.conftest import make_client
 from tests.helpers.oci import Entry, Fixtures, compress, make_tar
 

@@ -16,8 +16,8 @@ import pytest
 
 from modelcache.cache import ModelCache
 from modelcache.digest import Digest
-from modelcache.rangedingest import RangedIngest
-from modelcache.store import ContentStore
+from modelcache.store.content import ContentStore
+from modelcache.store.rangedingest import RangedIngest
 from tests.conftest import make_client
 from tests.helpers.oci import Fixtures
 from tests.helpers.proxy import ProxyBehaviour, ProxyProcess

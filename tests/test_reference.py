@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from modelcache.errors import InvalidReference, ModelCacheError
-from modelcache.hosts import HostsConfig
-from modelcache.reference import parse_reference
+from modelcache.registry.hosts import HostsConfig
+from modelcache.registry.reference import parse_reference
 
 HEX = "a" * 64
 

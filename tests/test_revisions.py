@@ -22,11 +22,11 @@ import trio
 import trio.testing
 
 from kubeadapter.client import KubeClient
-from modelcache.hosts import HostsConfig
-from modelcache.pins import Pins
-from modelcache.reference import parse_reference
+from modelcache.registry.hosts import HostsConfig
+from modelcache.registry.reference import parse_reference
 from modelcache.revisions import Revision, Revisions, RevisionState
 from modelcache.settings import Settings
+from modelcache.upkeep.pins import Pins
 from node_agent.agent import Agent, AgentConfig
 from tests.conftest import make_client, needs_root
 from tests.helpers.csi import CsiProcess, is_mounted, publish_request

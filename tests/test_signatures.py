@@ -24,9 +24,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from csi_driver.proto import csi_pb2
-from modelcache import mediatypes as mt
 from modelcache.digest import Digest
-from modelcache.reference import parse_reference
+from modelcache.registry import mediatypes as mt
+from modelcache.registry.reference import parse_reference
 from tests.conftest import needs_root
 from tests.helpers.csi import CsiProcess, code_of, publish_request
 from tests.helpers.fakekube import write_kubeconfig
@@ -491,11 +491,11 @@ def test_a_verdict_is_for_one_rule_and_repository(fixtures: Fixtures, tmp_path: 
 def test_the_pull_flights_serve_a_cached_tree_only_under_its_rule(fixtures: Fixtures, tmp_path: Path) -> None:
     """The path of CSI publishes (bind and lazy) and agent prefetches: a digest reference under prod/ that
     hits a tree pulled as ci/ is checked under prod's rule, in memory and after a restart."""
-    from modelcache.hosts import HostsConfig
-    from modelcache.options import PullOptions
+    from modelcache.assemble.options import PullOptions
+    from modelcache.registry.hosts import HostsConfig
     from modelcache.settings import Settings
-    from modelcache.signatures import SignatureRefused
     from modelcache.singleflight import PullFlights
+    from modelcache.trust.signatures import SignatureRefused
 
     ci_key, release_key, policy = ci_and_prod_policy(fixtures, tmp_path)
     digest = same_model_in(fixtures, "ci/flight", "prod/flight")
@@ -614,7 +614,7 @@ def test_a_registry_spelling_does_not_dodge_a_rule(fixtures: Fixtures, tmp_path:
 
 def test_rule_patterns_are_normalised_when_the_policy_is_loaded(tmp_path: Path) -> None:
     from modelcache.errors import ModelCacheError
-    from modelcache.signatures import SignaturePolicy
+    from modelcache.trust.signatures import SignaturePolicy
     _, _, public = write_keys(tmp_path, "release")
 
     def rule_for(pattern: str, reference: str) -> str | None:
@@ -670,7 +670,7 @@ def test_default_signed_refuses_what_no_rule_names(fixtures: Fixtures, tmp_path:
 ])
 def test_a_malformed_policy_is_refused_when_loaded(tmp_path: Path, policy: object, message: str) -> None:
     from modelcache.errors import Kind, ModelCacheError
-    from modelcache.signatures import SignaturePolicy
+    from modelcache.trust.signatures import SignaturePolicy
     with pytest.raises(ModelCacheError) as info:
         SignaturePolicy.from_mapping(policy, "node.yaml")
     assert info.value.kind is Kind.INVALID_ARGUMENT and message in str(info.value), str(info.value)
@@ -695,8 +695,8 @@ def dsse_bundle(key: object, subjects: list[dict[str, object]]) -> tuple[bytes, 
 def test_a_bundle_subject_must_name_the_repository(tmp_path: Path) -> None:
     """An in-toto subject without a name, or naming another repository (or another digest), matches nothing;
     the name may be spelled with a tag, the digest itself, or another spelling of the registry."""
-    from modelcache.bundles import verify_bundles
-    from modelcache.sigkeys import load_public_key
+    from modelcache.trust.bundles import verify_bundles
+    from modelcache.trust.sigkeys import load_public_key
     key, _, public = write_keys(tmp_path, "release")
     trusted = [load_public_key(public)]
     digest = Digest.of_bytes(b"the model's manifest")
@@ -723,8 +723,8 @@ def test_a_bundle_subject_must_name_the_repository(tmp_path: Path) -> None:
 
 
 def test_a_cosign_payload_must_name_the_repository_and_digest(fixtures: Fixtures, tmp_path: Path) -> None:
-    from modelcache.cosign import verify_cosign
-    from modelcache.sigkeys import load_public_key
+    from modelcache.trust.cosign import verify_cosign
+    from modelcache.trust.sigkeys import load_public_key
     key, _, public = write_keys(tmp_path, "release")
     trusted = [load_public_key(public)]
     port = fixtures.host.rsplit(":", 1)[1]

@@ -12,7 +12,7 @@ import pytest
 from modelcache.digest import Digest, Verifier
 from modelcache.errors import IntegrityError
 from modelcache.fsutil import file_lock
-from modelcache.store import ContentStore
+from modelcache.store.content import ContentStore
 
 
 @pytest.fixture
@@ -116,8 +116,8 @@ def test_cache_root_is_private(store: ContentStore) -> None:
 
 def test_gc_removes_only_abandoned_lazy_chunk_files(tmp_path: Path) -> None:
     from modelcache.cache import ModelCache
-    from modelcache.gc import collect_garbage
-    from modelcache.lazy import ChunkCache
+    from modelcache.lazy.model import ChunkCache
+    from modelcache.upkeep.gc import collect_garbage
     cache = ModelCache(ContentStore(tmp_path / "root"))
     lazy_dir = cache.store.root / "lazy"
     in_use = ChunkCache(lazy_dir / "sha256-aaaa.part", 1 << 20)

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from modelcache import mediatypes as mt
+from modelcache.assemble.options import PullOptions
 from modelcache.cache import ModelCache
 from modelcache.errors import Kind, ModelCacheError
-from modelcache.lazy import LazyModel
-from modelcache.options import PullOptions
-from modelcache.reference import parse_reference
-from modelcache.store import ContentStore
+from modelcache.lazy.model import LazyModel
+from modelcache.registry import mediatypes as mt
+from modelcache.registry.reference import parse_reference
+from modelcache.store.content import ContentStore
 from tests.conftest import make_client
 from tests.helpers.oci import Entry, Fixtures, compress, make_tar
 

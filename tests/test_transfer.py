@@ -15,9 +15,9 @@ import pytest
 from modelcache.cache import ModelCache
 from modelcache.digest import Digest
 from modelcache.errors import Kind, ModelCacheError
-from modelcache.gc import usage
-from modelcache.hosts import HostsConfig, RegistryHost
-from modelcache.store import ContentStore
+from modelcache.registry.hosts import HostsConfig, RegistryHost
+from modelcache.store.content import ContentStore
+from modelcache.upkeep.gc import usage
 from tests.conftest import make_client
 from tests.helpers.oci import Fixtures
 from tests.helpers.proxy import ProxyBehaviour
@@ -80,8 +80,8 @@ def test_tls_handshake_failure_is_not_retried_and_names_the_setting(cache_root: 
     import socket
     import threading
 
-    from modelcache.registry import RegistryClient
-    from modelcache.transport import RetryPolicy, Transport
+    from modelcache.registry.client import RegistryClient
+    from modelcache.registry.transport import RetryPolicy, Transport
 
     server = socket.create_server(("127.0.0.1", 0))
     accepted: list[int] = []

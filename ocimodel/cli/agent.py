@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from modelcache.errors import Kind, ModelCacheError
-from modelcache.reference import parse_reference
+from modelcache.registry.reference import parse_reference
 from ocimodel.cli.options import add_node_options, exit_now, settings_from_args
 
 

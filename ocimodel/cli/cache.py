@@ -7,9 +7,9 @@ from dataclasses import asdict
 from typing import Any
 
 from modelcache.errors import Kind, ModelCacheError
-from modelcache.gc import collect_garbage, find, remove_model, usage
 from modelcache.progress import Progress
-from modelcache.verify import verify_cache
+from modelcache.upkeep.gc import collect_garbage, find, remove_model, usage
+from modelcache.upkeep.verify import verify_cache
 from ocimodel.cli.options import EXIT_INTEGRITY, add_common, emit, settings_from_args
 from ocimodel.progress import ProgressLine
 

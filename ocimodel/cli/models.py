@@ -8,15 +8,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from modelcache.cosign import sign_cosign
+from modelcache.assemble.options import PullOptions, parse_layer_kinds
 from modelcache.describe import describe
-from modelcache.mediatypes import Compression
-from modelcache.options import PullOptions, parse_layer_kinds
 from modelcache.progress import Progress
 from modelcache.push import push_directory
-from modelcache.reference import parse_reference
-from modelcache.registry import RegistryClient
-from modelcache.sigkeys import load_private_key
+from modelcache.registry.client import RegistryClient
+from modelcache.registry.mediatypes import Compression
+from modelcache.registry.reference import parse_reference
+from modelcache.trust.cosign import sign_cosign
+from modelcache.trust.sigkeys import load_private_key
 from ocimodel.cli.options import (
     add_common,
     add_policy_options,

@@ -12,12 +12,12 @@ from typing import Any
 
 import yaml
 
-from modelcache.credentials import Credentials, CredentialStore
 from modelcache.errors import Kind, ModelCacheError
-from modelcache.mediatypes import LAYER_KINDS
-from modelcache.reference import parse_reference
+from modelcache.registry.credentials import Credentials, CredentialStore
+from modelcache.registry.mediatypes import LAYER_KINDS
+from modelcache.registry.reference import parse_reference
 from modelcache.settings import Settings
-from modelcache.signatures import SignaturePolicy
+from modelcache.trust.signatures import SignaturePolicy
 
 EXIT_CODES = {Kind.INVALID_ARGUMENT: 2, Kind.NOT_FOUND: 3, Kind.UNAUTHENTICATED: 4, Kind.PERMISSION_DENIED: 4,
               Kind.UNAVAILABLE: 5, Kind.INTEGRITY: 6, Kind.UNSAFE_CONTENT: 6, Kind.RESOURCE_EXHAUSTED: 7,

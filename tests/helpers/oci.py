@@ -14,10 +14,10 @@ from typing import Any
 
 import zstandard
 
-from modelcache import mediatypes as mt
 from modelcache.digest import Digest
-from modelcache.reference import parse_reference
-from modelcache.registry import RegistryClient
+from modelcache.registry import mediatypes as mt
+from modelcache.registry.client import RegistryClient
+from modelcache.registry.reference import parse_reference
 
 
 @dataclass

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from modelcache.cache import ModelCache
 from modelcache.digest import Digest
-from modelcache.gc import ModelInUse, remove_model
 from modelcache.progress import Progress
-from modelcache.store import blob_lease
+from modelcache.store.content import blob_lease
+from modelcache.upkeep.gc import ModelInUse, remove_model
 
 log = logging.getLogger(__name__)
 

@@ -3,8 +3,8 @@ verdicts already reached.
 
 A policy is an ordered list of rules (the first whose pattern matches ``registry/repository`` decides) and a
 default for models no rule names: nothing (``none``), or refusal (``signed``). Formats verified: cosign's
-key-based tag scheme (:mod:`modelcache.cosign`), Sigstore bundles stored as referrers
-(:mod:`modelcache.bundles`) and OpenSSF model signatures over the files (:class:`FileSignature`).
+key-based tag scheme (:mod:`modelcache.trust.cosign`), Sigstore bundles stored as referrers
+(:mod:`modelcache.trust.bundles`) and OpenSSF model signatures over the files (:class:`FileSignature`).
 
 A verdict is for one rule (its name, requirement and keys), one registry and repository, and one digest: a
 model verified under one rule, or in one repository, is checked again when another rule or repository names
@@ -27,15 +27,15 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from modelcache.bundles import OMS_FILE, OMS_PREDICATE, find_bundles, predicate_type, verify_bundles
-from modelcache.cosign import verify_cosign
+from modelcache.assemble.layout import plan_for
 from modelcache.errors import Kind, ModelCacheError
 from modelcache.fsutil import atomic_write_json, read_json
-from modelcache.layout import plan_for
-from modelcache.manifest import Manifest
-from modelcache.reference import DOCKER_HUB, Reference, normalise_registry
-from modelcache.registry import RegistryClient
-from modelcache.sigkeys import TrustedKey, load_public_key
+from modelcache.registry.client import RegistryClient
+from modelcache.registry.manifest import Manifest
+from modelcache.registry.reference import DOCKER_HUB, Reference, normalise_registry
+from modelcache.trust.bundles import OMS_FILE, OMS_PREDICATE, find_bundles, predicate_type, verify_bundles
+from modelcache.trust.cosign import verify_cosign
+from modelcache.trust.sigkeys import TrustedKey, load_public_key
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class SignatureRefused(ModelCacheError):
 
 def normalise_pattern(pattern: str) -> str:
     """``pattern`` (``registry/repository`` glob) with its registry spelled as references are (see
-    :func:`modelcache.reference.normalise_registry`) and matched literally (an IPv6 host's brackets are no
+    :func:`modelcache.registry.reference.normalise_registry`) and matched literally (an IPv6 host's brackets are no
     glob class); a glob in the registry part is lower-cased. Raise ValueError for a registry that is no host."""
     host, sep, path = pattern.partition("/")
     if not sep:

@@ -17,10 +17,10 @@ from typing import Any
 
 import yaml
 
-from modelcache import mediatypes as mt
+from modelcache.assemble.paths import safe_relpath
 from modelcache.errors import IntegrityError, UnsafeContent, UnsupportedArtifact
-from modelcache.manifest import Descriptor, Manifest
-from modelcache.paths import safe_relpath
+from modelcache.registry import mediatypes as mt
+from modelcache.registry.manifest import Descriptor, Manifest
 
 KITFILE_NAME = "Kitfile"
 MAX_NESTING = 64  # parameters are free-form: deeper than this is an attack on the parser, not a model

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 from modelcache.cache import ModelCache
 from modelcache.errors import StoreFull
-from modelcache.gc import ModelInUse, collect_garbage, in_use, remove_model
-from modelcache.pins import Pins
 from modelcache.records import ModelRecord
+from modelcache.upkeep.gc import ModelInUse, collect_garbage, in_use, remove_model
+from modelcache.upkeep.pins import Pins
 
 log = logging.getLogger(__name__)
 

@@ -10,13 +10,19 @@ from dataclasses import dataclass
 from typing import IO, Any
 from urllib.parse import urljoin
 
-from modelcache import mediatypes as mt
 from modelcache.digest import Digest, Verifier
-from modelcache.errors import IntegrityError, Kind, RegistryError
-from modelcache.manifest import MAX_MANIFEST_BYTES, Descriptor, Index, Manifest, parse_manifest, select_from_index
-from modelcache.rangedingest import RangesUnsupported
-from modelcache.reference import Reference
-from modelcache.transport import STREAM_ERRORS, Transport, closing_response, read_limited, scope_for
+from modelcache.errors import IntegrityError, Kind, RangesUnsupported, RegistryError
+from modelcache.registry import mediatypes as mt
+from modelcache.registry.manifest import (
+    MAX_MANIFEST_BYTES,
+    Descriptor,
+    Index,
+    Manifest,
+    parse_manifest,
+    select_from_index,
+)
+from modelcache.registry.reference import Reference
+from modelcache.registry.transport import STREAM_ERRORS, Transport, closing_response, read_limited, scope_for
 
 log = logging.getLogger(__name__)
 

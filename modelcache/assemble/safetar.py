@@ -1,5 +1,5 @@
 """Reading tar layers from a registry, every byte treated as hostile, and the one set of rules
-(:func:`checked_members`) that extraction (:mod:`modelcache.extract`) and the lazy index both apply.
+(:func:`checked_members`) that extraction (:mod:`modelcache.assemble.extract`) and the lazy index both apply.
 
 tarfile only parses here: headers (pax and GNU long names bounded, a bad header refused rather than taken
 for the end) and file data out of the stream (decompression bounded by the model's budget). There is no data
@@ -20,11 +20,11 @@ from typing import IO, Any, Self
 
 import zstandard
 
-from modelcache import fdtree
+from modelcache.assemble import fdtree
+from modelcache.assemble.paths import safe_relpath
+from modelcache.assemble.treerules import Budget, check_depth, check_symlink
 from modelcache.errors import IntegrityError, UnsafeContent
-from modelcache.mediatypes import Compression
-from modelcache.paths import safe_relpath
-from modelcache.treerules import Budget, check_depth, check_symlink
+from modelcache.registry.mediatypes import Compression
 
 MAX_HEADER_BYTES = 1 << 20
 WHITEOUT = ".wh."

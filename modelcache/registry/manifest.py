@@ -7,9 +7,9 @@ import platform
 from dataclasses import dataclass, field
 from typing import Any
 
-from modelcache import mediatypes as mt
 from modelcache.digest import Digest
 from modelcache.errors import IntegrityError, UnsupportedArtifact
+from modelcache.registry import mediatypes as mt
 
 MAX_MANIFEST_BYTES = 4 << 20
 MAX_LAYERS = 100_000

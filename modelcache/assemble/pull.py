@@ -15,21 +15,20 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO
 
-from modelcache import fdtree
+from modelcache.assemble import fdtree
+from modelcache.assemble.extract import extract_tar
+from modelcache.assemble.layout import Plan, Step
+from modelcache.assemble.options import PullOptions
+from modelcache.assemble.tree import TreeBuilder
+from modelcache.assemble.treerules import Budget
 from modelcache.digest import Digest, Verifier
-from modelcache.errors import IntegrityError, Kind, ModelCacheError, PullCancelled, StoreFull
-from modelcache.extract import extract_tar
+from modelcache.errors import IntegrityError, Kind, ModelCacheError, PullCancelled, RangesUnsupported, StoreFull
 from modelcache.fsutil import fsync_dir
-from modelcache.layout import Plan, Step
-from modelcache.manifest import Descriptor
-from modelcache.options import PullOptions
 from modelcache.progress import Progress
-from modelcache.rangedingest import RangesUnsupported
-from modelcache.reference import Reference
-from modelcache.registry import RegistryClient
-from modelcache.store import ContentStore
-from modelcache.tree import TreeBuilder
-from modelcache.treerules import Budget
+from modelcache.registry.client import RegistryClient
+from modelcache.registry.manifest import Descriptor
+from modelcache.registry.reference import Reference
+from modelcache.store.content import ContentStore
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ are indexed by reading their headers with range requests and served lazily too. 
 paths appear once the background pull has finished.
 
 Integrity: an OCI digest covers a whole blob, not a chunk. A model pushed with a chunk index (see
-:mod:`modelcache.chunkindex`) has every chunk verified before it is served; a chunk that fails is asked
+:mod:`modelcache.trust.chunkindex`) has every chunk verified before it is served; a chunk that fails is asked
 of the next endpoint, then the read fails. Without an index, every range is recorded on disk before it is
-served and compared with the verified blob by whoever commits it (:mod:`modelcache.servedranges`, which
+served and compared with the verified blob by whoever commits it (:mod:`modelcache.store.servedranges`, which
 survives restarts); a mismatch marks the model broken and every later read fails. Strict mode serves a
 file only once its blob is verified and committed.
 """
@@ -28,25 +28,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from modelcache import chunkindex
+from modelcache.assemble.layout import Plan
+from modelcache.assemble.options import PullOptions
+from modelcache.assemble.paths import PathFilter, safe_relpath
+from modelcache.assemble.safetar import checked_members, open_tar, tar_errors
+from modelcache.assemble.treerules import Budget
 from modelcache.cache import ModelCache
-from modelcache.chunkcache import RANGE_CHUNK, ChunkCache
-from modelcache.chunkindex import ChunkIndex
 from modelcache.digest import Digest
 from modelcache.errors import IntegrityError, Kind, ModelCacheError, UnsafeContent
 from modelcache.fsutil import pwrite_all
-from modelcache.layout import Plan
-from modelcache.lazytree import Node as Node
-from modelcache.lazytree import Source, check_links, ensure_dir, merge_layer
-from modelcache.mediatypes import Compression
-from modelcache.options import PullOptions
-from modelcache.paths import PathFilter, safe_relpath
+from modelcache.lazy.chunkcache import RANGE_CHUNK, ChunkCache
+from modelcache.lazy.lazytree import Node as Node
+from modelcache.lazy.lazytree import Source, check_links, ensure_dir, merge_layer
 from modelcache.progress import Progress
-from modelcache.rangedingest import RangedView, covers
 from modelcache.records import PullResult
-from modelcache.registry import Resolved
-from modelcache.safetar import checked_members, open_tar, tar_errors
-from modelcache.treerules import Budget
+from modelcache.registry.client import Resolved
+from modelcache.registry.mediatypes import Compression
+from modelcache.store.rangedingest import RangedView, covers
+from modelcache.trust import chunkindex
+from modelcache.trust.chunkindex import ChunkIndex
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class LazyModel:
 
     def _index_tar(self, digest: Digest, size: int, budget: Budget) -> Node:
         """The tree of an uncompressed tar blob, from its headers only (read with range requests), built from
-        the members as extraction creates them (:func:`modelcache.safetar.checked_members`: the same checks,
+        the members as extraction creates them (:func:`modelcache.assemble.safetar.checked_members`: the same checks,
         the same order, links last, the same charges to the model's ``budget``)."""
         what = f"layer {digest}"
         layer = Node("dir", 0o555)

@@ -1,7 +1,7 @@
 """Assembly of a model tree from committed blobs (hardlinks) and extracted tar layers (overlay merge), all of
-it relative to directory descriptors (:mod:`modelcache.fdtree`): no path operation can follow a link a layer
+it relative to directory descriptors (:mod:`modelcache.assemble.fdtree`): no path operation can follow a link a layer
 planted, and the finished tree's links are checked by the same rule as a layer's
-(:func:`modelcache.treerules.check_symlink`), without resolving them."""
+(:func:`modelcache.assemble.treerules.check_symlink`), without resolving them."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from modelcache import fdtree
+from modelcache.assemble import fdtree
+from modelcache.assemble.paths import PathFilter
+from modelcache.assemble.safetar import OPAQUE, WHITEOUT
+from modelcache.assemble.treerules import check_symlink
 from modelcache.errors import UnsafeContent
-from modelcache.paths import PathFilter
-from modelcache.safetar import OPAQUE, WHITEOUT
-from modelcache.treerules import check_symlink
 
 
 @dataclass

@@ -3,7 +3,7 @@
 Ingest goes to ``ingest/<alg>-<hex>`` under a per-digest lock; a partial ingest left by a killed
 process is re-hashed and resumed with a Range request. A verified blob is fsynced, renamed into
 place and stripped of write bits; then what lazy mounts served of it before is compared with it
-(:mod:`modelcache.servedranges`).
+(:mod:`modelcache.store.servedranges`).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import IO
 
 from modelcache.digest import Digest, Verifier
-from modelcache.errors import IntegrityError, StoreFull
+from modelcache.errors import IntegrityError, RangesUnsupported, StoreFull
 from modelcache.fsutil import WritebackWindows, file_lock, fsync_dir, raise_if_full
-from modelcache.rangedingest import RangedIngest, RangedView, RangeFetch, RangesUnsupported
-from modelcache.rangedingest import clear as clear_ranged
-from modelcache.servedranges import ServedRanges
+from modelcache.store.rangedingest import RangedIngest, RangedView, RangeFetch
+from modelcache.store.rangedingest import clear as clear_ranged
+from modelcache.store.servedranges import ServedRanges
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ class ContentStore:
 
     def ingest_ranged(self, digest: Digest, size: int, fetch: RangeFetch, *, workers: int,
                       on_bytes: Callable[[int], None]) -> int:
-        """Like :meth:`ingest`, with ``workers`` concurrent Range requests (see :mod:`modelcache.rangedingest`);
+        """Like :meth:`ingest`, with ``workers`` concurrent Range requests (see :mod:`modelcache.store.rangedingest`);
         return the bytes a killed earlier attempt had already fetched. :class:`RangesUnsupported` leaves
         nothing behind, for the caller to fall back to one stream."""
         target = self.blob_path(digest)

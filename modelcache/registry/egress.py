@@ -29,7 +29,7 @@ from urllib3.exceptions import ConnectTimeoutError, LocationParseError, NameReso
 from urllib3.util import parse_url
 
 from modelcache.errors import Kind, RegistryError
-from modelcache.reference import normalise_registry
+from modelcache.registry.reference import normalise_registry
 
 if TYPE_CHECKING:
     from urllib3._base_connection import BaseHTTPConnection
@@ -63,7 +63,7 @@ class EgressRefused(RegistryError):
 
 
 def _spelled(name: str) -> str:
-    """``name`` in the one spelling of :func:`modelcache.reference.normalise_registry` (lower case when it is
+    """``name`` in the one spelling of :func:`modelcache.registry.reference.normalise_registry` (lower case when it is
     no registry host, so that it matches nothing a reference can name)."""
     try:
         return normalise_registry(name.strip())

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modelcache import mediatypes as mt
 from modelcache.digest import Digest
 from modelcache.errors import IntegrityError, ModelCacheError
-from modelcache.manifest import Descriptor, Manifest
-from modelcache.reference import Reference
-from modelcache.registry import READ_SIZE, RegistryClient
+from modelcache.registry import mediatypes as mt
+from modelcache.registry.client import READ_SIZE, RegistryClient
+from modelcache.registry.manifest import Descriptor, Manifest
+from modelcache.registry.reference import Reference
 
 log = logging.getLogger(__name__)
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from modelcache import kitfile
-from modelcache import mediatypes as mt
+from modelcache.assemble import kitfile
+from modelcache.assemble.paths import PathFilter, safe_relpath
 from modelcache.digest import Digest
 from modelcache.errors import IntegrityError, Kind, ModelCacheError, UnsupportedArtifact
-from modelcache.manifest import Descriptor, Manifest
-from modelcache.paths import PathFilter, safe_relpath
+from modelcache.registry import mediatypes as mt
+from modelcache.registry.manifest import Descriptor, Manifest
 
 DEFAULT_IMAGE_PATH = "models"
 

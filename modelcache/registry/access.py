@@ -6,12 +6,12 @@ from __future__ import annotations
 import logging
 from dataclasses import fields
 
-from modelcache.credentials import CredentialStore
 from modelcache.errors import Kind, ModelCacheError
-from modelcache.hosts import Endpoint, HostsConfig
-from modelcache.reference import Reference
-from modelcache.registry import RegistryClient
-from modelcache.transport import Transport
+from modelcache.registry.client import RegistryClient
+from modelcache.registry.credentials import CredentialStore
+from modelcache.registry.hosts import Endpoint, HostsConfig
+from modelcache.registry.reference import Reference
+from modelcache.registry.transport import Transport
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from modelcache.assemble.paths import PathFilter
 from modelcache.errors import Kind, ModelCacheError
-from modelcache.mediatypes import LAYER_KINDS
-from modelcache.paths import PathFilter
+from modelcache.registry.mediatypes import LAYER_KINDS
 
 
 def parse_layer_kinds(text: str) -> tuple[str, ...]:

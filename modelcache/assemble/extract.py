@@ -1,7 +1,7 @@
 """Extraction of a tar layer that cannot escape by construction, whatever Python's tarfile would do: the
-members come checked from :func:`modelcache.safetar.checked_members` (links last), and every entry is created
+members come checked from :func:`modelcache.assemble.safetar.checked_members` (links last), and every entry is created
 relative to the descriptor of its directory, each path component opened with O_NOFOLLOW
-(:mod:`modelcache.fdtree`); ``TarFile.extract`` is never called."""
+(:mod:`modelcache.assemble.fdtree`); ``TarFile.extract`` is never called."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import os
 import tarfile
 from pathlib import Path
 
-from modelcache import fdtree
+from modelcache.assemble import fdtree
+from modelcache.assemble.paths import safe_relpath
+from modelcache.assemble.safetar import LimitedReader, Member, checked_members, open_decompressed, open_tar, tar_errors
+from modelcache.assemble.treerules import Budget
 from modelcache.errors import UnsafeContent
-from modelcache.mediatypes import Compression
-from modelcache.paths import safe_relpath
-from modelcache.safetar import LimitedReader, Member, checked_members, open_decompressed, open_tar, tar_errors
-from modelcache.treerules import Budget
+from modelcache.registry.mediatypes import Compression
 
 MAX_MTIME = 1 << 34
 

@@ -8,7 +8,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from modelcache.errors import Kind, ModelCacheError
-from modelcache.reference import normalise_registry
+from modelcache.registry.reference import normalise_registry
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ Nothing here logs a header, a token or a query string. Every request for a refer
 ``allowedRegistries`` first. Credentials and tokens go only to the endpoint they belong to: a redirect or
 an upload location on another host gets none, and must be https; registry credentials go to a token realm
 on another host only over https (as Docker's token auth does). Where each connection may lead is
-:mod:`modelcache.egress`'s rule.
+:mod:`modelcache.registry.egress`'s rule.
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from urllib.parse import urlencode, urljoin
 import requests
 import urllib3
 
-from modelcache import egress
-from modelcache.credentials import Credentials, CredentialStore
-from modelcache.egress import ANY_BUT_METADATA, AddressClass, EgressRefused
 from modelcache.errors import Kind, RegistryError
-from modelcache.hosts import Endpoint, HostsConfig
-from modelcache.mirrorhealth import MIRRORS, MirrorHealth
+from modelcache.registry import egress
+from modelcache.registry.credentials import Credentials, CredentialStore
+from modelcache.registry.egress import ANY_BUT_METADATA, AddressClass, EgressRefused
+from modelcache.registry.hosts import Endpoint, HostsConfig
+from modelcache.registry.mirrorhealth import MIRRORS, MirrorHealth
 
 log = logging.getLogger(__name__)
 

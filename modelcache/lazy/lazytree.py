@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from modelcache.assemble.paths import PathFilter
+from modelcache.assemble.safetar import OPAQUE, WHITEOUT
+from modelcache.assemble.treerules import check_symlink
 from modelcache.digest import Digest
 from modelcache.errors import UnsafeContent
-from modelcache.paths import PathFilter
-from modelcache.safetar import OPAQUE, WHITEOUT
-from modelcache.treerules import check_symlink
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,8 @@ def ensure_dir(root: Node, parts: list[str]) -> Node:
 
 def check_links(root: Node) -> None:
     """Check every symlink of the merged tree by the rule the assembled tree obeys
-    (:func:`modelcache.treerules.check_symlink`): inside, from its own directory, never climbing out of a link."""
+    (:func:`modelcache.assemble.treerules.check_symlink`): inside, from its own directory, never climbing out of a
+    link."""
     def kind_of(relpath: str) -> str | None:
         node: Node | None = root
         for part in relpath.split("/"):

@@ -21,7 +21,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 from modelcache.digest import Digest
-from modelcache.errors import IntegrityError, ModelCacheError
+from modelcache.errors import IntegrityError
 from modelcache.fsutil import WritebackWindows, pwrite_all, raise_if_full, read_json, start_writeback
 
 log = logging.getLogger(__name__)
@@ -37,10 +37,6 @@ STATE_VERSION = 2
 # fetch(start, length, write): stream bytes [start, start+length) of the blob, calling write(offset, data)
 RangeFetch = Callable[[int, int, Callable[[int, memoryview], None]], None]
 Slot = Callable[[], AbstractContextManager[object]]
-
-
-class RangesUnsupported(ModelCacheError):
-    """The registry answered a Range request with the whole blob: fetch it as one stream instead."""
 
 
 class _LeadCut(Exception):

@@ -1,6 +1,6 @@
 """Sigstore bundles (v0.3, a DSSE envelope around an in-toto statement) stored as referrers of a model,
 verified with keys (the transparency-log entries a bundle may carry are not consulted). OpenSSF model
-signatures are such bundles too, over the files: see :class:`modelcache.signatures.FileSignature`."""
+signatures are such bundles too, over the files: see :class:`modelcache.trust.signatures.FileSignature`."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from modelcache.reference import Reference
-from modelcache.registry import RegistryClient
-from modelcache.sigkeys import TrustedKey, names_repository, verifies
+from modelcache.registry.client import RegistryClient
+from modelcache.registry.reference import Reference
+from modelcache.trust.sigkeys import TrustedKey, names_repository, verifies
 
 log = logging.getLogger(__name__)
 

@@ -15,13 +15,13 @@ from collections.abc import Sequence
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
-from modelcache import mediatypes as mt
 from modelcache.digest import Digest
 from modelcache.errors import Kind, ModelCacheError
-from modelcache.manifest import Descriptor
-from modelcache.reference import Reference
-from modelcache.registry import RegistryClient
-from modelcache.sigkeys import PrivateKey, TrustedKey, names_repository, verifies
+from modelcache.registry import mediatypes as mt
+from modelcache.registry.client import RegistryClient
+from modelcache.registry.manifest import Descriptor
+from modelcache.registry.reference import Reference
+from modelcache.trust.sigkeys import PrivateKey, TrustedKey, names_repository, verifies
 
 SIMPLESIGNING = "application/vnd.dev.cosign.simplesigning.v1+json"
 SIGNATURE_ANNOTATION = "dev.cosignproject.cosign/signature"

@@ -14,7 +14,7 @@ from modelcache.errors import Kind, ModelCacheError
 from modelcache.fsutil import remove_tree
 from modelcache.mounts import mounts_of
 from modelcache.records import ModelRecord
-from modelcache.store import blob_lease
+from modelcache.store.content import blob_lease
 
 
 @dataclass
