@@ -29,7 +29,8 @@ from csi_driver.lazymount import write_verdict
 from modelcache.assemble.options import PullOptions
 from modelcache.cache import ModelCache
 from modelcache.errors import Kind, ModelCacheError, PullCancelled
-from modelcache.lazy.model import Download, LazyModel, Node
+from modelcache.lazy.model import LazyModel, Node
+from modelcache.lazy.state import Download
 from modelcache.mounts import bind_mount_readonly, unmount_all
 from modelcache.progress import Progress
 from modelcache.registry.credentials import CredentialStore

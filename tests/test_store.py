@@ -116,7 +116,7 @@ def test_cache_root_is_private(store: ContentStore) -> None:
 
 def test_gc_removes_only_abandoned_lazy_chunk_files(tmp_path: Path) -> None:
     from modelcache.cache import ModelCache
-    from modelcache.lazy.model import ChunkCache
+    from modelcache.lazy.chunkcache import ChunkCache
     from modelcache.upkeep.gc import collect_garbage
     cache = ModelCache(ContentStore(tmp_path / "root"))
     lazy_dir = cache.store.root / "lazy"
