@@ -304,3 +304,34 @@ def test_cli_mount_with_layers(fixtures: Fixtures, tmp_path: Path, lazy: bool) -
     finally:
         out = ocimodel("umount", str(target), "--root", str(root))
     assert out.returncode == 0, out.stderr
+
+
+def test_a_modelcache_with_layers_prefetches_only_those_kinds(fixtures: Fixtures, proxy_factory: Any,
+                                                              tmp_path: Path) -> None:
+    """``spec.layers`` of a ModelCache reaches the agent's pull: the node holds only those kinds, and the
+    other layers are never fetched."""
+    from tests.helpers.fakekube import Cluster, modelcache, write_kubeconfig
+    name = "kinds/agent:v1"
+    docs = b"# not for this node\n"
+    fixtures.manifest(name, [
+        fixtures.layer(name, WEIGHTS, mt.model_layer_type("weight", RAW), {mt.ANNOTATION_FILEPATH: "w.bin"}),
+        fixtures.layer(name, docs, mt.model_layer_type("doc", RAW), {mt.ANNOTATION_FILEPATH: "R.md"})])
+    proxy = proxy_factory()
+    cluster = Cluster([modelcache("weights-only", f"{proxy.host}/{name}", layers="weights")], {})
+    root = tmp_path / "root"
+    agent = subprocess.Popen([sys.executable, "-m", "ocimodel.cli", "agent", "--node-name", "node-a",
+                              "--kubeconfig", str(write_kubeconfig(tmp_path / "kubeconfig", cluster.api.url)),
+                              "--root", str(root), "--plain-http", "--metrics-address", "127.0.0.1:0"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        ready = cluster.wait_for(lambda: [s for s in cluster.status_patches("weights-only")
+                                          if s.get("phase") == "Ready"])
+        assert ready[0]["bytes"] == len(WEIGHTS)
+        trees = [p for p in (root / "trees").iterdir() if not p.name.startswith(".")]
+        assert [read_tree(p) for p in trees] == [{"w.bin": WEIGHTS}]
+        assert proxy.stats.blob_gets[str(Digest.of_bytes(docs))] == 0
+        assert proxy.stats.blob_gets[str(Digest.of_bytes(WEIGHTS))] == 1
+    finally:
+        agent.terminate()
+        agent.wait(20)
+        cluster.api.close()
