@@ -22,7 +22,7 @@ import zstandard
 
 from modelcache.assemble import fdtree
 from modelcache.assemble.paths import safe_relpath
-from modelcache.assemble.treerules import Budget, check_depth, check_symlink
+from modelcache.assemble.treerules import Budget, check_depth, check_symlink, walk_tree
 from modelcache.errors import IntegrityError, UnsafeContent
 from modelcache.registry.mediatypes import Compression
 
@@ -275,16 +275,7 @@ class _LayerIndex:
 
     def links(self) -> Iterator[Member]:
         """The links still in the layer, in the order they came, each checked against the whole layer."""
-        found: list[tuple[int, str, _Slot]] = []
-        pending = [("", self.root)]
-        while pending:
-            base, node = pending.pop()
-            for name, child in node.children.items():
-                path = f"{base}/{name}" if base else name
-                if child.kind == "dir":
-                    pending.append((path, child))
-                elif child.link is not None:
-                    found.append((child.seq, path, child))
+        found = [(child.seq, path, child) for path, child in walk_tree(self.root) if child.link is not None]
         for _, path, slot in sorted(found, key=lambda item: item[0]):
             assert slot.link is not None
             if slot.kind == "symlink":

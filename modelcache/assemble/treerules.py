@@ -4,8 +4,9 @@ layers."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 from modelcache.errors import UnsafeContent
 
@@ -38,6 +39,32 @@ def link_destination(link: str, target: str, kind_of: KindOf) -> str | None:
         if not through_link and position < len(names) - 1 and kind_of("/".join(parts)) == "symlink":
             through_link = True
     return "/".join(parts)
+
+
+class TreeNode(Protocol):
+    """A node of an in-memory tree: a kind ("dir" for directories) and, for directories, its children."""
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def children(self) -> Mapping[str, TreeNode]: ...
+
+
+NodeT = TypeVar("NodeT", bound=TreeNode)
+
+
+def walk_tree(root: NodeT) -> Iterator[tuple[str, NodeT]]:
+    """Every node below ``root`` with its relative path, depth first, without recursion (trees from a
+    registry may be deep); directories are yielded before what they hold."""
+    pending: list[tuple[str, NodeT]] = [("", root)]
+    while pending:
+        base, node = pending.pop()
+        for name, child in node.children.items():
+            path = f"{base}/{name}" if base else name
+            yield path, child  # type: ignore[misc]
+            if child.kind == "dir":
+                pending.append((path, child))  # type: ignore[arg-type]
 
 
 def check_symlink(link: str, target: str, kind_of: KindOf, what: str) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from modelcache.assemble.paths import PathFilter
 from modelcache.assemble.safetar import OPAQUE, WHITEOUT
-from modelcache.assemble.treerules import check_symlink
+from modelcache.assemble.treerules import check_symlink, walk_tree
 from modelcache.digest import Digest
 from modelcache.errors import UnsafeContent
 
@@ -58,15 +58,9 @@ def check_links(root: Node) -> None:
             node = node.children.get(part) if node is not None and node.kind == "dir" else None
         return None if node is None else node.kind
 
-    pending = [("", root)]
-    while pending:
-        base, node = pending.pop()
-        for name, child in node.children.items():
-            path = f"{base}/{name}" if base else name
-            if child.kind == "dir":
-                pending.append((path, child))
-            elif child.kind == "symlink":
-                check_symlink(path, child.target, kind_of, "model")
+    for path, child in walk_tree(root):
+        if child.kind == "symlink":
+            check_symlink(path, child.target, kind_of, "model")
 
 
 
