@@ -12,8 +12,6 @@ import os
 import re
 import signal
 import stat
-import threading
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -24,31 +22,16 @@ from modelcache.mounts import mounts_at
 from tests.conftest import PASSWORD, USER
 from tests.helpers.csi import helper_pid
 from tests.helpers.oci import Fixtures
-from tests.helpers.proxy import ProxyBehaviour, RegistryProxy
+from tests.helpers.procs import alive
+from tests.helpers.proxy import GatedProxy, ProxyBehaviour
 from tests.test_as_deployed import POD_UID, inline_request, kubelet_target, node, plugin, sha, stop_all, wait_until
-from tests.test_lazy_lifetime import _alive, _kill_plugin, _unpublish
+from tests.test_lazy_lifetime import _kill_plugin, _unpublish
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
               pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse is missing")]
 __all__ = ["node"]  # the fixture
 SIZE = 24 << 20
 FUSE = "fuse.ocimodel"
-
-
-class GatedProxy(RegistryProxy):
-    """A proxy whose whole-blob downloads (a GET without Range, or a resume ``bytes=N-``) wait until
-    :attr:`gate` opens; a lazy read's closed ranges pass at once. With ``connectionsPerBlob: 1`` it holds the
-    download unfinished for as long as a test needs."""
-
-    def __init__(self, upstream: str, behaviour: ProxyBehaviour) -> None:
-        super().__init__(upstream, behaviour)
-        self.gate = threading.Event()
-
-    def _handle(self, h: BaseHTTPRequestHandler) -> None:
-        asked = h.headers.get("Range", "")
-        if h.command == "GET" and "/blobs/sha256:" in h.path and (not asked or asked.endswith("-")):
-            self.gate.wait()
-        super()._handle(h)
 
 
 def _read(path: Path, offset: int, size: int) -> bytes:
@@ -83,7 +66,7 @@ def test_a_private_lazy_volume_resumes_with_its_kept_credentials(node: Path, fix
         server = helper_pid(csi, target)
         _kill_plugin(csi)
         os.kill(server, signal.SIGKILL)
-        wait_until(lambda: not _alive(server), 10, "the server to end")
+        wait_until(lambda: not alive(server), 10, "the server to end")
         assert not blob.exists()  # the gate holds the download
         csi.start()
         wait_until(lambda: "ModelVolumeRestored" in csi.log_text() or "ModelVolumeLost" in csi.log_text(), 60,
@@ -126,7 +109,7 @@ def test_wrong_bytes_served_before_a_restart_are_found_when_the_blob_commits(nod
         server = helper_pid(csi, target)
         _kill_plugin(csi)
         os.kill(server, signal.SIGKILL)
-        wait_until(lambda: not _alive(server), 10, "the server to end")
+        wait_until(lambda: not alive(server), 10, "the server to end")
         assert not blob.exists()  # the gate holds the download: nobody has compared anything yet
 
         csi.start()

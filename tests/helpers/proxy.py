@@ -1,5 +1,7 @@
 """A real HTTP proxy on loopback in front of a registry: counts requests, throttles, breaks, stalls,
-corrupts, fails with 5xx, or demands Bearer tokens. Every behaviour is switched per test."""
+corrupts, fails with 5xx, or demands Bearer tokens. Every behaviour is switched per test. A gated proxy
+holds blob downloads until the test opens its gate: a test that needs a download unfinished holds it so,
+rather than racing a throttle."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import secrets
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
@@ -186,17 +189,87 @@ class RegistryProxy:
         self._reply(h, 200, f'{{"token": "{token}", "expires_in": 300}}'.encode())
 
 
+class _HeldBody:
+    """A response body that hands over its first ``before`` bytes, then waits (``hold``) before the rest."""
+
+    def __init__(self, response: http.client.HTTPResponse, before: int, hold: Callable[[], None]) -> None:
+        self.response, self.left, self.hold = response, before, hold
+
+    def read(self, size: int) -> bytes:
+        if self.left is not None and self.left <= 0:
+            self.hold()
+            self.left = None
+        if self.left is None:
+            return self.response.read(size)
+        chunk = self.response.read(min(size, self.left))
+        self.left -= len(chunk)
+        return chunk
+
+
+class GatedProxy(RegistryProxy):
+    """A proxy whose blob downloads wait until :attr:`gate` opens, so that a download stays unfinished for
+    exactly as long as a test needs, however fast or busy the machine. By default a whole-blob GET (no Range,
+    or a resume ``bytes=N-``) of a blob of at least ``min_size`` bytes sends its headers and then nothing until
+    the gate opens, while a lazy read's closed ranges (and a small file's whole blob) pass at once: hold a
+    download so with ``connectionsPerBlob: 1`` or a blob under ``rangedMinSizeMiB``, as a ranged download's
+    pieces are closed ranges too. With ``hold_from``, every blob GET (pieces and reads alike) sends the bytes
+    before that offset of the blob and holds the rest. :attr:`held` counts the responses waiting now."""
+
+    def __init__(self, upstream: str, behaviour: ProxyBehaviour | None = None, port: int = 0, *,
+                 hold_from: int | None = None, min_size: int = 1 << 20) -> None:
+        super().__init__(upstream, behaviour, port)
+        self.gate = threading.Event()
+        self.hold_from, self.min_size = hold_from, min_size
+        self.held = 0
+        self._asked = threading.local()
+
+    def _handle(self, h: BaseHTTPRequestHandler) -> None:
+        first, _, last = h.headers.get("Range", "").removeprefix("bytes=").partition("-")
+        self._asked.span = (int(first) if first.isdigit() else 0, int(last) if last.isdigit() else None)
+        super()._handle(h)
+
+    def _stream(self, h: BaseHTTPRequestHandler, response: http.client.HTTPResponse, is_blob: bool,
+                corrupt: bool) -> None:
+        start, last = self._asked.span
+        before: int | None = None
+        if not is_blob:
+            pass
+        elif self.hold_from is None:
+            if last is None and start + int(response.getheader("Content-Length") or 0) >= self.min_size:
+                before = 0
+        elif last is None or last >= self.hold_from:
+            before = max(0, self.hold_from - start)
+        if before is not None:
+            response = _HeldBody(response, before, self._hold)  # type: ignore[assignment]
+        super()._stream(h, response, is_blob, corrupt)
+
+    def _hold(self) -> None:
+        with self.stats.lock:
+            self.held += 1
+        try:
+            self.gate.wait()
+        finally:
+            with self.stats.lock:
+                self.held -= 1
+
+
 class ProxyProcess:
     """The proxy in its own process: needed when the test process itself faults in pages of a FUSE
     mount (an mmap read holds the GIL while the kernel waits for the FUSE daemon, which would wait for
     an in-process proxy)."""
 
     def __init__(self, upstream: str, *, bytes_per_second: float = 0, corrupt: bool = False, port: int = 0,
-                 log: str = "", corrupt_ranges: bool = False, shift_ranges: int = 0) -> None:
+                 log: str = "", corrupt_ranges: bool = False, shift_ranges: int = 0, gate: bool = False,
+                 hold_from: int | None = None) -> None:
+        """With ``gate`` (or ``hold_from``) a :class:`GatedProxy`: blob downloads wait for :meth:`open_gate`."""
         import subprocess
         import sys
         args = [sys.executable, "-m", "tests.helpers.proxy", upstream, "--bytes-per-second", str(bytes_per_second),
                 "--port", str(port)]
+        if gate or hold_from is not None:
+            args.append("--gate")
+        if hold_from is not None:
+            args += ["--hold-from", str(hold_from)]
         if corrupt:
             args.append("--corrupt")
         if corrupt_ranges:
@@ -206,11 +279,17 @@ class ProxyProcess:
         if log:
             args += ["--log", log]
         from pathlib import Path
-        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, text=True,
+        self.process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                         cwd=Path(__file__).resolve().parents[2])  # so -m finds tests.helpers
         assert self.process.stdout is not None
         self.host = self.process.stdout.readline().strip()
         self.log = log
+
+    def open_gate(self) -> None:
+        """Let the held downloads (and every later one) through."""
+        assert self.process.stdin is not None
+        self.process.stdin.write("open\n")
+        self.process.stdin.flush()
 
     def requests(self) -> list[dict[str, str]]:
         import json
@@ -220,11 +299,14 @@ class ProxyProcess:
     def close(self) -> None:
         self.process.terminate()
         self.process.wait(10)
+        if self.process.stdin is not None:
+            self.process.stdin.close()
 
 
 def _main() -> None:
     import argparse
     import json
+    import sys
     parser = argparse.ArgumentParser()
     parser.add_argument("upstream")
     parser.add_argument("--bytes-per-second", type=float, default=0)
@@ -233,10 +315,13 @@ def _main() -> None:
     parser.add_argument("--shift-ranges", type=int, default=0)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--log", default="")
+    parser.add_argument("--gate", action="store_true", help="hold blob downloads until 'open' is read on stdin")
+    parser.add_argument("--hold-from", type=int, default=None)
     args = parser.parse_args()
-    proxy = RegistryProxy(args.upstream, ProxyBehaviour(bytes_per_second=args.bytes_per_second,
-                                                        corrupt_blobs=args.corrupt, corrupt_ranges=args.corrupt_ranges,
-                                                        shift_ranges=args.shift_ranges), port=args.port)
+    behaviour = ProxyBehaviour(bytes_per_second=args.bytes_per_second, corrupt_blobs=args.corrupt,
+                               corrupt_ranges=args.corrupt_ranges, shift_ranges=args.shift_ranges)
+    proxy = (GatedProxy(args.upstream, behaviour, args.port, hold_from=args.hold_from) if args.gate
+             else RegistryProxy(args.upstream, behaviour, port=args.port))
     if args.log:
         original = proxy._handle
 
@@ -246,6 +331,10 @@ def _main() -> None:
             original(h)
         proxy._handle = logged  # type: ignore[method-assign]
     print(proxy.host, flush=True)
+    if isinstance(proxy, GatedProxy):
+        for line in sys.stdin:
+            if line.strip() == "open":
+                proxy.gate.set()
     threading.Event().wait()
 
 
