@@ -30,6 +30,7 @@ from tests.helpers.fakekube import FakeKubeAPI, write_kubeconfig
 from tests.helpers.kustomize import render
 from tests.helpers.namespaces import PLUGIN_NAMESPACE, PodView, share, unmount_tree
 from tests.helpers.oci import Fixtures
+from tests.helpers.procs import alive
 from tests.helpers.proxy import ProxyProcess
 
 pytestmark = [needs_root, pytest.mark.skipif(shutil.which("unshare") is None, reason="unshare (util-linux) missing")]
@@ -154,13 +155,15 @@ def test_inline_lazy_volume_is_read_only_in_every_namespace(node: Path, fixtures
     data = os.urandom(SIZE)
     files = {"weights.safetensors": data, "config.json": b'{"lazy": 1}'}
     fixtures.raw_model("deployed/lazy:v1", files)
-    proxy = ProxyProcess(registry.host, bytes_per_second=6_000_000, log=str(node / "proxy.log"))
+    proxy = ProxyProcess(registry.host, gate=True, log=str(node / "proxy.log"))
     csi = plugin(node)
     try:
         target = kubelet_target(node / "pods", POD_UID, "lazy")
         csi.node.NodePublishVolume(inline_request("lazy", target, f"{proxy.host}/deployed/lazy:v1", mount="lazy"))
-        assert mounts_at(target)[-1].fstype == "fuse.ocimodel"  # still downloading: the FUSE view
+        assert mounts_at(target)[-1].fstype == "fuse.ocimodel"  # the gate holds the weights: the FUSE view
         assert_read_only_everywhere(target, {"config.json": files["config.json"]})
+        assert mounts_at(target)[-1].fstype == "fuse.ocimodel"  # checked on the FUSE view, not the finished tree
+        proxy.open_gate()
         wait_until(lambda: mounts_at(target)[-1].fstype != "fuse.ocimodel", 60, "the finished tree")
         assert_read_only_everywhere(target, files)  # the finished tree stacked on top, from the helper
     finally:
@@ -257,7 +260,7 @@ def test_controller_as_deployed_becomes_ready_and_provisions(fixtures: Fixtures)
             channel = grpc.insecure_channel(f"unix:{socket_path}")
             identity = csi_pb2_grpc.IdentityStub(channel)
             ready, answer = False, ""
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + 60  # a guard against a hang only
             while time.monotonic() < deadline and not ready and process.poll() is None:
                 try:  # as csi-provisioner does before anything else
                     ready = identity.Probe(csi_pb2.ProbeRequest(), timeout=1).ready.value
@@ -288,8 +291,7 @@ def test_controller_as_deployed_becomes_ready_and_provisions(fixtures: Fixtures)
 
 def _kill(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: not Path(f"/proc/{pid}").exists() or " Z " in Path(f"/proc/{pid}/stat").read_text(), 10,
-               f"process {pid} to end")
+    wait_until(lambda: not alive(pid), 60, f"process {pid} to end")
 
 
 def _events(api: FakeKubeAPI) -> list[dict]:  # type: ignore[type-arg]
@@ -304,8 +306,8 @@ def test_plugin_pod_replacement_keeps_every_volume(node: Path, fixtures: Fixture
     done_data, slow_data = os.urandom(SIZE), os.urandom(SIZE)
     fixtures.raw_model("restart/done:v1", {"weights.safetensors": done_data})
     fixtures.raw_model("restart/slow:v1", {"weights.safetensors": slow_data})
-    fast = ProxyProcess(registry.host, bytes_per_second=12_000_000, log=str(node / "fast.log"))
-    slow = ProxyProcess(registry.host, bytes_per_second=1_500_000, log=str(node / "slow.log"))
+    fast = ProxyProcess(registry.host, gate=True, log=str(node / "fast.log"))  # opened once a container holds it
+    slow = ProxyProcess(registry.host, gate=True, log=str(node / "slow.log"))  # held across the restart
     api = FakeKubeAPI()
     api.route("POST", "/api/v1/namespaces/inference/events", (201, {"kind": "Event", "apiVersion": "v1"}))
     kubeconfig = write_kubeconfig(node / "kubeconfig", api.url)
@@ -319,6 +321,8 @@ def test_plugin_pod_replacement_keeps_every_volume(node: Path, fixtures: Fixture
         csi.node.NodePublishVolume(inline_request("done", done_target, f"{fast.host}/restart/done:v1", mount="lazy"))
         early = PodView(done_target)  # a container started while the download was still running
         pods.append(early)
+        assert mounts_at(done_target)[-1].fstype == "fuse.ocimodel" and early.listing() == ["weights.safetensors"]
+        fast.open_gate()
         csi.node.NodePublishVolume(inline_request("slow", slow_target, f"{slow.host}/restart/slow:v1", mount="lazy"))
         wait_until(lambda: mounts_at(done_target)[-1].fstype != "fuse.ocimodel", 60, "the finished tree")
         bind_pod, done_pod = PodView(bind_target), PodView(done_target)
@@ -329,7 +333,7 @@ def test_plugin_pod_replacement_keeps_every_volume(node: Path, fixtures: Fixture
         # the DaemonSet rollout: the plugin and its FUSE helpers end, pods keep running
         assert csi.process is not None
         csi.process.send_signal(sig)
-        csi.process.wait(20)
+        csi.process.wait(60)
         for pid in helpers:
             _kill(pid)
         csi.start()
@@ -382,7 +386,7 @@ def test_plugin_pod_replacement_keeps_every_volume(node: Path, fixtures: Fixture
 def test_lazy_volume_that_cannot_be_restored_fails_loudly(node: Path, fixtures: Fixtures, registry) -> None:  # type: ignore[no-untyped-def]
     data = os.urandom(SIZE)
     fixtures.raw_model("restart/gone:v1", {"weights.safetensors": data})
-    proxy = ProxyProcess(registry.host, bytes_per_second=1_000_000, log=str(node / "proxy.log"))
+    proxy = ProxyProcess(registry.host, gate=True, log=str(node / "proxy.log"))  # never opened: unfinished at the kill
     csi = plugin(node, "--metrics-address", "127.0.0.1:0")
     try:
         target = kubelet_target(node / "pods", POD_UID, "gone")
