@@ -25,6 +25,7 @@ from modelcache.mounts import mounts_at
 from tests.helpers.csi import CsiProcess, helper_pid
 from tests.helpers.fakekube import FakeKubeAPI, Recorded, write_kubeconfig
 from tests.helpers.oci import Fixtures
+from tests.helpers.procs import alive
 from tests.helpers.proxy import ProxyProcess
 from tests.test_as_deployed import POD_UID, inline_request, kubelet_target, node, plugin, sha, stop_all, wait_until
 
@@ -85,25 +86,18 @@ class Reader:
     def close(self) -> None:
         assert self.process.stdin is not None
         self.process.stdin.close()
-        self.process.wait(10)
+        self.process.wait(60)
 
 
 def _kill_plugin(csi: CsiProcess) -> None:
     assert csi.process is not None
     csi.channel.close()
     csi.process.send_signal(signal.SIGKILL)
-    csi.process.wait(20)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][:1] != "Z"
-    except FileNotFoundError:
-        return False
+    csi.process.wait(60)
 
 
 def _nothing_left(csi: CsiProcess, target: Path, server: int) -> None:
-    wait_until(lambda: not _alive(server), 20, f"server {server} to end")
+    wait_until(lambda: not alive(server), 60, f"server {server} to end")
     assert not target.exists() and not mounts_at(target)
     lazy = csi.root / "csi" / "lazy"
     assert not list(lazy.glob("*.server.json")) and not list(lazy.glob("*.sock")), list(lazy.iterdir())
@@ -128,8 +122,7 @@ def test_readers_keep_reading_through_a_plugin_sigkill_and_the_new_plugin_adopts
         node: Path, fixtures: Fixtures, registry, download: str) -> None:  # type: ignore[no-untyped-def]
     data = os.urandom(SIZE)
     fixtures.raw_model("lifetime/model:v1", {"weights.safetensors": data, "config.json": b"{}"})
-    proxy = ProxyProcess(registry.host, bytes_per_second=12_000_000 if download == "finished" else 1_000_000,
-                         log=str(node / "proxy.log"))
+    proxy = ProxyProcess(registry.host, gate=download == "running", log=str(node / "proxy.log"))  # held till opened
     csi = plugin(node, "--metrics-address", "127.0.0.1:0")
     reader = None
     try:
@@ -149,14 +142,15 @@ def test_readers_keep_reading_through_a_plugin_sigkill_and_the_new_plugin_adopts
         csi.start()
 
         assert "adopted lazy volume" in csi.log_text() and "ModelVolumeRestored" not in csi.log_text()
-        assert _alive(server) and helper_pid(csi, target) == server  # the same server: never a second one
+        assert alive(server) and helper_pid(csi, target) == server  # the same server: never a second one
         assert _metric(csi, "adopted") == "1.0"
         for offset in (0, 8 << 20, SIZE - 4096):
             reader.check(data, offset, 4096)
         if download == "running":
-            assert not blob.exists(), "the download ended before the restart: throttle harder"
+            assert not blob.exists()  # still held: everything above was read while it ran
+            proxy.open_gate()
             wait_until(blob.exists, 120, "the download to finish")
-            wait_until(lambda: mounts_at(target)[-1].fstype != FUSE, 30, "the finished tree")
+            wait_until(lambda: mounts_at(target)[-1].fstype != FUSE, 60, "the finished tree")
         reader.check(data, 0, SIZE)  # every byte, through the held descriptor, the mmap and a new open
         csi.node.NodePublishVolume(inline_request("model", target, f"{proxy.host}/lifetime/model:v1", mount="lazy"))
         reader.close()
@@ -187,7 +181,7 @@ def test_servers_of_volumes_unpublished_while_no_plugin_ran_are_ended_at_start(
         record = next(p for p in (csi.root / "csi" / "publications").glob("*.json")
                       if f'"target_path": "{no_record}"' in p.read_text())
         record.unlink()  # a server whose volume this plugin knows nothing of
-        assert _alive(servers[no_record])
+        assert alive(servers[no_record])
         csi.start()
         assert "was unmounted while no plugin ran" in csi.log_text()
         assert "which has no record" in csi.log_text()
@@ -271,7 +265,7 @@ class FakeKubelet:
         if process is not None and process.poll() is None:
             process.terminate()  # kubelet stops the container
         if process is not None:
-            process.wait(20)
+            process.wait(60)
         return 200, pod
 
 
@@ -325,7 +319,7 @@ def test_mount_pods_are_created_adopted_reused_on_409_and_deleted(tmp_path: Path
     csi = CsiProcess(tmp_path / "driver", "--pod-name", OWN_POD, "--pod-namespace", NAMESPACE, root=root,
                      kubeconfig=str(kubeconfig))
     try:
-        wait_until(lambda: "ocimodel-mount-orphan" not in kubelet.pods, 20, "the orphan's deletion")
+        wait_until(lambda: "ocimodel-mount-orphan" not in kubelet.pods, 60, "the orphan's deletion")
         assert any(r.method == "GET" and r.path == PODS and r.query == {
             "labelSelector": ["ocimodel.csi.dev/mount-pod=true,ocimodel.csi.dev/node=node-a"]} for r in api.requests)
         first = inline_request("first", targets[0], f"{proxy.host}/lifetime/pods:v1", mount="lazy")
