@@ -25,6 +25,7 @@ from modelcache.push import push_directory
 from modelcache.registry import mediatypes as mt
 from modelcache.registry.reference import parse_reference
 from modelcache.store.content import ContentStore
+from modelcache.store.rangedingest import INGEST_MARK
 from modelcache.trust import chunkindex
 from tests.conftest import make_client, needs_root
 from tests.helpers.csi import CsiProcess, publish_request
@@ -160,11 +161,14 @@ def test_eio_only_when_every_source_failed(registry, tmp_path: Path, caplog) -> 
         bad.close()
 
 
-@pytest.mark.parametrize("with_index", [True, False], ids=["with-index", "without-index"])
-def test_a_damaged_download_under_way_is_never_trusted(registry, tmp_path: Path, with_index: bool) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(("with_index", "marked"), [(True, True), (False, False), (False, True)],
+                         ids=["with-index", "without-index", "without-index-marked"])
+def test_a_damaged_download_under_way_is_never_trusted(registry, tmp_path: Path, with_index: bool,  # type: ignore[no-untyped-def]
+                                                       marked: bool) -> None:
     """Lazy reads use the bytes a ranged download under way (in any process) already holds: with a chunk
     index only after the chunk verifies (else it is fetched by range); without one the floor applies: what
-    was served is compared with the verified blob once it commits, and a difference breaks the model."""
+    was served is compared with the verified blob once it commits (by hash, or for a partial file with an
+    ingest mark, by the mark the committed blob carries), and a difference breaks the model."""
     client = make_client()
     directory, weights = model_dir(tmp_path)
     ref = parse_reference(f"{registry.host}/chunks/live:v1")
@@ -179,6 +183,8 @@ def test_a_damaged_download_under_way_is_never_trusted(registry, tmp_path: Path,
     damaged[100] ^= 0xFF
     partial, state = cache.store.ranged_paths(node.source.digest)  # as another process left it
     partial.write_bytes(damaged)
+    if marked:
+        os.setxattr(partial, INGEST_MARK, b"0123456789abcdef0123456789abcdef")
     state.write_text(json.dumps({"version": 2, "filled": [[0, 2 * CHUNK]]}))
 
     first = model.read_node(node, 0, 4096)
@@ -190,7 +196,41 @@ def test_a_damaged_download_under_way_is_never_trusted(registry, tmp_path: Path,
         assert model.failure is None and model.read_node(node, 0, 4096) == weights[:4096]
     else:
         assert model.failure is not None and model.failure.kind is Kind.INTEGRITY
-        assert "bytes served before the pull finished differ" in str(model.failure)
+        assert ("came from a download of blob" if marked else "differ from the verified blob") in str(model.failure)
         with pytest.raises(LazyBroken):
             model.read_node(node, 0, 4096)
+    model.close()
+
+
+def test_reads_of_a_marked_download_are_recorded_once_and_hold_when_it_commits(registry, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Without a chunk index, reads of the running download's own partial file (it carries an ingest mark)
+    are recorded once, by the mark, not hashed range by range; the download resumes in the same file and
+    commits it by rename, so the committed blob carries the mark and the served bytes hold."""
+    client = make_client()
+    directory, weights = model_dir(tmp_path)
+    ref = parse_reference(f"{registry.host}/chunks/marked:v1")
+    push_directory(client, directory, ref, chunk_index=False)
+    cache = ModelCache(ContentStore(tmp_path / "root"), client, connections_per_blob=4, ranged_min_size=1 << 20)
+    cache.store.ensure()
+    model = LazyModel(cache, cache.client.resolve(ref), PullOptions())
+    model.build()
+    node = model.lookup_path("weights.safetensors")
+    assert node is not None and node.source is not None
+    digest = node.source.digest
+    partial, state = cache.store.ranged_paths(digest)  # a download killed half-way, as its ingest left it
+    partial.write_bytes(weights[:2 * CHUNK] + bytes(len(weights) - 2 * CHUNK))
+    os.setxattr(partial, INGEST_MARK, b"fedcba9876543210fedcba9876543210")
+    state.write_text(json.dumps({"version": 2, "filled": [[0, 2 * CHUNK]]}))
+
+    for offset in range(0, 2 * CHUNK, CHUNK // 2):
+        assert model.read_node(node, offset, 4096) == weights[offset:offset + 4096]
+    records = cache.store.root / "lazy" / "served" / f"{digest.algorithm}-{digest.hex}.ranges"
+    assert records.read_text() == "live fedcba9876543210fedcba9876543210\n"
+    model.start_background().join()
+    blob = cache.store.blob_path(digest)
+    assert blob.read_bytes() == weights
+    assert os.getxattr(blob, INGEST_MARK) == b"fedcba9876543210fedcba9876543210"  # the same file, renamed
+    assert model.failure is None and cache.store.served.verdict(digest) is None
+    assert not records.exists()  # settled
+    assert model.read_node(node, 0, 4096) == weights[:4096]
     model.close()

@@ -1,6 +1,7 @@
 """Reads of a lazy model served from the background pull's running download: its partial files, opened as
 the ranged ingest writes them, with each chunk verified against the chunk index, or without one, what is served
-recorded (the floor)."""
+recorded (the floor): once per file by its ingest mark (the download's own digest check covers every byte of
+it), or, for a file without a mark, by hashing each range."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from modelcache.digest import Digest
 from modelcache.lazy.state import LazyState, LiveFile
-from modelcache.store.rangedingest import RangedView, covers
+from modelcache.store.rangedingest import RangedView, covers, ingest_mark
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,11 @@ class LiveReads(LazyState):
                 return None
             if not now or offset % unit == 0 or offset % unit <= unit // 2 < (offset + size) % unit:
                 self._verify_ahead(live, digest, blob_size, last + 1)  # at most twice per chunk from the loop
+        elif live.mark is not None:
+            if not live.announced:
+                if now:
+                    return None
+                self._announce_live(live, digest)
         elif not all(unit in live.recorded for unit in range(first, last + 1)):
             if now:
                 return None
@@ -66,9 +72,21 @@ class LiveReads(LazyState):
         data = os.pread(live.fd, size, offset)
         return data if len(data) == size else None
 
+    def _announce_live(self, live: LiveFile, digest: Digest) -> None:
+        """Without a chunk index: record (durably, once) that bytes of this marked partial file are served."""
+        with self._chunks_lock:
+            if live.announced:
+                return
+        assert live.mark is not None
+        self.cache.store.served.record_live(digest, live.mark)
+        self._check_served(digest)
+        with self._chunks_lock:
+            live.announced = True
+
     def _record_live(self, live: LiveFile, digest: Digest, blob_size: int, offset: int, size: int) -> None:
-        """Without a chunk index: record what a read of the running download serves, per whole LIVE_UNIT
-        once it is written (a ranged download never rewrites a byte of its file), else just the bytes read."""
+        """Without a chunk index, from a partial file without an ingest mark: record what a read of it serves,
+        per whole LIVE_UNIT once it is written (a ranged download never rewrites a byte of its file), else
+        just the bytes read."""
         for unit in range(offset // LIVE_UNIT, (offset + size - 1) // LIVE_UNIT + 1):
             if unit in live.recorded:
                 continue
@@ -168,5 +186,5 @@ class LiveReads(LazyState):
                 fd = os.open(partial, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 return None
-            files.append(LiveFile(fd, os.fstat(fd).st_ino))
+            files.append(LiveFile(fd, os.fstat(fd).st_ino, ingest_mark(fd)))
             return files[-1]

@@ -40,6 +40,8 @@ class LiveFile:
 
     fd: int
     inode: int
+    mark: str | None = None  # its ingest mark: without a chunk index, what is read of it needs no hashing
+    announced: bool = False  # the mark is recorded as served (no index)
     verified: set[int] = field(default_factory=set)  # chunks checked against the chunk index
     recorded: set[int] = field(default_factory=set)  # whole LIVE_UNIT units recorded as served (no index)
     verifying: dict[int, threading.Event] = field(default_factory=dict)  # chunks being checked

@@ -4,7 +4,10 @@ that limits each connection), the rest of the blob is cut into pieces fetched by
 (from mirrors or the upstream, whichever the transport picks for each) and written at their offsets; the
 lead stops where the pieces begin. Past the lead, a hashing thread re-reads from page cache, in order, what
 the pieces filled. Nothing is committed unverified. The byte ranges already on disk are listed in a small
-state file, so a killed pull resumes with the ranges it has."""
+state file, so a killed pull resumes with the ranges it has; a listed byte is never written again, so what a
+lazy mount reads of the partial file is what the blob holds if it commits. The partial file carries a random
+*ingest mark* (an extended attribute, kept by the commit's rename): a lazy mount that served bytes of this
+very file knows, from the committed blob's mark, that they were verified with it."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
@@ -34,6 +38,7 @@ BUSY_SHARE = 0.35  # a lead busy (running or runnable) this share of the probe i
 STATE_EVERY = 8 << 20  # the lead's progress is written to the state file this often (lazy mounts read it)
 VIEW_POLL_SECONDS = 0.005
 STATE_VERSION = 2
+INGEST_MARK = "user.ocimodel.ingest"
 # fetch(start, length, write): stream bytes [start, start+length) of the blob, calling write(offset, data)
 RangeFetch = Callable[[int, int, Callable[[int, memoryview], None]], None]
 Slot = Callable[[], AbstractContextManager[object]]
@@ -78,6 +83,8 @@ class RangedIngest:
         already = sum(e - s for s, e in self.filled)
         fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
+            if ingest_mark(fd) is None:
+                _set_mark(fd)
             try:
                 os.ftruncate(fd, self.size)
             except OSError as exc:
@@ -322,6 +329,23 @@ def _merged(ranges: list[list[int]]) -> list[list[int]]:
         else:
             result.append([start, end])
     return result
+
+
+def ingest_mark(fd: int) -> str | None:
+    """The ingest mark of an open partial file or committed blob; None when it has none (written before
+    marks existed, by a whole-blob ingest, or on a filesystem without user extended attributes)."""
+    try:
+        mark = os.getxattr(fd, INGEST_MARK).decode("ascii", errors="replace")
+    except OSError:
+        return None
+    return mark if len(mark) == 32 and all(c in "0123456789abcdef" for c in mark) else None
+
+
+def _set_mark(fd: int) -> None:
+    try:
+        os.setxattr(fd, INGEST_MARK, uuid.uuid4().hex.encode())
+    except OSError as exc:  # ENOTSUP: lazy mounts then hash what they serve of it
+        log.debug("no ingest mark on a partial file: %s", exc)
 
 
 def clear(partial: Path, state: Path) -> None:

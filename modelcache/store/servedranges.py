@@ -1,10 +1,18 @@
 """The integrity floor of lazy mounts without a chunk index, kept on disk so that it survives restarts: every
 range of a blob a lazy server serves before the blob is verified is recorded first (``<root>/lazy/served/
-<alg>-<hex>.ranges``, one ``start end sha256`` line per range, appended and fdatasynced before the bytes are
-returned), and whoever commits the blob (the server's download, the plugin's or the agent's pull, a later
-pull that finds it committed) compares those hashes with the verified blob. A mismatch leaves a per-blob
-marker (``<alg>-<hex>.broken.json``) that every lazy server of the blob, and the plugin, turn into EIO,
-a verdict and an Event.
+<alg>-<hex>.ranges``, appended and fdatasynced before the bytes are returned), and whoever commits the blob
+(the server's download, the plugin's or the agent's pull, a later pull that finds it committed) checks the
+records against the verified blob. Two kinds of line:
+
+- ``start end sha256``: bytes fetched by range (or read from a partial file without an ingest mark), compared
+  by hash with the same bytes of the blob;
+- ``live <mark>``: bytes read from the partial file of a running download whose ingest mark is ``<mark>``
+  (one line per file per server, whatever it serves of it). A download never rewrites a byte it has listed
+  as written, so those bytes are the blob's exactly when the committed blob carries the same mark; a blob
+  committed from any other file means they came from a download that failed its digest.
+
+A mismatch leaves a per-blob marker (``<alg>-<hex>.broken.json``) that every lazy server of the blob, and the
+plugin, turn into EIO, a verdict and an Event.
 
 No record is lost to a race: a recorder that finds the blob committed after appending settles it itself,
 and a settler removes the record file only after comparing it and writing any marker."""
@@ -21,6 +29,7 @@ from pathlib import Path
 
 from modelcache.digest import Digest
 from modelcache.fsutil import atomic_write_json, raise_if_full, read_json
+from modelcache.store.rangedingest import ingest_mark
 
 log = logging.getLogger(__name__)
 READ_SIZE = 4 << 20
@@ -43,7 +52,16 @@ class ServedRanges:
         """Record that ``data`` at ``start`` of the unverified blob ``digest`` is about to be served; return
         the reason the blob's served bytes are known wrong (then serve nothing), else None. fdatasync: one per
         range (4 MiB), so that a node crash cannot lose the record of bytes a reader already has."""
-        line = f"{start} {start + len(data)} {hashlib.sha256(data).hexdigest()}\n".encode()
+        return self._append(digest, f"{start} {start + len(data)} {hashlib.sha256(data).hexdigest()}\n")
+
+    def record_live(self, digest: Digest, mark: str) -> str | None:
+        """Record that bytes of the running download of ``digest`` whose partial file carries ingest mark
+        ``mark`` are about to be served (once per file: the mark covers whatever is read of it); as
+        :meth:`record`."""
+        return self._append(digest, f"live {mark}\n")
+
+    def _append(self, digest: Digest, text: str) -> str | None:
+        line = text.encode()
         self.dir.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(self._records(digest), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -72,13 +90,22 @@ class ServedRanges:
         except FileNotFoundError:
             return self.verdict(digest)  # not committed: compared when it is
         try:
-            wrong = sorted({(start, end) for start, end, want in _parse(lines) if _sha(blob, start, end) != want})
+            ranges, marks = _parse(lines)
+            wrong = sorted({(start, end) for start, end, want in ranges if _sha(blob, start, end) != want})
+            committed_mark = ingest_mark(blob)
+            stray = sorted(mark for mark in marks if mark != committed_mark)
         finally:
             os.close(blob)
+        reason = ""
         if wrong:
             reason = (f"bytes served before the pull finished differ from the verified blob (blob {digest}, "
                       f"ranges {', '.join(f'{s}-{e}' for s, e in wrong[:8])}): the registry or a cache in front of "
                       f"it answered wrongly, and readers may have read wrong weights")
+        elif stray:
+            reason = (f"bytes served before the pull finished came from a download of blob {digest} that failed its "
+                      f"digest and was discarded ({len(stray)} download(s)): the registry or a cache in front of it "
+                      f"answered wrongly, and readers may have read wrong weights")
+        if reason:
             log.error("%s", reason)
             if self.verdict(digest) is None:
                 atomic_write_json(self._marker(digest), {"broken": reason, "at": time.time()})
@@ -105,15 +132,18 @@ class ServedRanges:
                 path.unlink()
 
 
-def _parse(lines: list[str]) -> list[tuple[int, int, str]]:
-    parsed = []
+def _parse(lines: list[str]) -> tuple[list[tuple[int, int, str]], set[str]]:
+    """The hashed ranges and the ingest marks of a record file."""
+    parsed, marks = [], set()
     for line in lines:
         parts = line.split()
         if len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit():
             parsed.append((int(parts[0]), int(parts[1]), parts[2]))
+        elif len(parts) == 2 and parts[0] == "live":
+            marks.add(parts[1])
         elif line.strip():  # a torn line can only come from a crash mid-write, before its bytes were served
             log.warning("ignoring a torn served-range record: %r", line[:120])
-    return parsed
+    return parsed, marks
 
 
 def _sha(fd: int, start: int, end: int) -> str:
