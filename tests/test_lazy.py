@@ -11,9 +11,8 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from tests.helpers.csi import CsiProcess, helper_pid, is_mounted, publish_reques
 from tests.helpers.oci import Entry, Fixtures
 from tests.helpers.procs import alive, children_running, open_files
 from tests.helpers.proxy import ProxyProcess
+from tests.helpers.waiting import ends
 
 pytestmark = [needs_root, pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse is missing")]
 SIZE = 24 << 20
@@ -66,24 +66,6 @@ def wait_until(predicate, timeout: float = 60.0) -> None:  # type: ignore[no-unt
         if time.monotonic() > deadline:
             raise AssertionError("timed out")
         time.sleep(0.1)
-
-
-def ends(call: Callable[[], object], hang_guard: float = 120.0) -> BaseException | None:
-    """Run ``call`` in a thread: what it raised (None if it returned), or a failure if it is still running
-    after ``hang_guard`` seconds (a guard against a hang only; how fast it ends is for bench/)."""
-    raised: list[BaseException | None] = []
-
-    def run() -> None:
-        try:
-            call()
-            raised.append(None)
-        except BaseException as exc:  # handed to the caller
-            raised.append(exc)
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(hang_guard)
-    assert raised, f"still running after {hang_guard} s: a hang"
-    return raised[0]
 
 
 def test_reads_before_the_download_finishes(csi: CsiProcess, tmp_path: Path, big, proxy_factory) -> None:
@@ -312,6 +294,7 @@ def test_wrong_range_answers_are_caught_when_the_blob_commits(tmp_path: Path, bi
     finally:
         csi.stop()
         api.close()
+        subprocess.run(["umount", "-l", str(target)], check=False, capture_output=True)  # its server ends with it
 
 
 def mounts_top_is_fuse(target: Path) -> bool:
