@@ -33,10 +33,13 @@ from modelcache.lazy.model import LazyModel, Node
 from modelcache.lazy.state import Download
 from modelcache.mounts import bind_mount_readonly, unmount_all
 from modelcache.progress import Progress
+from modelcache.records import tree_key
 from modelcache.registry.credentials import CredentialStore
+from modelcache.registry.manifest import Descriptor
 from modelcache.registry.reference import parse_reference
 from modelcache.registry.transport import RetryPolicy
 from modelcache.settings import Settings
+from modelcache.store.content import ContentStore
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,7 @@ ATTR_TIMEOUT = 300.0
 PENDING_WAIT = 3600.0
 LAZY_RETRY = RetryPolicy(attempts=3, base_delay=0.2, max_delay=2.0, connect_timeout=3.0, read_timeout=10.0)
 CHILD_POLL_SECONDS = 0.1
+OTHERS_POLL_SECONDS = 0.2  # how often a server checks that another process still downloads its model
 STOP_GRACE = 2.0  # a download child told to stop ends within this, at its next read or else at once
 PR_SET_PDEATHSIG = 1
 JOB_WAIT = 600.0  # seconds a server waits for its job before it gives up (its mount pod then ends)
@@ -262,11 +266,15 @@ def _options_for(job: dict[str, Any]) -> PullOptions:
                        tuple(job.get("layers", ())))
 
 
-def download_in_child(job: dict[str, Any]) -> Download:
+def download_in_child(job: dict[str, Any], store: ContentStore, blobs: list[Descriptor]) -> Download:
     """The background download of a lazy mount, run as ``ocimodel fuse-pull`` in a child process: FUSE
     replies are written with the GIL held, so a download in the serving process would crawl while a pod
-    reads. The child's ranged downloads are visible to the helper through their state files."""
+    reads. The child's ranged downloads are visible to the helper through their state files. While another
+    process (the plugin, which starts the download at publish) fetches every missing blob, no child is
+    started: another Python process on the node's CPUs would slow that download while a pod reads."""
     def download(stopping: threading.Event) -> None:
+        if not _needs_own_download(store, blobs, stopping):
+            return
         child = subprocess.Popen([sys.executable, "-m", "ocimodel.cli", "fuse-pull"], stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE)
         assert child.stdin is not None and child.stdout is not None
@@ -284,6 +292,19 @@ def download_in_child(job: dict[str, Any]) -> Download:
             kind = Kind[kind_name] if kind_name in Kind.__members__ else Kind.INTERNAL
             raise ModelCacheError(message or f"the download process exited with {child.returncode}", kind=kind)
     return download
+
+
+def _needs_own_download(store: ContentStore, blobs: list[Descriptor], stopping: threading.Event) -> bool:
+    """Wait while other processes fetch every missing blob of ``blobs``; True as soon as one is missing that
+    nobody fetches (that download ended or failed), False when all are committed."""
+    while True:
+        missing = [d for d in blobs if not store.has_blob(d.digest, d.size)]
+        if not missing:
+            return False
+        if not all(store.fetch_in_progress(d.digest) for d in missing):
+            return True
+        if stopping.wait(OTHERS_POLL_SECONDS):
+            raise PullCancelled("lazy mount stopped while another process downloaded its model")
 
 
 def _stop_with_parent() -> None:
@@ -366,7 +387,9 @@ def helper_main(socket_path: Path) -> int:
         cache.check_declared_size(resolved, options)  # before a file is shown or a byte fetched
         child_job = {**job, "reference": str(resolved.reference.by_digest(resolved.digest))}
         model = LazyModel(cache, resolved, options, strict=bool(job.get("strict")),
-                          download=download_in_child(child_job), published_at=float(job.get("published_at", 0)))
+                          published_at=float(job.get("published_at", 0)))
+        model.download = download_in_child(child_job, cache.store,
+                                           [step.descriptor for step in model.plan.needed(options.path_filter)])
         if job.get("verdict"):
             model.on_broken = functools.partial(write_verdict, job["verdict"])
         model.build()
@@ -375,8 +398,6 @@ def helper_main(socket_path: Path) -> int:
             conn.sendall(f"ERROR {exc.kind.name} {exc}\n".encode())
         conn.close()
         return 1
-    model.start_background()
-    target.mkdir(parents=True, exist_ok=True)
     files = sum(1 for _ in _walk_files(model.root))
     total = sum(n.size for n in _walk_files(model.root))
 
@@ -387,10 +408,16 @@ def helper_main(socket_path: Path) -> int:
         log.info("serving %s at %s (%d files, %d bytes)", job["reference"], target, files, total)
 
     signal.signal(signal.SIGTERM, lambda *_: unmount_all(target, lazy=True))
-    try:
-        serve(model, target, ready=announce)
-    finally:
-        model.discard()
+    # The volume uses the model's tree from the moment the download records it, before the tree is stacked
+    # over the view (from then on the mount keeps it): a lease held while serving keeps eviction, gc and
+    # `cache rm` away in between, where an eviction pass took it (and the view served a second download).
+    with cache.store.lease(f"tree-{tree_key(resolved.digest, options)}"):
+        model.start_background()
+        target.mkdir(parents=True, exist_ok=True)
+        try:
+            serve(model, target, ready=announce)
+        finally:
+            model.discard()
     return 0
 
 
