@@ -343,8 +343,9 @@ def test_cli_mount_lazy_strict(tmp_path: Path, big, proxy_factory) -> None:
 
 
 def test_reads_behind_the_download_come_from_it(tmp_path: Path, big, proxy_factory) -> None:  # type: ignore[no-untyped-def]
-    """The background download runs in its own process; a reader behind it reads what it wrote (no second
-    fetch of those bytes)."""
+    """The plugin's download, started at publish, is the only one: the server starts no download process of
+    its own while the plugin's runs; a reader behind it reads what it wrote (no second fetch of those
+    bytes)."""
     name, data = big
     config = tmp_path / "node.yaml"
     config.write_text(json.dumps({"rangedMinSizeMiB": 1, "connectionsPerBlob": 2}))
@@ -364,7 +365,7 @@ def test_reads_behind_the_download_come_from_it(tmp_path: Path, big, proxy_facto
         assert not csi.root.joinpath("blobs", "sha256", digest.hex).exists()  # held at 20 MiB
         blob_requests = [r for r in proxy.requests() if r["path"].endswith(str(digest))]
         assert not any(r["range"].startswith("bytes=0-") for r in blob_requests), blob_requests  # not fetched twice
-        assert children_running(helper_pid(csi, target), b"fuse-pull"), "the download runs in its own process"
+        assert not children_running(helper_pid(csi, target), b"fuse-pull"), "a second download process"
         proxy.open_gate()
         wait_until(lambda: csi.root.joinpath("blobs", "sha256", digest.hex).exists(), 90)
         assert (target / "weights.safetensors").read_bytes() == data
@@ -374,14 +375,18 @@ def test_reads_behind_the_download_come_from_it(tmp_path: Path, big, proxy_facto
 
 
 def test_the_download_child_ends_with_its_helper(csi: CsiProcess, tmp_path: Path, big, proxy_factory) -> None:  # type: ignore[no-untyped-def]
-    """A lazy mount's download runs in a child of its helper; if the helper dies (even by kill -9), the
-    child stops too (its partial download stays, to be resumed), rather than running on unowned."""
+    """A lazy mount's own download (once the plugin that started one has died) runs in a child of its
+    helper; if the helper dies (even by kill -9), the child stops too (its partial download stays, to be
+    resumed), rather than running on unowned."""
     name, _ = big
     proxy = proxy_factory(gate=True)  # the download never ends by itself: only the helper's end stops it
     target = tmp_path / "pod" / "mnt"
     target.parent.mkdir()
     csi.node.NodePublishVolume(lazy_request("orphan", target, f"{proxy.host}/{name}"))
     helper = helper_pid(csi, target)
+    assert csi.process is not None
+    csi.process.kill()  # the plugin's download and its locks end: the server takes the download over
+    csi.process.wait(60)
     children: list[int] = []
 
     def found_the_download_child() -> bool:

@@ -164,6 +164,11 @@ class ContentStore:
                         return
             time.sleep(SLOT_POLL_SECONDS)
 
+    def fetch_in_progress(self, digest: Digest) -> bool:
+        """True when a thread or process holds the fetch lock of ``digest`` (it is downloading it)."""
+        with file_lock(self.locks / f"blob-{digest.algorithm}-{digest.hex}.lock", blocking=False) as got:
+            return not got
+
     def live_ingest(self, digest: Digest) -> RangedView | None:
         """A view of the ranged ingest of ``digest`` under way (in any process), for lazy mounts to read
         the bytes it already holds; None when there is none."""
