@@ -183,9 +183,10 @@ def test_a_damaged_download_under_way_is_never_trusted(registry, tmp_path: Path,
     damaged[100] ^= 0xFF
     partial, state = cache.store.ranged_paths(node.source.digest)  # as another process left it
     partial.write_bytes(damaged)
-    if marked:
-        os.setxattr(partial, INGEST_MARK, b"0123456789abcdef0123456789abcdef")
-    state.write_text(json.dumps({"version": 2, "filled": [[0, 2 * CHUNK]]}))
+    mark = "0123456789abcdef0123456789abcdef" if marked else None
+    if mark:
+        os.setxattr(partial, INGEST_MARK, mark.encode())
+    state.write_text(json.dumps({"version": 2, "mark": mark, "filled": [[0, 2 * CHUNK]]}))
 
     first = model.read_node(node, 0, 4096)
     assert first == (weights[:4096] if with_index else bytes(damaged[:4096]))
@@ -220,7 +221,8 @@ def test_reads_of_a_marked_download_are_recorded_once_and_hold_when_it_commits(r
     partial, state = cache.store.ranged_paths(digest)  # a download killed half-way, as its ingest left it
     partial.write_bytes(weights[:2 * CHUNK] + bytes(len(weights) - 2 * CHUNK))
     os.setxattr(partial, INGEST_MARK, b"fedcba9876543210fedcba9876543210")
-    state.write_text(json.dumps({"version": 2, "filled": [[0, 2 * CHUNK]]}))
+    state.write_text(json.dumps({"version": 2, "mark": "fedcba9876543210fedcba9876543210",
+                                 "filled": [[0, 2 * CHUNK]]}))
 
     for offset in range(0, 2 * CHUNK, CHUNK // 2):
         assert model.read_node(node, offset, 4096) == weights[offset:offset + 4096]
@@ -233,4 +235,43 @@ def test_reads_of_a_marked_download_are_recorded_once_and_hold_when_it_commits(r
     assert model.failure is None and cache.store.served.verdict(digest) is None
     assert not records.exists()  # settled
     assert model.read_node(node, 0, 4096) == weights[:4096]
+    model.close()
+
+
+@pytest.mark.parametrize("damaged", [False, True], ids=["right", "wrong"])
+def test_a_served_partial_that_gc_removes_is_still_compared(registry, tmp_path: Path, damaged: bool) -> None:  # type: ignore[no-untyped-def]
+    """A marked partial file that lazy reads served from is removed without having failed (gc after the
+    plugin died mid-download): what it listed is hashed into range lines first, so the new download's blob
+    is compared with them: right bytes give no verdict (its mark alone would), wrong ones give one."""
+    client = make_client()
+    directory, weights = model_dir(tmp_path)
+    ref = parse_reference(f"{registry.host}/chunks/retired:v1")
+    push_directory(client, directory, ref, chunk_index=False)
+    cache = ModelCache(ContentStore(tmp_path / "root"), client, connections_per_blob=4, ranged_min_size=1 << 20)
+    cache.store.ensure()
+    model = LazyModel(cache, cache.client.resolve(ref), PullOptions())
+    model.build()
+    node = model.lookup_path("weights.safetensors")
+    assert node is not None and node.source is not None
+    digest = node.source.digest
+    listed = bytearray(weights[:2 * CHUNK])
+    if damaged:
+        listed[CHUNK + 7] ^= 0xFF
+    partial, state = cache.store.ranged_paths(digest)
+    partial.write_bytes(bytes(listed) + bytes(len(weights) - 2 * CHUNK))
+    os.setxattr(partial, INGEST_MARK, b"00112233445566778899aabbccddeeff")
+    state.write_text(json.dumps({"version": 2, "mark": "00112233445566778899aabbccddeeff",
+                                 "filled": [[0, 2 * CHUNK]]}))
+    assert model.read_node(node, 0, 4096) == bytes(listed[:4096])
+
+    assert cache.store.clear_partials() == 1
+    assert not partial.exists() and not state.exists()
+    records = cache.store.root / "lazy" / "served" / f"{digest.algorithm}-{digest.hex}.ranges"
+    assert records.read_text().splitlines()[-1] == "retired 00112233445566778899aabbccddeeff"
+    model.start_background().join()
+    assert cache.store.blob_path(digest).read_bytes() == weights
+    if damaged:
+        assert model.failure is not None and "differ from the verified blob" in str(model.failure)
+    else:
+        assert model.failure is None and cache.store.served.verdict(digest) is None
     model.close()

@@ -46,11 +46,10 @@ class LiveReads(LazyState):
                 return None
         else:
             view = self._await_live_view(digest, blob_size, span[0])
-            if view is None or (not view.on_disk(*span)
-                                and not view.wait_on_disk(*span, LIVE_WAIT_SECONDS, LIVE_NEAR)):
-                return None
-            live = self._live_file(digest, view.partial)
-            if live is None:
+            live = self._live_file(digest, view.partial) if view is not None else None
+            if view is None or live is None or (  # the file first: its state must name its mark
+                    not view.on_disk(*span, live.mark)
+                    and not view.wait_on_disk(*span, LIVE_WAIT_SECONDS, LIVE_NEAR, live.mark)):
                 return None
         if index is not None:
             chunks = range(first, last + 1)
@@ -122,7 +121,7 @@ class LiveReads(LazyState):
         try:
             if view is None or view.partial.stat().st_ino != live.inode:
                 return False
-            written = view.filled()
+            written = view.filled(live.mark)
             if view.partial.stat().st_ino != live.inode:  # the download started over meanwhile
                 return False
         except FileNotFoundError:

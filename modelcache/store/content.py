@@ -20,7 +20,7 @@ from typing import IO
 from modelcache.digest import Digest, Verifier
 from modelcache.errors import IntegrityError, RangesUnsupported, StoreFull
 from modelcache.fsutil import WritebackWindows, file_lock, fsync_dir, raise_if_full
-from modelcache.store.rangedingest import RangedIngest, RangedView, RangeFetch
+from modelcache.store.rangedingest import RangedIngest, RangedView, RangeFetch, ingest_mark
 from modelcache.store.rangedingest import clear as clear_ranged
 from modelcache.store.servedranges import ServedRanges
 
@@ -271,7 +271,7 @@ class ContentStore:
             try:
                 already = attempt()
             except RangesUnsupported:
-                clear_ranged(partial, state)
+                self._retire_ranged(digest, partial, state)
                 raise
             except IntegrityError:
                 if not resumed:
@@ -313,19 +313,44 @@ class ContentStore:
                 except ValueError:
                     continue
 
+    def _retire_ranged(self, digest: Digest, partial: Path, state: Path) -> None:
+        """Forget a ranged ingest that did not fail its digest (the caller holds its fetch lock); what lazy
+        mounts served of it is hashed first (:meth:`ServedRanges.retire`), to be compared with the blob."""
+        with contextlib.suppress(FileNotFoundError):
+            fd = os.open(partial, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                mark = ingest_mark(fd)
+                if mark is not None:
+                    self.served.retire(digest, fd, mark, RangedView(partial, state).filled(mark))
+            finally:
+                os.close(fd)
+        clear_ranged(partial, state)
+
     def clear_partials(self) -> int:
         """Remove ingests nobody holds a lock for; return how many."""
         removed = 0
         if not self.ingest_dir.is_dir():
             return 0
         for partial in self.ingest_dir.iterdir():
-            algorithm, _, hexpart = partial.name.partition("-")
+            if not partial.exists():  # a state file removed with its partial file, just now
+                continue
+            name, _, kind = partial.name.partition(".")  # <alg>-<hex>, or .ranged, .ranged.json(.tmp)
+            algorithm, _, hexpart = name.partition("-")
+            try:
+                digest = Digest.parse(f"{algorithm}:{hexpart}")
+            except ValueError:
+                digest = None
             with file_lock(self.locks / f"blob-{algorithm}-{hexpart}.lock", blocking=False) as got:
-                if got:
-                    with contextlib.suppress(FileNotFoundError):
-                        if partial.is_dir():
-                            shutil.rmtree(partial)
-                        else:
-                            partial.unlink()
-                    removed += 1
+                if not got:
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    if kind == "ranged" and digest is not None:
+                        self._retire_ranged(digest, partial, partial.with_name(partial.name + ".json"))
+                    elif kind.startswith("ranged.json") and partial.with_name(f"{name}.ranged").exists():
+                        continue  # removed with its partial file
+                    elif partial.is_dir():
+                        shutil.rmtree(partial)
+                    else:
+                        partial.unlink()
+                removed += 1
         return removed

@@ -69,22 +69,24 @@ class RangedIngest:
         self.lead_started: float | None = None  # when the lead's first byte arrived
         self.lead_thread = (0, 0)  # the lead's native and Python thread ids
         self.split_into = 0  # how many pieces the rest of the blob was cut into (0: not split)
+        self.mark: str | None = None  # the partial file's ingest mark, also in the state file that describes it
 
     # -- the whole ingest -------------------------------------------------------------------------------
     def run(self) -> int:
         """Fetch what is missing and verify everything; return the bytes that were already there."""
         saved = read_json(self.state)
         if (isinstance(saved, dict) and saved.get("version") == STATE_VERSION and self.partial.exists()
-                and self.partial.stat().st_size == self.size):
+                and self.partial.stat().st_size == self.size and saved.get("mark") == _mark_of(self.partial)):
             self.filled = _merged([[int(s), int(e)] for s, e in saved.get("filled", [])
                                    if 0 <= int(s) < int(e) <= self.size])
         else:
-            self.partial.unlink(missing_ok=True)
+            clear(self.partial, self.state)  # no state may outlive the file it describes
         already = sum(e - s for s, e in self.filled)
         fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            if ingest_mark(fd) is None:
-                _set_mark(fd)
+            self.mark = ingest_mark(fd)
+            if self.mark is None:
+                self.mark = _set_mark(fd)
             try:
                 os.ftruncate(fd, self.size)
             except OSError as exc:
@@ -110,8 +112,7 @@ class RangedIngest:
             if self.failed is not None:
                 raise self.failed
             if self.hashed != self.size or self.hasher.hexdigest() != self.digest.hex:
-                self.partial.unlink(missing_ok=True)
-                self.state.unlink(missing_ok=True)
+                clear(self.partial, self.state)
                 raise IntegrityError(f"blob {self.digest}: content does not match its digest (fetched in ranges)")
             os.fdatasync(fd)
         finally:
@@ -270,7 +271,7 @@ class RangedIngest:
         the digest and starts over."""
         filled = _merged([*self.filled, [0, self.lead_written]]) if self.lead_written else self.filled
         temporary = self.state.with_name(self.state.name + ".tmp")
-        temporary.write_text(json.dumps({"version": STATE_VERSION, "filled": filled}))
+        temporary.write_text(json.dumps({"version": STATE_VERSION, "mark": self.mark, "filled": filled}))
         os.replace(temporary, self.state)
 
 
@@ -281,23 +282,25 @@ class RangedView:
     def __init__(self, partial: Path, state: Path) -> None:
         self.partial, self.state = partial, state
 
-    def filled(self) -> list[list[int]]:
-        """The written ``[start, end)`` ranges (empty when the state file is missing or unreadable)."""
+    def filled(self, mark: str | None = None) -> list[list[int]]:
+        """The written ``[start, end)`` ranges (empty when the state file is missing or unreadable, or, given
+        the ``mark`` of the file a reader opened, when the state describes another file)."""
         saved = read_json(self.state)
-        if not isinstance(saved, dict) or saved.get("version") != STATE_VERSION:
+        if not isinstance(saved, dict) or saved.get("version") != STATE_VERSION or (
+                mark is not None and saved.get("mark") != mark):
             return []
         return [[int(s), int(e)] for s, e in saved.get("filled", [])]
 
-    def on_disk(self, start: int, end: int) -> bool:
-        """True when bytes ``[start, end)`` are written."""
-        return covers(self.filled(), start, end)
+    def on_disk(self, start: int, end: int, mark: str | None = None) -> bool:
+        """True when bytes ``[start, end)`` are written (as :meth:`filled`)."""
+        return covers(self.filled(mark), start, end)
 
-    def wait_on_disk(self, start: int, end: int, timeout: float, near: int) -> bool:
+    def wait_on_disk(self, start: int, end: int, timeout: float, near: int, mark: str | None = None) -> bool:
         """Wait up to ``timeout`` seconds for :meth:`on_disk`, while a written range ends at most ``near``
         bytes before ``start`` (a stream is coming); else False at once."""
         deadline = time.monotonic() + timeout
         while True:
-            filled = self.filled() or [[0, 0]]  # just started: the lead is at byte 0
+            filled = self.filled(mark) or [[0, 0]]  # just started: the lead is at byte 0
             if covers(filled, start, end):
                 return True
             if time.monotonic() > deadline or not any(0 <= start - e < near for _, e in filled):
@@ -341,15 +344,29 @@ def ingest_mark(fd: int) -> str | None:
     return mark if len(mark) == 32 and all(c in "0123456789abcdef" for c in mark) else None
 
 
-def _set_mark(fd: int) -> None:
+def _mark_of(path: Path) -> str | None:
     try:
-        os.setxattr(fd, INGEST_MARK, uuid.uuid4().hex.encode())
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        return ingest_mark(fd)
+    finally:
+        os.close(fd)
+
+
+def _set_mark(fd: int) -> str | None:
+    mark = uuid.uuid4().hex
+    try:
+        os.setxattr(fd, INGEST_MARK, mark.encode())
     except OSError as exc:  # ENOTSUP: lazy mounts then hash what they serve of it
         log.debug("no ingest mark on a partial file: %s", exc)
+        return None
+    return mark
 
 
 def clear(partial: Path, state: Path) -> None:
-    """Forget a ranged ingest."""
-    for path in (partial, state):
+    """Forget a ranged ingest: its state first, so that no state file ever describes a file it did not."""
+    for path in (state, partial):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()

@@ -9,7 +9,13 @@ records against the verified blob. Two kinds of line:
 - ``live <mark>``: bytes read from the partial file of a running download whose ingest mark is ``<mark>``
   (one line per file per server, whatever it serves of it). A download never rewrites a byte it has listed
   as written, so those bytes are the blob's exactly when the committed blob carries the same mark; a blob
-  committed from any other file means they came from a download that failed its digest.
+  committed from any other file means they came from a download that failed its digest;
+- ``retired <mark>``: a partial file that was discarded without failing (its ranged download fell back to one
+  stream, or gc removed it after a crash) had what it listed hashed into range lines first, which then
+  stand for its ``live`` lines.
+
+Appenders hold the blob's record lock shared from their write to its fdatasync, a settler holds it
+exclusively from reading the records to removing them, so no line is written into a file being settled.
 
 A mismatch leaves a per-blob marker (``<alg>-<hex>.broken.json``) that every lazy server of the blob, and the
 plugin, turn into EIO, a verdict and an Event.
@@ -28,11 +34,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from modelcache.digest import Digest
-from modelcache.fsutil import atomic_write_json, raise_if_full, read_json
+from modelcache.fsutil import atomic_write_json, file_lock, raise_if_full, read_json
 from modelcache.store.rangedingest import ingest_mark
 
 log = logging.getLogger(__name__)
 READ_SIZE = 4 << 20
+RETIRE_UNIT = 64 << 20  # a retired partial file's listed bytes are hashed in lines of at most this
 
 
 class ServedRanges:
@@ -48,6 +55,9 @@ class ServedRanges:
     def _marker(self, digest: Digest) -> Path:
         return self.dir / f"{digest.algorithm}-{digest.hex}.broken.json"
 
+    def _lock(self, digest: Digest) -> Path:
+        return self.dir / f"{digest.algorithm}-{digest.hex}.lock"
+
     def record(self, digest: Digest, start: int, data: bytes | memoryview) -> str | None:
         """Record that ``data`` at ``start`` of the unverified blob ``digest`` is about to be served; return
         the reason the blob's served bytes are known wrong (then serve nothing), else None. fdatasync: one per
@@ -60,19 +70,36 @@ class ServedRanges:
         :meth:`record`."""
         return self._append(digest, f"live {mark}\n")
 
-    def _append(self, digest: Digest, text: str) -> str | None:
+    def retire(self, digest: Digest, fd: int, mark: str, listed: list[list[int]]) -> None:
+        """Partial file ``fd`` of ``digest``, with ingest ``mark`` and bytes ``listed`` as written, is discarded
+        although it did not fail: when something of it was served (a ``live`` line), hash what it listed into
+        range lines that stand for that line from now on."""
+        try:
+            lines = self._records(digest).read_text().splitlines()
+        except FileNotFoundError:
+            return
+        if f"live {mark}" not in lines or not listed:  # nothing listed known: its line stays, a verdict
+            return
+        text = "".join(f"{start} {min(start + RETIRE_UNIT, end)} {_sha(fd, start, min(start + RETIRE_UNIT, end))}\n"
+                       for s, end in listed for start in range(s, end, RETIRE_UNIT))
+        self._append(digest, text + f"retired {mark}\n", settle=False)
+
+    def _append(self, digest: Digest, text: str, *, settle: bool = True) -> str | None:
         line = text.encode()
         self.dir.mkdir(parents=True, exist_ok=True)
         try:
-            fd = os.open(self._records(digest), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                os.write(fd, line)  # one small O_APPEND write: whole, never interleaved with another process's
-                os.fdatasync(fd)
-            finally:
-                os.close(fd)
+            with file_lock(self._lock(digest), shared=True):
+                fd = os.open(self._records(digest), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                try:
+                    os.write(fd, line)  # one O_APPEND write: whole, never interleaved with another process's
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
         except OSError as exc:
             raise_if_full(exc, f"recording a served range of {digest}")
             raise
+        if not settle:
+            return None
         if self.blob_path(digest).exists():  # committed meanwhile: its committer may have read the records before
             return self.settle(digest)
         return self.verdict(digest)
@@ -81,6 +108,12 @@ class ServedRanges:
         """Compare the recorded ranges of committed blob ``digest`` with it, leave a marker on a mismatch, drop
         the records; return the blob's verdict (the reason its served bytes were wrong, or None)."""
         records = self._records(digest)
+        if not records.exists():
+            return self.verdict(digest)
+        with file_lock(self._lock(digest)):
+            return self._settle_locked(digest, records)
+
+    def _settle_locked(self, digest: Digest, records: Path) -> str | None:
         try:
             lines = records.read_text().splitlines()
         except FileNotFoundError:
@@ -127,23 +160,25 @@ class ServedRanges:
 
     def forget(self, digest: Digest) -> None:
         """The blob is removed from the cache: drop its records and verdict."""
-        for path in (self._records(digest), self._marker(digest)):
+        for path in (self._records(digest), self._marker(digest), self._lock(digest)):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
 
 def _parse(lines: list[str]) -> tuple[list[tuple[int, int, str]], set[str]]:
-    """The hashed ranges and the ingest marks of a record file."""
-    parsed, marks = [], set()
+    """The hashed ranges and the ingest marks (of ``live`` lines not retired) of a record file."""
+    parsed: list[tuple[int, int, str]] = []
+    marks: set[str] = set()
+    retired: set[str] = set()
     for line in lines:
         parts = line.split()
         if len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit():
             parsed.append((int(parts[0]), int(parts[1]), parts[2]))
-        elif len(parts) == 2 and parts[0] == "live":
-            marks.add(parts[1])
+        elif len(parts) == 2 and parts[0] in ("live", "retired"):
+            (marks if parts[0] == "live" else retired).add(parts[1])
         elif line.strip():  # a torn line can only come from a crash mid-write, before its bytes were served
             log.warning("ignoring a torn served-range record: %r", line[:120])
-    return parsed, marks
+    return parsed, marks - retired
 
 
 def _sha(fd: int, start: int, end: int) -> str:
