@@ -10,17 +10,19 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from modelcache.cache import ModelCache
 from modelcache.digest import Digest
+from modelcache.records import PullResult
 from modelcache.store.content import ContentStore
 from modelcache.store.rangedingest import RangedIngest
 from tests.conftest import make_client
 from tests.helpers.oci import Fixtures
-from tests.helpers.proxy import ProxyBehaviour, ProxyProcess
+from tests.helpers.proxy import GatedProxy, ProxyBehaviour, ProxyProcess
 
 SIZE = 20 << 20
 
@@ -40,10 +42,28 @@ def ranges_of(requests: list[tuple[str, str, dict[str, str]]], digest: str) -> l
     return [h.get("range", "") for method, path, h in requests if method == "GET" and path.endswith(digest)]
 
 
-def test_a_large_blob_comes_in_concurrent_ranges(big, proxy_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def pull_waiting_lead(cache: ModelCache, proxy: GatedProxy, name: str, digest: str) -> PullResult:
+    """Pull through ``proxy`` (holding every blob past 1 MiB) and open its gate once a Range request shows
+    the split decided: the lead stream waits on the network during the probe however busy the machine is
+    (a throttle leaves the lead runnable, and so busy, for much of it when other work takes the CPUs)."""
+    with ThreadPoolExecutor(1) as pool:
+        pulling = pool.submit(cache.pull, f"{proxy.host}/{name}")
+        deadline = time.monotonic() + 60
+        while not any(ranges_of(proxy.stats.requests, digest)[1:]) and not pulling.done():
+            assert time.monotonic() < deadline, "the lead stream was never split"
+            time.sleep(0.05)
+        proxy.gate.set()
+        return pulling.result(timeout=120)
+
+
+def test_a_large_blob_comes_in_concurrent_ranges(big, registry, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     name, data = big
-    proxy = proxy_factory(ProxyBehaviour(bytes_per_second=20_000_000))
-    result = ranged_cache(tmp_path / "root").pull(f"{proxy.host}/{name}")
+    proxy = GatedProxy(registry.host, hold_from=1 << 20)
+    try:
+        result = pull_waiting_lead(ranged_cache(tmp_path / "root"), proxy, name, str(Digest.of_bytes(data)))
+    finally:
+        proxy.gate.set()
+        proxy.close()
     assert (result.path / "shard.bin").read_bytes() == data
     ranges = ranges_of(proxy.stats.requests, str(Digest.of_bytes(data)))
     assert ranges[0] == ""  # the lead stream is a plain GET ...
@@ -60,11 +80,15 @@ def test_a_registry_that_ignores_range_gets_one_stream(big, proxy_factory, tmp_p
     assert not list((tmp_path / "root" / "ingest").iterdir())
 
 
-def test_wrong_bytes_in_a_range_are_never_committed_and_one_stream_recovers(big, proxy_factory, tmp_path: Path,
+def test_wrong_bytes_in_a_range_are_never_committed_and_one_stream_recovers(big, registry, tmp_path: Path,  # type: ignore[no-untyped-def]
                                                                           caplog: pytest.LogCaptureFixture) -> None:
     name, data = big
-    proxy = proxy_factory(ProxyBehaviour(bytes_per_second=20_000_000, corrupt_ranges=True))
-    result = ranged_cache(tmp_path / "root").pull(f"{proxy.host}/{name}")
+    proxy = GatedProxy(registry.host, ProxyBehaviour(corrupt_ranges=True), hold_from=1 << 20)
+    try:
+        result = pull_waiting_lead(ranged_cache(tmp_path / "root"), proxy, name, str(Digest.of_bytes(data)))
+    finally:
+        proxy.gate.set()
+        proxy.close()
     assert (result.path / "shard.bin").read_bytes() == data  # whole-blob GETs are right behind this cache
     ranges = ranges_of(proxy.stats.requests, str(Digest.of_bytes(data)))
     assert any(r.startswith("bytes=") for r in ranges) and ranges[-1] == ""  # pieces, then one stream
@@ -77,7 +101,8 @@ def test_kill_9_resumes_with_the_pieces_already_on_disk(big, registry, tmp_path:
     root = tmp_path / "root"
     config = tmp_path / "node.yaml"
     config.write_text(json.dumps({"connectionsPerBlob": 4, "rangedMinSizeMiB": 1}))
-    slow = ProxyProcess(registry.host, bytes_per_second=2_000_000, log=str(tmp_path / "slow.log"))
+    # pieces past 12 MiB wait for a gate never opened: the pull cannot finish before the kill
+    slow = ProxyProcess(registry.host, bytes_per_second=2_000_000, hold_from=12 << 20, log=str(tmp_path / "slow.log"))
     state = root / "ingest" / f"sha256-{Digest.of_bytes(data).hex}.ranged.json"
     pull = subprocess.Popen([sys.executable, "-m", "ocimodel.cli", "pull", f"{slow.host}/{name}", "--root", str(root),
                              "--plain-http", "--config", str(config)], stdout=subprocess.DEVNULL,
@@ -88,7 +113,7 @@ def test_kill_9_resumes_with_the_pieces_already_on_disk(big, registry, tmp_path:
             assert time.monotonic() < deadline and pull.poll() is None
             time.sleep(0.05)
         pull.send_signal(signal.SIGKILL)
-        pull.wait(10)
+        pull.wait(60)
     finally:
         slow.close()
     saved = json.loads(state.read_text())
@@ -106,11 +131,18 @@ def test_kill_9_resumes_with_the_pieces_already_on_disk(big, registry, tmp_path:
     assert not state.exists()
 
 
-def _serve(data: bytes, calls: list[tuple[int, int]], *, busy: bool):  # type: ignore[no-untyped-def]
+def _serve(data: bytes, calls: list[tuple[int, int]], *, busy: bool,  # type: ignore[no-untyped-def]
+           hold_lead: bool = False):
     """A range source over ``data`` whose thread either computes (a CPU-bound stream) or waits (a registry
-    that limits each connection) for every 256 KiB it hands over."""
+    that limits each connection) for every 256 KiB it hands over. With ``hold_lead`` the stream from byte 0
+    waits after its first 256 KiB until other ranges are asked for: a lead that only waits, so that a busy
+    machine (where a thread that keeps waking up is runnable much of the time) cannot make it look busy."""
+    asked = threading.Event()  # a range other than the lead's was asked for
+
     def fetch(start: int, length: int, write) -> None:  # type: ignore[no-untyped-def]
         calls.append((start, length))
+        if start != 0:
+            asked.set()
         view = memoryview(data)
         for offset in range(start, start + length, 256 << 10):
             end = min(offset + (256 << 10), start + length)
@@ -120,6 +152,8 @@ def _serve(data: bytes, calls: list[tuple[int, int]], *, busy: bool):  # type: i
                     pass
             else:
                 time.sleep(0.004)
+            if hold_lead and start == 0 and offset > 0:
+                asked.wait(60)  # blocked, not polling (a thread that keeps waking is runnable on a busy machine)
             write(offset, view[offset:end])
     return fetch
 
@@ -129,7 +163,7 @@ def test_the_lead_stream_splits_only_when_it_waits_on_the_network(busy: bool, tm
     data = os.urandom(48 << 20)
     calls: list[tuple[int, int]] = []
     ingest = RangedIngest(Digest.of_bytes(data), len(data), tmp_path / "partial", tmp_path / "state.json",
-                          _serve(data, calls, busy=busy), workers=4, on_bytes=lambda n: None)
+                          _serve(data, calls, busy=busy, hold_lead=not busy), workers=4, on_bytes=lambda n: None)
     assert ingest.run() == 0
     assert (tmp_path / "partial").read_bytes() == data
     assert calls[0] == (0, len(data))
