@@ -20,7 +20,7 @@ from modelcache.store.content import ContentStore
 from modelcache.upkeep.gc import usage
 from tests.conftest import make_client
 from tests.helpers.oci import Fixtures
-from tests.helpers.proxy import ProxyBehaviour
+from tests.helpers.proxy import GatedProxy, ProxyBehaviour
 
 
 def _pull_cli(ref: str, root: Path, *extra: str) -> subprocess.Popen[str]:
@@ -130,24 +130,29 @@ def test_registry_ignoring_range_restarts_cleanly(fixtures: Fixtures, proxy_fact
     assert (cache.pull(f"{proxy.host}/resume/norange:v1").path / "w").read_bytes() == data
 
 
-def test_resume_after_kill_9(fixtures: Fixtures, proxy_factory, cache_root: Path) -> None:
+def test_resume_after_kill_9(fixtures: Fixtures, registry, cache_root: Path) -> None:  # type: ignore[no-untyped-def]
     data = os.urandom(8_000_000)
     fixtures.raw_model("resume/kill:v1", {"w": data})
-    proxy = proxy_factory(ProxyBehaviour(bytes_per_second=4_000_000))
-    ref = f"{proxy.host}/resume/kill:v1"
-    process = _pull_cli(ref, cache_root)
-    partial = cache_root / "ingest" / f"sha256-{Digest.of_bytes(data).hex}"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and (not partial.exists() or partial.stat().st_size < 2_000_000):
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    written = partial.stat().st_size
-    assert 0 < written < len(data)
-    assert list((cache_root / "trees").iterdir()) == []
-    proxy.behaviour.bytes_per_second = 0
-    cache = ModelCache(ContentStore(cache_root), make_client())
-    result = cache.pull(ref)
+    proxy = GatedProxy(registry.host, hold_from=4 << 20)  # the pull cannot finish before the kill
+    try:
+        ref = f"{proxy.host}/resume/kill:v1"
+        process = _pull_cli(ref, cache_root)
+        partial = cache_root / "ingest" / f"sha256-{Digest.of_bytes(data).hex}"
+        deadline = time.monotonic() + 60
+        while not partial.exists() or partial.stat().st_size < 2_000_000:
+            assert time.monotonic() < deadline and process.poll() is None, process.poll()
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        written = partial.stat().st_size
+        assert 0 < written < len(data)
+        assert list((cache_root / "trees").iterdir()) == []
+        proxy.gate.set()
+        cache = ModelCache(ContentStore(cache_root), make_client())
+        result = cache.pull(ref)
+    finally:
+        proxy.gate.set()
+        proxy.close()
     assert (result.path / "w").read_bytes() == data
     assert result.downloaded_bytes <= len(data) - written
     assert not partial.exists()
