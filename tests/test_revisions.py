@@ -1,6 +1,6 @@
 """ModelCache revisions (issue 19): the agent runs in this process on a trio MockClock that the tests jump
 past the resolve interval (never waiting for it), against the HTTP-level fake API server and a real registry
-behind a proxy that counts requests and throttles blobs on demand. Every transition: tag moves, staged,
+behind a proxy that counts requests and holds blobs on demand (its gate). Every transition: tag moves, staged,
 switched, keepRevisions, rollback, a node relabelled out mid-staging, the agent restarted mid-staging; and the
 real CSI plugin publishing a covered tag with the registry stopped."""
 
@@ -32,7 +32,7 @@ from tests.conftest import make_client, needs_root
 from tests.helpers.csi import CsiProcess, is_mounted, publish_request
 from tests.helpers.fakekube import NODE_LABELS, Cluster, modelcache
 from tests.helpers.oci import Fixtures
-from tests.helpers.proxy import ProxyBehaviour, RegistryProxy
+from tests.helpers.proxy import GatedProxy
 from tests.helpers.registry import start_registry
 
 TICK = 400.0  # past any jittered resolve interval of the default 300 s
@@ -43,7 +43,8 @@ class AgentRun:
     """An agent in a thread of its own, on a clock the test jumps."""
 
     def __init__(self, root: Path, cluster: Cluster) -> None:
-        settings = Settings(root=root, hosts=HostsConfig(plain_http=True))
+        # a download held at the proxy's gate must not time out while a test looks at the staging
+        settings = Settings(root=root, hosts=HostsConfig(plain_http=True), read_timeout=900)
         config = AgentConfig(node_name="node-a", settings=settings, metrics_address="127.0.0.1:0", node_refresh=0.2,
                              progress_interval=0.1, retry_after=1.0)
         self.agent = Agent(config, KubeClient.for_url(cluster.api.url))
@@ -84,7 +85,7 @@ class AgentRun:
 
 
 class Setup:
-    def __init__(self, tmp_path: Path, fixtures: Fixtures, proxy: RegistryProxy, **spec: Any) -> None:
+    def __init__(self, tmp_path: Path, fixtures: Fixtures, proxy: GatedProxy, **spec: Any) -> None:
         self.fixtures, self.proxy = fixtures, proxy
         self.name = f"rev/{uuid.uuid4().hex}:prod"
         self.tag = f"{proxy.host}/{self.name}"
@@ -125,9 +126,11 @@ class Setup:
 
 @pytest.fixture
 def setup(tmp_path: Path, fixtures: Fixtures, registry: Any) -> Iterator[Setup]:
-    proxy = RegistryProxy(registry.host, ProxyBehaviour())
+    proxy = GatedProxy(registry.host, hold_from=100_000)  # a new model's weights stop at 100 kB while it is shut
+    proxy.gate.set()
     made = Setup(tmp_path, fixtures, proxy)
     yield made
+    proxy.gate.set()
     proxy.close()
     made.cluster.api.close()
 
@@ -153,7 +156,7 @@ def test_follow_stages_switches_keeps_and_rolls_back(setup: Setup) -> None:
 
         # the tag moves: staged (current one still serves and stays pinned), then switched
         d2 = setup.push()
-        setup.proxy.behaviour.bytes_per_second = 20_000  # slow enough to be seen staging
+        setup.proxy.gate.clear()  # the new revision stays staging until the gate opens
         seen = len(setup.entries())
         run.tick_until(lambda: [e for e in setup.entries(seen) if e.get("stagedDigest") == d2])
         staged = setup.entry(lambda e: e.get("stagedDigest") == d2, seen)
@@ -163,7 +166,7 @@ def test_follow_stages_switches_keeps_and_rolls_back(setup: Setup) -> None:
         assert state.current is not None and state.current.digest == d1 and state.staged == d2
         assert str(Revisions(setup.root).serving(parse_reference(setup.tag))).endswith(d1)  # new volumes: d1
         assert setup.key(d1) in Pins(setup.root).pinned()
-        setup.proxy.behaviour.bytes_per_second = 0
+        setup.proxy.gate.set()
         switched = setup.ready(d2, seen)
         assert switched["revisions"] == [d2, d1] and switched["switchedAt"]
         event = setup.cluster.wait_for(lambda: setup.cluster.event_bodies("follow", "RevisionSwitched"))[0]
@@ -218,7 +221,7 @@ def test_relabelled_out_mid_staging(setup: Setup) -> None:
     try:
         setup.ready(d1)
         d2 = setup.push()
-        setup.proxy.behaviour.bytes_per_second = 20_000
+        setup.proxy.gate.clear()
         run.tick_until(lambda: [e for e in setup.entries() if e.get("stagedDigest") == d2])
         setup.cluster.node_labels = {k: v for k, v in NODE_LABELS.items() if k != "nodegroup"}
         setup.entry(lambda e: e == {})  # this node's entry removed
@@ -226,7 +229,7 @@ def test_relabelled_out_mid_staging(setup: Setup) -> None:
         assert not Pins(setup.root).pinned()
         assert not Revisions(setup.root).path("inference/follow").exists()
         assert Revisions(setup.root).serving(parse_reference(setup.tag)) is None
-        setup.proxy.behaviour.bytes_per_second = 0
+        setup.proxy.gate.set()
         setup.cluster.wait_for(lambda: (setup.root / "trees" / setup.key(d2)).is_dir())  # the pull ran out
         assert setup.entries()[-1] == {} and not setup.cluster.event_bodies("follow", "RevisionSwitched")
         assert not Revisions(setup.root).path("inference/follow").exists()
@@ -240,7 +243,7 @@ def test_agent_restarted_mid_staging(setup: Setup) -> None:
     try:
         setup.ready(d1)
         d2 = setup.push()
-        setup.proxy.behaviour.bytes_per_second = 20_000
+        setup.proxy.gate.clear()
         run.tick_until(lambda: [e for e in setup.entries() if e.get("stagedDigest") == d2])
     finally:
         run.stop()
@@ -252,7 +255,7 @@ def test_agent_restarted_mid_staging(setup: Setup) -> None:
         restored = setup.entry(lambda e: e.get("phase") == "Ready", seen)
         assert restored["digest"] == d1  # at once, the current revision: never the half-staged one
         setup.entry(lambda e: e.get("stagedDigest") == d2 and e.get("digest") == d1, seen)
-        setup.proxy.behaviour.bytes_per_second = 0
+        setup.proxy.gate.set()
         switched = setup.ready(d2, seen)
         assert switched["revisions"] == [d2, d1]
         setup.cluster.wait_for(lambda: setup.cluster.event_bodies("follow", "RevisionSwitched"))
