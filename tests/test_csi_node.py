@@ -29,7 +29,7 @@ from tests.helpers.csi import (
     publish_until_done,
 )
 from tests.helpers.oci import Fixtures
-from tests.helpers.proxy import ProxyBehaviour
+from tests.helpers.proxy import GatedProxy, ProxyBehaviour
 
 pytestmark = needs_root
 OK, INVALID, NOT_FOUND = grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
@@ -278,10 +278,10 @@ def test_private_registry_secrets_and_access_recheck(csi: CsiProcess, tmp_path: 
 
 # -- long pulls ------------------------------------------------------------------------------------------
 
-def test_slow_pull_answers_aborted_and_retries_join_it(tmp_path: Path, fixtures: Fixtures, proxy_factory) -> None:
+def test_slow_pull_answers_aborted_and_retries_join_it(tmp_path: Path, fixtures: Fixtures, registry) -> None:  # type: ignore[no-untyped-def]
     data = os.urandom(6_000_000)
     fixtures.raw_model("csi/slow:v1", {"w": data})
-    proxy = proxy_factory(ProxyBehaviour(bytes_per_second=3_000_000))
+    proxy = GatedProxy(registry.host, hold_from=1_000_000)  # the pull stays under way until the gate opens
     csi = CsiProcess(tmp_path, "--publish-wait", "0.5")
     try:
         ref = f"{proxy.host}/csi/slow:v1"
@@ -290,11 +290,14 @@ def test_slow_pull_answers_aborted_and_retries_join_it(tmp_path: Path, fixtures:
             csi.node.NodePublishVolume(publish_request("v1", t, ref))
         assert info.value.code() == grpc.StatusCode.ABORTED
         assert "background" in info.value.details() and "bytes" in info.value.details()
-        aborted = publish_until_done(csi, publish_request("v1", t, ref))
-        assert aborted >= 1
+        assert code_of(csi.node.NodePublishVolume, publish_request("v1", t, ref)) == grpc.StatusCode.ABORTED  # a retry
+        proxy.gate.set()
+        publish_until_done(csi, publish_request("v1", t, ref))
         assert (t / "w").read_bytes() == data
-        assert proxy.stats.blob_gets[str(Digest.of_bytes(data))] == 1
+        assert proxy.stats.blob_gets[str(Digest.of_bytes(data))] == 1  # the retries joined the one pull
     finally:
+        proxy.gate.set()
+        proxy.close()
         subprocess.run(["umount", str(target(tmp_path))], check=False)
         csi.stop()
 
