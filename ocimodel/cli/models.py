@@ -11,7 +11,7 @@ from typing import Any
 from modelcache.assemble.options import PullOptions, parse_layer_kinds
 from modelcache.describe import describe
 from modelcache.progress import Progress
-from modelcache.push import push_directory
+from modelcache.push import PACK_AUTO_FILES, PACK_BELOW, push_directory
 from modelcache.registry.client import RegistryClient
 from modelcache.registry.mediatypes import Compression
 from modelcache.registry.reference import parse_reference
@@ -59,6 +59,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     key = load_private_key(Path(args.sign_key), _key_password()) if args.sign_key else None
     digest = push_directory(client, Path(args.directory), ref, compression=Compression(args.layer_format),
                             chunk_index=not args.no_chunk_index,
+                            pack_small={"auto": None, "always": True, "never": False}[args.pack_small],
                             progress=(lambda m: print(m, file=sys.stderr)) if sys.stderr.isatty() else None)
     if key is not None:
         signature = sign_cosign(client, ref.by_digest(digest), key)
@@ -123,10 +124,15 @@ def register(sub: Any) -> None:
     pull.set_defaults(handler=cmd_pull)
 
     push = sub.add_parser("push", help="push a directory as a ModelPack artifact")
-    push.add_argument("directory", help="the model's directory; each file becomes one layer")
+    push.add_argument("directory", help="the model's directory; each file becomes one layer (see --pack-small)")
     push.add_argument("reference", help="where to push: registry/repository:tag")
     push.add_argument("--layer-format", choices=[c.value for c in Compression], default="raw",
                       help="how each file is stored (model-spec recommends raw; default: %(default)s)")
+    push.add_argument("--pack-small", choices=["auto", "always", "never"], default="auto",
+                      help=f"pack the files under {PACK_BELOW >> 20} MiB together, one tar layer per kind "
+                           f"(uncompressed unless --layer-format names a compression), so that pulls and lazy mounts "
+                           f"fetch a few layers rather than one per file; auto: when there are more than "
+                           f"{PACK_AUTO_FILES} of them (default: %(default)s)")
     push.add_argument("--no-chunk-index", action="store_true",
                       help="do not record the chunk index that lets lazy mounts verify each chunk before serving it")
     push.add_argument("--sign-key", metavar="PATH",
