@@ -17,6 +17,7 @@ file only once its blob is verified and committed.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import stat
@@ -24,15 +25,18 @@ import threading
 import time
 
 from modelcache.assemble.paths import PathFilter, safe_relpath
-from modelcache.assemble.safetar import checked_members, open_tar, tar_errors
 from modelcache.assemble.treerules import Budget
 from modelcache.digest import Digest
-from modelcache.errors import IntegrityError, Kind, ModelCacheError, UnsafeContent
+from modelcache.errors import IntegrityError, Kind, ModelCacheError
+from modelcache.fsutil import pwrite_all
+from modelcache.lazy.chunkcache import RANGE_CHUNK
 from modelcache.lazy.fetch import RangeReads
 from modelcache.lazy.lazytree import Node as Node
 from modelcache.lazy.lazytree import Source, check_links, ensure_dir, merge_layer
 from modelcache.lazy.live import LiveReads
 from modelcache.lazy.state import LazyBroken
+from modelcache.lazy.tarindex import BlobFile, TarLayers, tar_tree
+from modelcache.registry.manifest import Descriptor
 from modelcache.registry.mediatypes import Compression
 from modelcache.trust import chunkindex
 
@@ -60,6 +64,7 @@ class LazyModel(LiveReads, RangeReads):
         budget = Budget.for_model(self.cache.max_model_files, self.cache.max_model_bytes,
                                   sum(s.descriptor.size for s in steps if s.compression.is_tar),
                                   self.cache.expand_ratio)
+        tars = TarLayers(self._index_tar, [s.descriptor for s in steps if s.compression is Compression.TAR], budget)
         for step in steps:
             descriptor = step.descriptor
             if step.compression in (Compression.RAW, Compression.TAR):
@@ -68,7 +73,7 @@ class LazyModel(LiveReads, RangeReads):
                 budget.charge(f"layer {descriptor.digest}", entries=1, nbytes=descriptor.size)
                 self._add_file(step.dest, Source(descriptor.digest, descriptor.size, 0, descriptor.size), 0o444)
             elif step.compression is Compression.TAR:
-                layer = self._index_tar(descriptor.digest, descriptor.size, budget)
+                layer = tars.next(budget)
                 base = ensure_dir(self.root, step.dest.split("/")) if step.dest else self.root
                 merge_layer(base, layer, step.dest, path_filter)
             else:
@@ -105,38 +110,32 @@ class LazyModel(LiveReads, RangeReads):
             node = child
         return node
 
-    def _index_tar(self, digest: Digest, size: int, budget: Budget) -> Node:
-        """The tree of an uncompressed tar blob, from its headers only (read with range requests), built from
-        the members as extraction creates them (:func:`modelcache.assemble.safetar.checked_members`: the same checks,
-        the same order, links last, the same charges to the model's ``budget``)."""
-        what = f"layer {digest}"
-        layer = Node("dir", 0o555)
-        files: dict[str, Node] = {}
-        with tar_errors(what, Compression.TAR), open_tar(_BlobReader(self, digest, size), streaming=False) as archive:
-            for member in checked_members(archive, prefix="", budget=budget, what=what):
-                info = member.info
-                parts = info.name.split("/")
-                parent = ensure_dir(layer, parts[:-1])
-                if member.removes:
-                    parent.children.pop(parts[-1], None)
-                elif info.isdir():
-                    existing = parent.children.get(parts[-1])
-                    if existing is None or existing.kind != "dir":
-                        parent.children[parts[-1]] = Node("dir", 0o555)
-                elif info.isreg():
-                    files[info.name] = parent.children[parts[-1]] = Node(
-                        "file", (info.mode & 0o555) | 0o444, info.size,
-                        source=Source(digest, size, info.offset_data, info.size))
-                elif info.issym():
-                    parent.children[parts[-1]] = Node("symlink", 0o777, len(info.linkname), target=info.linkname)
-                else:  # a hard link: the same file as the one it names (checked_members: a file of this layer)
-                    source = files.get(info.linkname)
-                    if source is None:
-                        raise UnsafeContent(f"{what}: hard link {info.name!r} points to {info.linkname!r}, "
-                                            f"which is not a file of this layer")
-                    files[info.name] = parent.children[parts[-1]] = Node("file", source.mode, source.size,
-                                                                         source=source.source)
-        return layer
+    def _index_tar(self, descriptor: Descriptor, budget: Budget) -> Node:
+        """The tree of an uncompressed tar layer from its headers (:func:`tar_tree`, charging ``budget``), read
+        through :meth:`read_blob`; but a layer no larger than a range chunk, which its first range request
+        would fetch whole anyway, is fetched whole in one request, verified against its digest (no range of it
+        is recorded as served), kept as its present chunks and its headers read from there."""
+        digest, size = descriptor.digest, descriptor.size
+        if size <= RANGE_CHUNK and digest.algorithm == "sha256" and not self.cache.store.has_blob(digest, size):
+            chunks = self._chunk_cache(digest, size)
+            if chunks.enter():
+                try:
+                    count = -(-size // chunks.chunk_size)
+                    if len(chunks.present) < count:
+                        try:
+                            self.cache.client.read_range(self.resolved.reference, digest, 0, size, size,
+                                                         functools.partial(pwrite_all, chunks.fd), digest.hex)
+                        except IntegrityError:
+                            raise IntegrityError(f"layer {digest}: no endpoint answered the blob its digest "
+                                                 f"names") from None
+                        with chunks.lock:
+                            chunks.present.update(range(count))
+                    return tar_tree(BlobFile(size, lambda offset, n: os.pread(chunks.fd, n, offset)), digest,
+                                    size, budget)
+                finally:
+                    chunks.leave()
+        return tar_tree(BlobFile(size, lambda offset, n: self.read_blob(digest, size, offset, n)), digest, size,
+                        budget)
 
     # -- the background pull ----------------------------------------------------------------------------
     def start_background(self) -> threading.Thread:
@@ -320,30 +319,3 @@ class LazyModel(LiveReads, RangeReads):
                     self._local_busy.discard(digest)
 
         threading.Thread(target=run, name="local-readahead", daemon=True).start()
-
-
-class _BlobReader:
-    """A read-only, seekable file over a blob read through :meth:`LazyModel.read_blob` (so tarfile can read
-    the headers of an uncompressed tar layer and seek over the data it never reads)."""
-
-    def __init__(self, model: LazyModel, digest: Digest, size: int) -> None:
-        self.model, self.digest, self.size, self.position = model, digest, size, 0
-
-    def read(self, n: int = -1) -> bytes:
-        n = self.size - self.position if n is None or n < 0 else min(n, self.size - self.position)
-        if n <= 0:
-            return b""
-        data = self.model.read_blob(self.digest, self.size, self.position, n)
-        self.position += len(data)
-        return data
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        base = {os.SEEK_SET: 0, os.SEEK_CUR: self.position, os.SEEK_END: self.size}[whence]
-        self.position = max(0, base + offset)
-        return self.position
-
-    def tell(self) -> int:
-        return self.position
-
-    def seekable(self) -> bool:
-        return True

@@ -35,6 +35,7 @@ class ProxyBehaviour:
     ignore_range: bool = False             # serve 200 with the whole body even for Range requests
     corrupt_ranges: bool = False           # flip a byte in every 206 body (whole-blob GETs stay right)
     shift_ranges: int = 0                  # answer a Range request with the range this many bytes later
+    blob_delay: float = 0.0                # wait this long before answering each blob GET
 
 
 @dataclass
@@ -42,6 +43,8 @@ class ProxyStats:
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     blob_gets: Counter[str] = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    blob_gets_now: int = 0                 # blob GETs being answered
+    blob_gets_peak: int = 0                # the most answered at once
 
 
 class RegistryProxy:
@@ -78,10 +81,25 @@ class RegistryProxy:
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
         b = self.behaviour
         path = h.path
+        blob_get = h.command == "GET" and "/blobs/sha256:" in path
         with self.stats.lock:
             self.stats.requests.append((h.command, path, {k.lower(): v for k, v in h.headers.items()}))
-            if h.command == "GET" and "/blobs/sha256:" in path:
+            if blob_get:
                 self.stats.blob_gets[urlsplit(path).path.rsplit("/", 1)[-1]] += 1
+                self.stats.blob_gets_now += 1
+                self.stats.blob_gets_peak = max(self.stats.blob_gets_peak, self.stats.blob_gets_now)
+        try:
+            if blob_get and b.blob_delay:
+                time.sleep(b.blob_delay)
+            self._answer(h)
+        finally:
+            if blob_get:
+                with self.stats.lock:
+                    self.stats.blob_gets_now -= 1
+
+    def _answer(self, h: BaseHTTPRequestHandler) -> None:
+        b = self.behaviour
+        path = h.path
         length = int(h.headers.get("Content-Length") or 0)
         body = h.rfile.read(length) if length else None
         if urlsplit(path).path == "/token":
