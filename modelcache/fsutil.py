@@ -125,11 +125,14 @@ def wait_writeback(fd: int, offset: int, length: int) -> None:
 
 
 WRITE_BEHIND_WINDOW = 16 << 20
+WRITE_BEHIND_DEPTH = 4  # windows whose writeback may still run while the writer goes on
 
 
 class WritebackWindows:
     """For a file written front to back: start writeback of each finished window at once and wait for the
-    one before it, so dirty pages stay bounded and the final fsync has little left to do."""
+    one WRITE_BEHIND_DEPTH windows before it, so dirty pages stay bounded (at most about
+    (WRITE_BEHIND_DEPTH + 1) x WRITE_BEHIND_WINDOW = 80 MiB per stream), a slow moment of the disk does not
+    stall the network at once, and the final fsync has little left to do."""
 
     def __init__(self, fd: int, position: int = 0) -> None:
         self.fd = fd
@@ -143,8 +146,9 @@ class WritebackWindows:
         """The file is written up to ``position``."""
         while position - self.flushed >= WRITE_BEHIND_WINDOW:
             start_writeback(self.fd, self.flushed, WRITE_BEHIND_WINDOW)
-            if self.flushed >= WRITE_BEHIND_WINDOW:
-                wait_writeback(self.fd, self.flushed - WRITE_BEHIND_WINDOW, WRITE_BEHIND_WINDOW)
+            behind = self.flushed - WRITE_BEHIND_DEPTH * WRITE_BEHIND_WINDOW
+            if behind >= 0:
+                wait_writeback(self.fd, behind, WRITE_BEHIND_WINDOW)
             self.flushed += WRITE_BEHIND_WINDOW
 
 

@@ -22,11 +22,18 @@ from modelcache.registry.manifest import (
     select_from_index,
 )
 from modelcache.registry.reference import Reference
-from modelcache.registry.transport import STREAM_ERRORS, Transport, closing_response, read_limited, scope_for
+from modelcache.registry.transport import (
+    STREAM_ERRORS,
+    Transport,
+    body_reader,
+    closing_response,
+    read_limited,
+    scope_for,
+)
 
 log = logging.getLogger(__name__)
 
-READ_SIZE = 256 << 10  # bytes read from a blob response at a time (fits L2 between recv and write)
+READ_SIZE = 1 << 20  # bytes read from a blob response at a time (fits L2 between recv, write and hash)
 MAX_CONFIG_BYTES = 4 << 20
 OnBytes = Callable[[int], None]  # told how many bytes just arrived
 
@@ -181,10 +188,10 @@ class RegistryClient:
                     out.truncate()
                     verifier.reset()
                 try:
-                    raw = response.raw
+                    readinto = body_reader(response)
                     buffer = bytearray(READ_SIZE)  # one buffer for the whole stream: no allocation per read
                     view = memoryview(buffer)
-                    while n := raw.readinto(buffer):
+                    while n := readinto(buffer):
                         verifier.update(view[:n])
                         out.write(view[:n])
                         if progress:
@@ -230,7 +237,8 @@ class RegistryClient:
                                                                     f"bytes {position}-{end}/*"):
                     raise IntegrityError(f"{what}: the registry answered {answered or 'no Content-Range'} instead")
                 try:
-                    while position <= end and (n := response.raw.readinto(buffer)):
+                    readinto = body_reader(response)
+                    while position <= end and (n := readinto(buffer)):
                         n = min(n, end + 1 - position)
                         write(position, view[:n])
                         position += n

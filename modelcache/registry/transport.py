@@ -11,6 +11,7 @@ on another host only over https (as Docker's token auth does). Where each connec
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import logging
 import random
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 STREAM_ERRORS: tuple[type[BaseException], ...] = (
     requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
-    urllib3.exceptions.HTTPError, ConnectionError, TimeoutError,
+    urllib3.exceptions.HTTPError, http.client.HTTPException, ConnectionError, TimeoutError,
 )
 # each matched where the last one ended, never searched for: parsing a challenge is linear in its length
 _CHALLENGE_SEPARATORS = re.compile(r'[\s,]*')
@@ -422,6 +423,24 @@ class Transport:
 
 def _basic(creds: Credentials) -> str:
     return "Basic " + base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
+
+
+def body_reader(response: requests.Response) -> Callable[[bytearray], int]:
+    """``readinto`` of a streamed response's body, filling the whole buffer per call (short only at the
+    end). http.client's own response where urllib3 wraps one: urllib3's ``readinto`` reads into a new
+    bytes object and copies it, a copy and an allocation per read at line rate. Either way the body comes
+    as sent (blob bytes are never content-decoded) and its caller verifies it."""
+    inner = getattr(response.raw, "_fp", None)
+    if isinstance(inner, http.client.HTTPResponse) and not getattr(response.raw, "_fp_bytes_read", 0):
+        return inner.readinto
+    raw = response.raw
+
+    def fill(buffer: bytearray) -> int:
+        view, got = memoryview(buffer), 0
+        while got < len(buffer) and (n := raw.readinto(view[got:])):
+            got += n
+        return got
+    return fill
 
 
 @contextmanager
