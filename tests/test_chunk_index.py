@@ -20,7 +20,7 @@ from modelcache.assemble.options import PullOptions
 from modelcache.cache import ModelCache
 from modelcache.digest import Digest
 from modelcache.errors import IntegrityError, Kind
-from modelcache.lazy.model import LazyBroken, LazyModel
+from modelcache.lazy.model import LazyBroken, LazyModel, Node
 from modelcache.push import push_directory
 from modelcache.registry import mediatypes as mt
 from modelcache.registry.reference import parse_reference
@@ -41,6 +41,22 @@ def model_dir(tmp_path: Path) -> tuple[Path, bytes]:
     (directory / "weights.safetensors").write_bytes(weights)
     (directory / "config.json").write_bytes(b'{"hidden": 8}')
     return directory, weights
+
+
+def _live_model(registry, tmp_path: Path, name: str, chunk_index: bool) -> tuple[ModelCache, LazyModel, Node, bytes]:  # type: ignore[no-untyped-def]
+    """A lazy model of :func:`model_dir` pushed as ``chunks/<name>`` (ranged downloads from 1 MiB), built,
+    and its weights file."""
+    client = make_client()
+    directory, weights = model_dir(tmp_path)
+    ref = parse_reference(f"{registry.host}/chunks/{name}:v1")
+    push_directory(client, directory, ref, chunk_index=chunk_index)
+    cache = ModelCache(ContentStore(tmp_path / "root"), client, connections_per_blob=4, ranged_min_size=1 << 20)
+    cache.store.ensure()
+    model = LazyModel(cache, cache.client.resolve(ref), PullOptions())
+    model.build()
+    node = model.lookup_path("weights.safetensors")
+    assert node is not None
+    return cache, model, node, weights
 
 
 def test_push_binds_a_chunk_index_and_the_artifact_stays_plain_modelpack(registry, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -169,16 +185,8 @@ def test_a_damaged_download_under_way_is_never_trusted(registry, tmp_path: Path,
     index only after the chunk verifies (else it is fetched by range); without one the floor applies: what
     was served is compared with the verified blob once it commits (by hash, or for a partial file with an
     ingest mark, by the mark the committed blob carries), and a difference breaks the model."""
-    client = make_client()
-    directory, weights = model_dir(tmp_path)
-    ref = parse_reference(f"{registry.host}/chunks/live:v1")
-    push_directory(client, directory, ref, chunk_index=with_index)
-    cache = ModelCache(ContentStore(tmp_path / "root"), client, connections_per_blob=4, ranged_min_size=1 << 20)
-    cache.store.ensure()
-    model = LazyModel(cache, cache.client.resolve(ref), PullOptions())
-    model.build()
-    node = model.lookup_path("weights.safetensors")
-    assert node is not None and node.source is not None
+    cache, model, node, weights = _live_model(registry, tmp_path, "live", with_index)
+    assert node.source is not None
     damaged = bytearray(weights)
     damaged[100] ^= 0xFF
     partial, state = cache.store.ranged_paths(node.source.digest)  # as another process left it
@@ -207,16 +215,8 @@ def test_reads_of_a_marked_download_are_recorded_once_and_hold_when_it_commits(r
     """Without a chunk index, reads of the running download's own partial file (it carries an ingest mark)
     are recorded once, by the mark, not hashed range by range; the download resumes in the same file and
     commits it by rename, so the committed blob carries the mark and the served bytes hold."""
-    client = make_client()
-    directory, weights = model_dir(tmp_path)
-    ref = parse_reference(f"{registry.host}/chunks/marked:v1")
-    push_directory(client, directory, ref, chunk_index=False)
-    cache = ModelCache(ContentStore(tmp_path / "root"), client, connections_per_blob=4, ranged_min_size=1 << 20)
-    cache.store.ensure()
-    model = LazyModel(cache, cache.client.resolve(ref), PullOptions())
-    model.build()
-    node = model.lookup_path("weights.safetensors")
-    assert node is not None and node.source is not None
+    cache, model, node, weights = _live_model(registry, tmp_path, "marked", False)
+    assert node.source is not None
     digest = node.source.digest
     partial, state = cache.store.ranged_paths(digest)  # a download killed half-way, as its ingest left it
     partial.write_bytes(weights[:2 * CHUNK] + bytes(len(weights) - 2 * CHUNK))
@@ -243,16 +243,8 @@ def test_a_served_partial_that_gc_removes_is_still_compared(registry, tmp_path: 
     """A marked partial file that lazy reads served from is removed without having failed (gc after the
     plugin died mid-download): what it listed is hashed into range lines first, so the new download's blob
     is compared with them: right bytes give no verdict (its mark alone would), wrong ones give one."""
-    client = make_client()
-    directory, weights = model_dir(tmp_path)
-    ref = parse_reference(f"{registry.host}/chunks/retired:v1")
-    push_directory(client, directory, ref, chunk_index=False)
-    cache = ModelCache(ContentStore(tmp_path / "root"), client, connections_per_blob=4, ranged_min_size=1 << 20)
-    cache.store.ensure()
-    model = LazyModel(cache, cache.client.resolve(ref), PullOptions())
-    model.build()
-    node = model.lookup_path("weights.safetensors")
-    assert node is not None and node.source is not None
+    cache, model, node, weights = _live_model(registry, tmp_path, "retired", False)
+    assert node.source is not None
     digest = node.source.digest
     listed = bytearray(weights[:2 * CHUNK])
     if damaged:
