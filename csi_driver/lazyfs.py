@@ -48,6 +48,7 @@ PENDING_WAIT = 3600.0
 LAZY_RETRY = RetryPolicy(attempts=3, base_delay=0.2, max_delay=2.0, connect_timeout=3.0, read_timeout=10.0)
 CHILD_POLL_SECONDS = 0.1
 OTHERS_POLL_SECONDS = 0.2  # how often a server checks that another process still downloads its model
+VERDICT_POLL_SECONDS = 0.5  # how often a server looks for a verdict another process reached on its model
 STOP_GRACE = 2.0  # a download child told to stop ends within this, at its next read or else at once
 PR_SET_PDEATHSIG = 1
 JOB_WAIT = 600.0  # seconds a server waits for its job before it gives up (its mount pod then ends)
@@ -181,6 +182,14 @@ class LazyOperations(pyfuse3.Operations):
             log.exception("read of inode %d at %d failed unexpectedly", fh, off)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
+    def invalidate_files(self) -> None:
+        """Drop the kernel's cached pages of every file of the view (blocking: call from a worker thread), so
+        that reads of a broken model reach this server and get EIO instead of cached bytes."""
+        for inode, node in list(self.nodes.items()):
+            if node.kind == "file":
+                with contextlib.suppress(OSError):
+                    pyfuse3.invalidate_inode(inode, attr_only=False)
+
     async def release(self, fh: int) -> None:
         return None
 
@@ -221,6 +230,21 @@ def serve(model: LazyModel, target: Path, *, ready: Any = None) -> None:
                 continue
             return
 
+    async def fail_on_verdict() -> None:
+        # a verdict on bytes served before verification, reached by whichever process committed a blob of
+        # the model, breaks the model here within VERDICT_POLL_SECONDS; cached pages are dropped with it
+        while True:
+            finished = model.complete.is_set()
+            try:
+                await trio.to_thread.run_sync(model.check_verdicts)
+            except ModelCacheError:
+                await trio.to_thread.run_sync(operations.invalidate_files)
+                log.error("the kernel's cached pages of %s are dropped: no read gets them again", target)
+                return
+            if finished:
+                return
+            await trio.sleep(VERDICT_POLL_SECONDS)
+
     async def widen_then_announce() -> None:
         await trio.to_thread.run_sync(os.stat, target)  # answered once the kernel's INIT is (which sets read-ahead)
         widen_readahead(target)
@@ -231,6 +255,7 @@ def serve(model: LazyModel, target: Path, *, ready: Any = None) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(upgrade_when_complete)
             nursery.start_soon(widen_then_announce)
+            nursery.start_soon(fail_on_verdict)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
 

@@ -263,8 +263,8 @@ def test_wrong_range_answers_are_caught_when_the_blob_commits(tmp_path: Path, bi
         "csi.storage.k8s.io/pod.uid": "uid-1"})
     try:
         csi.node.NodePublishVolume(request)
-        with open(target / "weights.safetensors", "rb") as handle:
-            served = handle.read(4096)
+        early = os.open(target / "weights.safetensors", os.O_RDONLY)  # held open across the verdict
+        served = os.pread(early, 4096, 0)
         assert served != data[:4096]  # served from a (wrong) range answer: the pull is held, nothing to compare
         assert not csi.root.joinpath("blobs", "sha256", Digest.of_bytes(data).hex).exists()
         proxy.open_gate()
@@ -274,13 +274,17 @@ def test_wrong_range_answers_are_caught_when_the_blob_commits(tmp_path: Path, bi
         assert event["involvedObject"] == {"apiVersion": "v1", "kind": "Pod", "namespace": "inference",
                                            "name": "llm-0", "uid": "uid-1"}
         assert event["type"] == "Warning" and "differ from the verified blob" in event["message"]
-        # the server learns it when its own pull ends (the plugin, from the committer's marker): no order
-        # between the two; until then an open is allowed and the wrong bytes read first are in the page cache
+        # the server learns it from the committer's marker, within a second, and drops the kernel's cached
+        # pages of the view: the handle opened before the verdict, whose wrong bytes were cached, fails too
         server_log = next((csi.root / "csi" / "lazy").glob("*.log"))
-        wait_until(lambda: "THE LAZY MOUNT NOW ANSWERS EIO" in server_log.read_text(), 60)
+        wait_until(lambda: "cached pages of" in server_log.read_text(), 60)
         with pytest.raises(OSError) as info, open(target / "weights.safetensors", "rb") as handle:
             handle.read(4096)
         assert info.value.errno == errno.EIO
+        with pytest.raises(OSError) as info:
+            os.pread(early, 4096, 0)  # its pages were cached before the verdict
+        assert info.value.errno == errno.EIO
+        os.close(early)
         assert mounts_top_is_fuse(target)  # the verified tree is not stacked over a mount that served bad bytes
         stats = csi.node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(volume_id="lazy-bad",
                                                                              volume_path=str(target)))

@@ -209,7 +209,7 @@ class LazyModel(LiveReads, RangeReads):
             return self.read_node(node, offset, size)  # a file of the finished tree
         source = node.source
         if source is None or self.failure is not None:
-            return None
+            return None  # read_node says why
         with self._chunks_lock:
             committed = source.digest in self._fds
         if committed:

@@ -110,6 +110,13 @@ class LazyState:
         if reason is not None:
             raise self._broken(reason)
 
+    def check_verdicts(self) -> None:
+        """:meth:`check_usable`, after looking for a verdict any process reached on the served bytes of the
+        model's blobs (marking the model broken when there is one)."""
+        for digest in list(self.blobs):
+            self._check_served(digest)
+        self.check_usable()
+
     def _record_served(self, digest: Digest, start: int, data: bytes) -> None:
         """Record (durably) that ``data`` at ``start`` of unverified blob ``digest`` is about to be served."""
         self.cache.store.served.record(digest, start, data)
