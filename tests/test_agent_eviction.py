@@ -14,11 +14,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 import requests
@@ -36,6 +34,7 @@ from tests.helpers.namespaces import PLUGIN_NAMESPACE, PodView, share, unmount_t
 from tests.helpers.oci import Fixtures
 from tests.helpers.proxy import ProxyProcess
 from tests.helpers.registry import RunningRegistry
+from tests.helpers.waiting import wait_for
 
 pytestmark = [needs_root, pytest.mark.skipif(shutil.which("unshare") is None, reason="unshare (util-linux) missing")]
 needs_fuse = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse is missing")
@@ -46,15 +45,6 @@ MODEL = 9 << 20
 FS_SIZE = 96 << 20
 POD_UID = "7c1d2e3f-4a5b-4c6d-8e9f-0a1b2c3d4e5f"
 
-
-def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 120.0) -> Any:
-    """Poll ``predicate`` until it is true; ``timeout`` only guards against a hang."""
-    deadline = time.monotonic() + timeout
-    while not (found := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-    return found
 
 
 @pytest.fixture

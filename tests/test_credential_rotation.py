@@ -13,10 +13,8 @@ import re
 import shutil
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -27,6 +25,7 @@ from tests.helpers.csi import CsiProcess, publish_request
 from tests.helpers.fakekube import Cluster, modelcache, write_kubeconfig
 from tests.helpers.oci import Fixtures
 from tests.helpers.registry import REGISTRY_BINARY, RunningRegistry, start_registry
+from tests.helpers.waiting import wait_for
 
 pytestmark = [needs_root, pytest.mark.skipif(REGISTRY_BINARY is None or shutil.which("htpasswd") is None,
                                              reason="docker-registry or htpasswd (apache2-utils) not installed")]
@@ -78,14 +77,6 @@ def docker_config(host: str, password: str) -> bytes:
     auth = base64.b64encode(f"{USER}:{password}".encode()).decode()
     return json.dumps({"auths": {host: {"auth": auth}}}).encode()
 
-
-def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 120.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (found := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-    return found
 
 
 @pytest.fixture

@@ -6,11 +6,10 @@ fails a model the cache could never hold with a status that says so, evicting no
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,8 @@ from tests.helpers.fakekube import Cluster, modelcache, write_kubeconfig
 from tests.helpers.oci import Fixtures
 from tests.helpers.proxy import ProxyProcess
 from tests.helpers.registry import RunningRegistry
+from tests.helpers.smallfs import small_filesystems
+from tests.helpers.waiting import timed_read, wait_for
 from tests.test_eviction import declaring
 
 pytestmark = needs_root
@@ -34,34 +35,15 @@ needs_fuse = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fu
 HANG_GUARD = 120.0
 
 
-def wait_for(predicate: Callable[[], Any], what: str, timeout: float = HANG_GUARD) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (found := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-    return found
-
 
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
     """``make(size)``: a fresh tmpfs of ``size`` (``mount -o size=``) to use as a cache root."""
-    mounted: list[Path] = []
-
-    def make(size: str) -> Path:
-        path = tmp_path / f"fs{len(mounted)}"
-        path.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
-        mounted.append(path)
-        return path
-
-    yield make
-    for path in mounted:
-        for line in reversed(Path("/proc/self/mountinfo").read_text().splitlines()):
-            point = line.split()[4]
-            if point.startswith(str(tmp_path)) and point != str(path):
-                subprocess.run(["umount", "-l", point], check=False)
-        subprocess.run(["umount", "-l", str(path)], check=False)
+    names = itertools.count()
+    filesystems = small_filesystems(tmp_path)
+    make = next(filesystems)
+    yield lambda size: make(f"fs{next(names)}", size)
+    next(filesystems, None)  # unmounts
 
 
 def fill(directory: Path, leave: int = 0) -> Path:
@@ -81,22 +63,6 @@ def fill(directory: Path, leave: int = 0) -> Path:
     return filler
 
 
-def read_in_thread(path: Path, offset: int, size: int) -> BaseException | bytes | None:
-    """What a read returned or raised; None if it was still blocked at the hang guard."""
-    outcome: list[BaseException | bytes] = []
-
-    def run() -> None:
-        try:
-            with open(path, "rb") as handle:
-                handle.seek(offset)
-                outcome.append(handle.read(size))
-        except OSError as exc:
-            outcome.append(exc)
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(HANG_GUARD)
-    return outcome[0] if outcome else None
-
 
 @needs_fuse
 def test_a_lazy_read_on_a_full_cache_gives_eio_and_reads_again_once_there_is_room(
@@ -113,13 +79,13 @@ def test_a_lazy_read_on_a_full_cache_gives_eio_and_reads_again_once_there_is_roo
                                    timeout=60)
         filler = fill(root)
         middle = size // 2
-        failed = read_in_thread(target / "weights.safetensors", middle, 1 << 20)  # its chunk cannot be written
+        failed = timed_read(target / "weights.safetensors", middle, 1 << 20)[0]  # its chunk cannot be written
         assert isinstance(failed, OSError) and failed.errno == errno.EIO, failed
         log = next((root / "csi" / "lazy").glob("*.log")).read_text()
         assert "No space left on device" in log, log[-3000:]
         assert mounts_at(target)[-1].fstype == "fuse.ocimodel"  # the view still serves
         filler.unlink()
-        again = read_in_thread(target / "weights.safetensors", middle, 1 << 20)
+        again = timed_read(target / "weights.safetensors", middle, 1 << 20)[0]
         assert again == data[middle:middle + (1 << 20)]
         proxy.open_gate()
         wait_for(lambda: mounts_at(target)[-1].fstype != "fuse.ocimodel", "the finished tree")

@@ -15,8 +15,6 @@ import errno
 import os
 import socket
 import subprocess
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from tests.helpers.csi import CsiProcess, publish_request
 from tests.helpers.oci import Fixtures
 from tests.helpers.proxy import ProxyProcess
 from tests.helpers.registry import RunningRegistry
+from tests.helpers.waiting import timed_read
 
 pytestmark = [needs_root, pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse is missing")]
 SIZE = 24 << 20
@@ -75,23 +74,6 @@ class Silent:
             filler.close()
         self.listener.close()
 
-
-def timed_read(path: Path, offset: int, size: int) -> tuple[BaseException | bytes | None, float]:
-    """Read in a thread; what it returned or raised, and after how long (None: still blocked at the guard)."""
-    outcome: list[BaseException | bytes] = []
-
-    def run() -> None:
-        try:
-            with open(path, "rb") as handle:
-                handle.seek(offset)
-                outcome.append(handle.read(size))
-        except OSError as exc:
-            outcome.append(exc)
-    started = time.monotonic()
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(HANG_GUARD)
-    return (outcome[0] if outcome else None), time.monotonic() - started
 
 
 @pytest.mark.parametrize("how", ["refused", "silent", "stalled"])

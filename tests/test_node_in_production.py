@@ -38,6 +38,7 @@ from tests.conftest import make_client, needs_root
 from tests.helpers.csi import CsiProcess, code_of, is_mounted, publish_request
 from tests.helpers.fakekube import write_kubeconfig
 from tests.helpers.oci import Fixtures
+from tests.helpers.smallfs import small_filesystems
 from tests.helpers.waiting import ends
 
 pytestmark = needs_root
@@ -52,22 +53,7 @@ def slow_proxy(proxy_process):  # type: ignore[no-untyped-def]
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[object]:
     """A real, small filesystem to fill up."""
-    mounted: list[Path] = []
-
-    def make(name: str, size: str) -> Path:
-        path = tmp_path / name
-        path.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
-        mounted.append(path)
-        return path
-
-    yield make
-    for path in mounted:
-        for line in reversed(Path("/proc/self/mountinfo").read_text().splitlines()):
-            point = line.split()[4]
-            if point.startswith(str(tmp_path)) and point != str(path):
-                subprocess.run(["umount", "-l", point], check=False)
-        subprocess.run(["umount", "-l", str(path)], check=False)
+    yield from small_filesystems(tmp_path)
 
 
 def fill(directory: Path) -> Path:
