@@ -127,16 +127,19 @@ class LazyState:
         its partial download next time) and delete the chunk files without waiting for fetches in flight."""
         self.stopping.set()
         with self._chunks_lock:
-            for chunks in self._chunks.values():
-                chunks.discard()
+            caches = list(self._chunks.values())
             self._chunks.clear()
+        for chunks in caches:
+            chunks.discard()
 
     def close(self) -> None:
-        """Delete the partial chunk files (the background pull keeps its own resumable ingest)."""
+        """Delete the partial chunk files (the background pull keeps its own resumable ingest). Outside the
+        lock: a chunk cache waits for its fetches in flight, and a fetch may need the lock (a verdict)."""
         with self._chunks_lock:
-            for chunks in self._chunks.values():
-                chunks.close()
+            caches = list(self._chunks.values())
             self._chunks.clear()
+        for chunks in caches:
+            chunks.close()
 
     def check_usable(self) -> None:
         """Raise :class:`LazyBroken` when reads must fail (a verification failure is permanent)."""
