@@ -12,10 +12,10 @@
   by default), with a chunk index and without: a sequential read of every file through the lazy mount
   started at publish, each file opened when its read starts (as loaders do: a file opened once the model is
   complete reads the finished tree stacked over the view), against publishing a plain (bind) volume, which
-  pulls first, then reading the same files; the first MiB at the end of the last shard through a lazy mount; and once the pull is complete, a
-  warm re-read through the FUSE handles opened at publish (the FUSE inodes' page cache) against a warm
-  direct read of the cached files. Caches dropped and memory prefaulted before each cold run, the order
-  of lazy and pull alternating, medians of ``--runs``.
+  pulls first, then reading the same files; the first MiB at the end of the last shard through a lazy
+  mount; and once the pull is complete, a warm re-read through the FUSE handles opened at publish (the
+  FUSE inodes' page cache) against a warm direct read of the cached files. Caches dropped and memory
+  prefaulted before each cold run, the order of lazy and pull alternating, medians of ``--runs``.
 
 Usage (root, /dev/fuse): python bench/lazy.py [--gib 2] [--cases publish,during-pull,full-load]
 """
