@@ -32,12 +32,16 @@ from modelcache.store.content import ContentStore
 
 log = logging.getLogger(__name__)
 
+SMALL_BLOB = 1 << 20  # a blob smaller than this costs round trips and fsyncs rather than bandwidth
+SMALL_BLOB_WORKERS = 16  # small blobs fetched at a time, besides the ``workers`` large ones
+
 
 def download_blobs(store: ContentStore, client: RegistryClient, ref: Reference, descriptors: list[Descriptor],
                    progress: Progress, workers: int, cancel: threading.Event | None = None, *,
                    connections: int = 1, ranged_min_size: int = 0) -> None:
     """Download every blob of ``descriptors`` the store lacks (verified, resumable, ``workers`` blobs at a
-    time; a blob of at least ``ranged_min_size`` bytes over ``connections`` concurrent Range requests).
+    time and SMALL_BLOB_WORKERS small ones besides; a blob of at least ``ranged_min_size`` bytes over
+    ``connections`` concurrent Range requests).
     Once ``cancel`` is set, each download stops at its next read, its partial file kept for resuming.
     Declared sizes are not trusted to free space: a download runs into the free space, and a full disk
     raises :class:`StoreFull` with the bytes still to come (the partial file kept), for eviction to make room
@@ -52,8 +56,9 @@ def download_blobs(store: ContentStore, client: RegistryClient, ref: Reference, 
     for descriptor in descriptors:
         unique.setdefault(descriptor.digest, descriptor)
     missing = [d for d in unique.values() if not store.has_blob(d.digest, d.size)]
+    absent = {d.digest for d in missing}
     for descriptor in unique.values():
-        if descriptor not in missing:
+        if descriptor.digest not in absent:
             store.served.settle(descriptor.digest)  # its committer may have died before comparing
     total = sum(d.size for d in unique.values())
     progress.set("downloading", total=total, done=total - sum(d.size for d in missing))
@@ -86,9 +91,12 @@ def download_blobs(store: ContentStore, client: RegistryClient, ref: Reference, 
     if len(missing) == 1:
         fetch_one(missing[0])
         return
-    with ThreadPoolExecutor(max_workers=min(workers, len(missing)),
-                            thread_name_prefix="blob") as pool:
-        futures = [pool.submit(fetch_one, d) for d in sorted(missing, key=lambda d: -d.size)]
+    large = sorted((d for d in missing if d.size >= SMALL_BLOB), key=lambda d: -d.size)
+    small = [d for d in missing if d.size < SMALL_BLOB]
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(large))), thread_name_prefix="blob") as pool, \
+            ThreadPoolExecutor(max_workers=max(1, min(SMALL_BLOB_WORKERS, len(small))),
+                               thread_name_prefix="small-blob") as small_pool:
+        futures = [pool.submit(fetch_one, d) for d in large] + [small_pool.submit(fetch_one, d) for d in small]
         errors = []
         for future in futures:
             try:
