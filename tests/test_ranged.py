@@ -182,7 +182,7 @@ def test_the_node_wide_connection_limit_holds_across_ingests(tmp_path: Path) -> 
     active, peak, lock = 0, 0, threading.Lock()
 
     def fetch_from(data: bytes):  # type: ignore[no-untyped-def]
-        inner = _serve(data, [], busy=False)
+        inner = _serve(data, [], busy=False, hold_lead=True)  # split for sure, even on a busy machine
 
         def fetch(start: int, length: int, write) -> None:  # type: ignore[no-untyped-def]
             nonlocal active, peak
