@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -16,8 +17,8 @@ from tests.helpers.registry import RunningRegistry, start_registry  # noqa: E402
 
 OCIMODEL = [sys.executable, "-m", "ocimodel.cli"]
 
-__all__ = ["OCIMODEL", "RunningRegistry", "drop_caches", "make_shards", "prefault", "start_registry", "timed",
-           "warm"]
+__all__ = ["OCIMODEL", "Run", "RunningRegistry", "drop_caches", "make_shards", "measure", "prefault",
+           "start_registry", "timed", "warm"]
 
 
 def drop_caches() -> bool:
@@ -70,16 +71,36 @@ def _hwm(pid: int) -> int:
     return 0
 
 
-def timed(cmd: list[str], **kwargs: object) -> tuple[float, int]:
-    """Run ``cmd``; return wall seconds and its peak RSS in bytes (VmHWM polled every 20 ms; the
-    rusage of wait4 would include the forking parent's memory)."""
+@dataclass
+class Run:
+    """What a child process took: wall seconds, peak RSS (bytes), user and system CPU seconds."""
+
+    seconds: float
+    peak_rss: int
+    user: float
+    sys: float
+
+
+def measure(cmd: list[str], **kwargs: object) -> Run:
+    """Run ``cmd`` and measure it: its peak RSS is VmHWM polled every 20 ms (the ru_maxrss of wait4 would
+    include the forking parent's memory), its CPU the rusage of wait4."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kwargs)  # type: ignore[call-overload]
     peak = 0
-    while proc.poll() is None:
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
         peak = max(peak, _hwm(proc.pid))
         time.sleep(0.02)
     elapsed = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
-    return elapsed, peak
+    return Run(elapsed, peak, usage.ru_utime, usage.ru_stime)
+
+
+def timed(cmd: list[str], **kwargs: object) -> tuple[float, int]:
+    """Run ``cmd``; return wall seconds and its peak RSS in bytes (see :func:`measure`)."""
+    run = measure(cmd, **kwargs)
+    return run.seconds, run.peak_rss
