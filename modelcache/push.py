@@ -124,14 +124,15 @@ def layer_groups(files: list[File], pack_small: bool | None) -> list[list[File]]
     if not (len(small) > PACK_AUTO_FILES if pack_small is None else pack_small):
         return [[f] for f in files]
     groups = [[f] for f in files if f[2].st_size >= PACK_BELOW]
-    packs: dict[str, list[File]] = {}
+    packs: dict[str, list[File]] = {}  # the open pack of each kind ...
+    sizes: dict[str, int] = {}  # ... and the bytes it holds
     for file in small:
-        kind = layer_kind(file[0])
-        pack = packs.get(kind)
-        if pack is None or sum(f[2].st_size for f in pack) + file[2].st_size > PACK_LAYER_BYTES:
-            pack = packs[kind] = []
-            groups.append(pack)
-        pack.append(file)
+        kind, size = layer_kind(file[0]), file[2].st_size
+        if kind not in packs or sizes[kind] + size > PACK_LAYER_BYTES:
+            packs[kind], sizes[kind] = [], 0
+            groups.append(packs[kind])
+        packs[kind].append(file)
+        sizes[kind] += size
     return groups
 
 

@@ -7,6 +7,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
+from modelcache import push
 from modelcache.cache import ModelCache
 from modelcache.push import PACK_AUTO_FILES, PACK_BELOW, layer_groups, push_directory
 from modelcache.registry import mediatypes as mt
@@ -19,9 +22,9 @@ from tests.helpers.proxy import RegistryProxy
 TAR = mt.model_layer_type("weight.config", mt.Compression.TAR)
 
 
-def test_layer_groups_pack_small_files_by_kind(tmp_path: Path) -> None:
+def test_layer_groups_pack_small_files_by_kind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Auto: small files are packed (one tar layer per kind, after the large files) only when there are more
-    than PACK_AUTO_FILES of them; always and never as said."""
+    than PACK_AUTO_FILES of them; always and never as said; a pack full at PACK_LAYER_BYTES starts another."""
     def file(name: str, size: int):  # type: ignore[no-untyped-def]
         path = tmp_path / name
         with open(path, "wb") as out:
@@ -35,6 +38,8 @@ def test_layer_groups_pack_small_files_by_kind(tmp_path: Path) -> None:
     assert layer_groups([large, *few], True) == [[large], few[:3], few[3:]]
     many = [file(f"d{i}.json", 10) for i in range(PACK_AUTO_FILES + 1)]
     assert layer_groups([*many, large], None) == [[large], many]
+    monkeypatch.setattr(push, "PACK_LAYER_BYTES", 25)  # a pack holds at most 25 bytes: two files of 10
+    assert layer_groups(few, True) == [few[:2], few[2:3], few[3:]]
 
 
 def test_push_packs_a_directory_of_many_small_files(registry, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
