@@ -223,6 +223,8 @@ def test_relabelled_out_mid_staging(setup: Setup) -> None:
         d2 = setup.push()
         setup.proxy.gate.clear()
         run.tick_until(lambda: [e for e in setup.entries() if e.get("stagedDigest") == d2])
+        # mid-staging means the download is running (held at the gate): staging is reported just before it starts
+        setup.cluster.wait_for(lambda: setup.proxy.held)
         setup.cluster.node_labels = {k: v for k, v in NODE_LABELS.items() if k != "nodegroup"}
         setup.entry(lambda e: e == {})  # this node's entry removed
         setup.cluster.wait_for(lambda: {LABEL: None, REVISION_LABEL: None} in setup.label_patches())
