@@ -16,6 +16,7 @@ from modelcache.cache import ModelCache
 from modelcache.digest import Digest
 from modelcache.errors import Kind, ModelCacheError
 from modelcache.registry.hosts import HostsConfig, RegistryHost
+from modelcache.registry.reference import parse_reference
 from modelcache.store.content import ContentStore
 from modelcache.upkeep.gc import usage
 from tests.conftest import make_client
@@ -120,6 +121,40 @@ def test_broken_stream_resumes_with_range(fixtures: Fixtures, proxy_factory, cac
     ranges = [h.get("range") for m, p, h in proxy.stats.requests if m == "GET" and "/blobs/" in p and h.get("range")]
     assert ranges and ranges[0].startswith("bytes=") and ranges[0] != "bytes=0-"
     assert result.downloaded_bytes == len(data)  # nothing fetched twice
+
+
+def test_range_reads_reuse_their_connection(fixtures: Fixtures, proxy_factory) -> None:
+    """A lazy read or a ranged piece asks one range per request: each whole answer hands its connection back
+    (a new TCP and TLS handshake per range would cost more than a small range itself); a range left unread
+    does not, so a connection never carries the rest of an old answer into a new request."""
+    data = os.urandom(3_000_000)  # larger than one read: a reader can stop mid-answer
+    fixtures.raw_model("reuse/model:v1", {"w": data})
+    proxy = proxy_factory(ProxyBehaviour(keep_alive=True))
+    client = make_client()
+    ref = parse_reference(f"{proxy.host}/reuse/model:v1")
+    digest = Digest.of_bytes(data)
+    got = bytearray(len(data))
+
+    def write(offset: int, view: memoryview) -> None:
+        got[offset:offset + len(view)] = view
+
+    client.resolve(ref)
+    before = proxy.stats.connections
+    for start in range(0, len(data), 300_000):
+        client.download_range(ref, digest, len(data), start, 300_000, write)
+    assert bytes(got) == data
+    assert proxy.stats.connections == before  # ten ranges, on the connection the manifest came over
+
+    class Enough(Exception):
+        pass
+
+    def stop(offset: int, view: memoryview) -> None:
+        raise Enough
+    with pytest.raises(Enough):  # a reader that gives up mid-answer
+        client.download_range(ref, digest, len(data), 0, len(data), stop)
+    client.download_range(ref, digest, len(data), 0, 100_000, write)
+    assert proxy.stats.connections == before + 1  # the half-read connection was closed, not reused
+    assert bytes(got) == data
 
 
 def test_registry_ignoring_range_restarts_cleanly(fixtures: Fixtures, proxy_factory, cache_root: Path) -> None:

@@ -445,11 +445,17 @@ def body_reader(response: requests.Response) -> Callable[[bytearray], int]:
 
 @contextmanager
 def closing_response(response: requests.Response) -> Iterator[requests.Response]:
-    """Close ``response`` on exit, returning its connection to the pool when possible."""
+    """Close ``response`` on exit, returning its connection to the pool when possible: when its body was
+    read to the end through :func:`body_reader` (which requests does not see, so its own ``close`` would
+    drop the connection: a new TCP and TLS handshake for every range a lazy read or a ranged piece asks)."""
     try:
         yield response
     finally:
-        response.close()
+        inner = getattr(response.raw, "_fp", None)
+        if isinstance(inner, http.client.HTTPResponse) and inner.isclosed() and not inner.will_close:
+            response.raw.release_conn()
+        else:
+            response.close()
 
 
 def read_limited(response: requests.Response, limit: int, what: str) -> bytes:

@@ -36,6 +36,7 @@ class ProxyBehaviour:
     corrupt_ranges: bool = False           # flip a byte in every 206 body (whole-blob GETs stay right)
     shift_ranges: int = 0                  # answer a Range request with the range this many bytes later
     blob_delay: float = 0.0                # wait this long before answering each blob GET
+    keep_alive: bool = False               # keep connections open between answers (default: close each)
 
 
 @dataclass
@@ -45,6 +46,7 @@ class ProxyStats:
     lock: threading.Lock = field(default_factory=threading.Lock)
     blob_gets_now: int = 0                 # blob GETs being answered
     blob_gets_peak: int = 0                # the most answered at once
+    connections: int = 0                   # TCP connections accepted
 
 
 class RegistryProxy:
@@ -60,6 +62,11 @@ class RegistryProxy:
 
             def log_message(self, format: str, *args: object) -> None:  # noqa: A002
                 return
+
+            def setup(self) -> None:
+                super().setup()
+                with proxy.stats.lock:
+                    proxy.stats.connections += 1
 
             def do_GET(self) -> None:
                 proxy._handle(self)
@@ -133,17 +140,19 @@ class RegistryProxy:
             if key.lower() == "location" and self.upstream in value:
                 value = value.replace(self.upstream, self.host)
             h.send_header(key, value)
-        h.send_header("Connection", "close")
+        if not b.keep_alive:
+            h.send_header("Connection", "close")
         h.end_headers()
         if h.command == "HEAD":
             connection.close()
             return
-        self._stream(h, response, is_blob, corrupt)
+        whole = self._stream(h, response, is_blob, corrupt)
         connection.close()
-        h.close_connection = True
+        h.close_connection = not (b.keep_alive and whole)
 
     def _stream(self, h: BaseHTTPRequestHandler, response: http.client.HTTPResponse, is_blob: bool,
-                corrupt: bool) -> None:
+                corrupt: bool) -> bool:
+        """Send the body; False when it was cut short."""
         b = self.behaviour
         sent = 0
         started = time.monotonic()
@@ -159,19 +168,20 @@ class RegistryProxy:
             if is_blob and b.cut_after_bytes and sent + len(chunk) > b.cut_after_bytes and self._take_cut():
                 h.wfile.write(chunk[: b.cut_after_bytes - sent])
                 h.wfile.flush()
-                return
+                return False
             if corrupt and not corrupted:
                 chunk = bytes([chunk[0] ^ 0xFF]) + chunk[1:]
                 corrupted = True
             try:
                 h.wfile.write(chunk)
             except (BrokenPipeError, ConnectionResetError):
-                return
+                return False
             sent += len(chunk)
             if is_blob and b.bytes_per_second:
                 ahead = sent / b.bytes_per_second - (time.monotonic() - started)
                 if ahead > 0:
                     time.sleep(ahead)
+        return True
 
     def _take_cut(self) -> bool:
         with self.stats.lock:
@@ -247,7 +257,7 @@ class GatedProxy(RegistryProxy):
         super()._handle(h)
 
     def _stream(self, h: BaseHTTPRequestHandler, response: http.client.HTTPResponse, is_blob: bool,
-                corrupt: bool) -> None:
+                corrupt: bool) -> bool:
         start, last = self._asked.span
         before: int | None = None
         if not is_blob:
@@ -259,7 +269,7 @@ class GatedProxy(RegistryProxy):
             before = max(0, self.hold_from - start)
         if before is not None:
             response = _HeldBody(response, before, self._hold)  # type: ignore[assignment]
-        super()._stream(h, response, is_blob, corrupt)
+        return super()._stream(h, response, is_blob, corrupt)
 
     def _hold(self) -> None:
         with self.stats.lock:
