@@ -6,8 +6,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -155,6 +157,104 @@ def test_range_reads_reuse_their_connection(fixtures: Fixtures, proxy_factory) -
     client.download_range(ref, digest, len(data), 0, 100_000, write)
     assert proxy.stats.connections == before + 1  # the half-read connection was closed, not reused
     assert bytes(got) == data
+
+
+class _BlobServer:
+    """A hand-written registry front serving one blob (Range too) over keep-alive HTTP/1.1, each behaviour a
+    hostile or careless server's: ``close_reused`` closes a connection, unanswered, when a second request
+    comes on it (an idle time-out racing the reuse); ``redirect_held`` answers a blob GET with a same-origin
+    307 whose declared body never comes."""
+
+    def __init__(self, data: bytes, *, close_reused: bool = False, redirect_held: bool = False) -> None:
+        self.answered, self.dropped = 0, 0
+        self.release = threading.Event()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                return
+
+            def setup(self) -> None:
+                super().setup()
+                self.requests_here = 0
+
+            def do_GET(self) -> None:
+                self.requests_here += 1
+                if close_reused and self.requests_here > 1:
+                    server.dropped += 1
+                    self.close_connection = True
+                    return
+                if redirect_held and "/blobs/" in self.path:
+                    self.send_response(307)
+                    self.send_header("Location", "/held-out/blob")
+                    self.send_header("Content-Encoding", "gzip")
+                    self.send_header("Content-Length", str(1 << 30))
+                    self.end_headers()
+                    self.wfile.flush()
+                    server.release.wait()
+                    self.close_connection = True
+                    return
+                first, _, last = self.headers.get("Range", "").removeprefix("bytes=").partition("-")
+                start, end = (int(first), int(last)) if first else (0, len(data) - 1)
+                self.send_response(206 if first else 200)
+                if first:
+                    self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+                self.send_header("Content-Length", str(end + 1 - start))
+                self.end_headers()
+                self.wfile.write(data[start:end + 1])
+                server.answered += 1
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.http.daemon_threads = True
+        self.host = f"127.0.0.1:{self.http.server_address[1]}"
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.http.shutdown()
+        self.http.server_close()
+
+
+def test_a_mirror_closing_a_reused_connection_is_asked_again_not_marked_down(registry) -> None:  # type: ignore[no-untyped-def]
+    """Mirrors get one attempt; a kept-alive connection that the mirror closed as it was reused is not that
+    attempt (no answer came): the request goes again on a new connection, the mirror stays in use."""
+    data = os.urandom(200_000)
+    mirror = _BlobServer(data, close_reused=True)
+    try:
+        hosts = HostsConfig({registry.host: RegistryHost(mirrors=(f"http://{mirror.host}",))}, plain_http=True)
+        client = make_client(hosts)
+        ref, digest = parse_reference(f"{registry.host}/stale/model:v1"), Digest.of_bytes(data)
+        got = bytearray(len(data))
+
+        def write(offset: int, view: memoryview) -> None:
+            got[offset:offset + len(view)] = view
+        for start in range(0, len(data), 50_000):
+            client.download_range(ref, digest, len(data), start, 50_000, write)
+        assert bytes(got) == data
+        assert mirror.answered == 4 and mirror.dropped == 3  # every range from the mirror, three asked twice
+        assert client.transport.mirrors.usable(f"http://{mirror.host}")
+    finally:
+        mirror.close()
+
+
+def test_a_redirect_body_is_never_read() -> None:
+    """A 3xx is followed by its Location alone: its body (here a declared GiB of gzip that never comes) is not
+    read, decompressed or waited for (requests would read it whole, unbounded, even with redirects off)."""
+    data = os.urandom(100_000)
+    server = _BlobServer(data, redirect_held=True)
+    try:
+        client = make_client()
+        got = bytearray(len(data))
+
+        def write(offset: int, view: memoryview) -> None:
+            got[offset:offset + len(view)] = view
+        client.download_range(parse_reference(f"{server.host}/redirect/model:v1"), Digest.of_bytes(data), len(data),
+                              0, len(data), write)
+        assert bytes(got) == data and server.answered == 1
+    finally:
+        server.close()
 
 
 def test_registry_ignoring_range_restarts_cleanly(fixtures: Fixtures, proxy_factory, cache_root: Path) -> None:

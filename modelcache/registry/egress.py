@@ -190,10 +190,19 @@ class _TLSConnection(HTTPSConnection):
         return _connect(self)
 
 
+_taken = threading.local()
+
+
+def took_kept_alive() -> bool:
+    """True when the last connection this thread took from a pool was a kept-alive one, not opened anew."""
+    return bool(getattr(_taken, "kept_alive", False))
+
+
 def _rechecked(conn: BaseHTTPConnection) -> BaseHTTPConnection:
     """A pooled connection, closed (so that it is opened again, checked) when the request taking it may not
     reach the address it is connected to."""
     sock = getattr(conn, "sock", None)
+    _taken.kept_alive = False
     if sock is not None:
         try:
             address = str(sock.getpeername()[0])
@@ -201,6 +210,8 @@ def _rechecked(conn: BaseHTTPConnection) -> BaseHTTPConnection:
             return conn
         if classify(address) not in _permitted():
             conn.close()
+        else:
+            _taken.kept_alive = True
     return conn
 
 

@@ -170,7 +170,7 @@ class Transport:
         """A session per thread (requests sessions are not thread-safe)."""
         session: requests.Session | None = getattr(self._local, "session", None)
         if session is None:
-            session = requests.Session()
+            session = _Session()
             session.headers["User-Agent"] = self.user_agent
             adapter = egress.GuardedAdapter(pool_connections=4, pool_maxsize=8)
             session.mount("http://", adapter)
@@ -283,7 +283,7 @@ class Transport:
         """Run ``call`` with retries on connection errors and transient statuses, ``attempts`` times in all
         (0: the retry policy's)."""
         attempts = attempts or self.retry.attempts
-        attempt = 0
+        attempt, stale = 0, False
         while True:
             attempt += 1
             try:
@@ -291,6 +291,9 @@ class Transport:
             except requests.exceptions.SSLError as exc:
                 raise RegistryError(f"{what}: {tls_failure(exc)}", kind=Kind.UNAVAILABLE) from None
             except STREAM_ERRORS as exc:
+                if not stale and _dropped_unanswered(exc):
+                    stale, attempt = True, attempt - 1  # not an attempt: a kept-alive connection the server
+                    continue                            # closed as it was reused; once more, on a new one
                 if attempt >= attempts:
                     cause = type(exc).__name__
                     raise Unreachable(f"{what}: registry unreachable after {attempt} attempt"
@@ -443,6 +446,25 @@ def body_reader(response: requests.Response) -> Callable[[bytearray], int]:
     return fill
 
 
+def _dropped_unanswered(exc: BaseException) -> bool:
+    """True for a kept-alive connection closed or reset before any answer came (what reusing one that the
+    server has just closed looks like); never for a new connection, a refused one or a time-out."""
+    if not isinstance(exc, requests.exceptions.ConnectionError) or not exc.args or not egress.took_kept_alive():
+        return False
+    protocol = exc.args[0]
+    return isinstance(protocol, urllib3.exceptions.ProtocolError) and len(protocol.args) > 1 and isinstance(
+        protocol.args[1], (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError))
+
+
+class _Session(requests.Session):
+    """A session that never follows redirects itself (:meth:`Transport._follow` does, with its checks). Even
+    with ``allow_redirects=False``, requests reads the whole body of every 3xx that names a Location, with no
+    limit and decompressed, to prepare the next hop: a hostile registry's gzip bomb in a redirect."""
+
+    def get_redirect_target(self, resp: requests.Response) -> None:
+        return None
+
+
 @contextmanager
 def closing_response(response: requests.Response) -> Iterator[requests.Response]:
     """Close ``response`` on exit, returning its connection to the pool when possible: when its body was
@@ -452,10 +474,16 @@ def closing_response(response: requests.Response) -> Iterator[requests.Response]
         yield response
     finally:
         inner = getattr(response.raw, "_fp", None)
-        if isinstance(inner, http.client.HTTPResponse) and inner.isclosed() and not inner.will_close:
+        if isinstance(inner, http.client.HTTPResponse) and _read_to_its_end(inner):
             response.raw.release_conn()
         else:
             response.close()
+
+
+def _read_to_its_end(inner: http.client.HTTPResponse) -> bool:
+    """True when every byte of ``inner``'s Content-Length was read and the connection may carry another
+    request. A chunked body, one cut short (http.client closes those too) or ``Connection: close`` is not."""
+    return inner.isclosed() and not inner.will_close and not inner.chunked and inner.length == 0
 
 
 def read_limited(response: requests.Response, limit: int, what: str) -> bytes:
