@@ -12,7 +12,7 @@ import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -28,6 +28,7 @@ from modelcache.registry.reference import parse_reference
 from modelcache.settings import Settings
 from modelcache.store.content import ContentStore
 from tests.conftest import FAST_RETRY, PASSWORD, USER, creds_for, make_client
+from tests.helpers.httpserver import QuietHandler, start_server
 from tests.helpers.oci import Fixtures
 from tests.helpers.registry import RunningRegistry
 
@@ -58,12 +59,7 @@ class Hostile:
     def __post_init__(self) -> None:
         hostile = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-                return
-
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 if length:
@@ -73,11 +69,7 @@ class Hostile:
 
             do_HEAD = do_PUT = do_POST = do_PATCH = do_GET
 
-        self.server = ThreadingHTTPServer((self.address, 0), Handler)
-        self.server.daemon_threads = True
-        if self.tls:
-            self.server.socket = self.tls.wrap_socket(self.server.socket, server_side=True)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server = start_server(Handler, self.address, tls=self.tls)
 
     @property
     def host(self) -> str:

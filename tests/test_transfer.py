@@ -9,7 +9,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from modelcache.registry.reference import parse_reference
 from modelcache.store.content import ContentStore
 from modelcache.upkeep.gc import usage
 from tests.conftest import make_client
+from tests.helpers.httpserver import QuietHandler, start_server
 from tests.helpers.oci import Fixtures
 from tests.helpers.proxy import GatedProxy, ProxyBehaviour
 
@@ -166,16 +166,12 @@ class _BlobServer:
     307 whose declared body never comes."""
 
     def __init__(self, data: bytes, *, close_reused: bool = False, redirect_held: bool = False) -> None:
-        self.answered, self.dropped = 0, 0
+        self.answered, self.dropped = 0, 0  # counted before the answer goes out (the client may be done first)
+        self.lock = threading.Lock()
         self.release = threading.Event()
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-                return
-
+        class Handler(QuietHandler):
             def setup(self) -> None:
                 super().setup()
                 self.requests_here = 0
@@ -183,7 +179,8 @@ class _BlobServer:
             def do_GET(self) -> None:
                 self.requests_here += 1
                 if close_reused and self.requests_here > 1:
-                    server.dropped += 1
+                    with server.lock:
+                        server.dropped += 1
                     self.close_connection = True
                     return
                 if redirect_held and "/blobs/" in self.path:
@@ -198,18 +195,17 @@ class _BlobServer:
                     return
                 first, _, last = self.headers.get("Range", "").removeprefix("bytes=").partition("-")
                 start, end = (int(first), int(last)) if first else (0, len(data) - 1)
+                with server.lock:
+                    server.answered += 1
                 self.send_response(206 if first else 200)
                 if first:
                     self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
                 self.send_header("Content-Length", str(end + 1 - start))
                 self.end_headers()
                 self.wfile.write(data[start:end + 1])
-                server.answered += 1
 
-        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.http.daemon_threads = True
+        self.http = start_server(Handler)
         self.host = f"127.0.0.1:{self.http.server_address[1]}"
-        threading.Thread(target=self.http.serve_forever, daemon=True).start()
 
     def close(self) -> None:
         self.release.set()

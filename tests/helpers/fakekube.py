@@ -10,10 +10,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from tests.helpers.httpserver import QuietHandler, start_server
 
 
 @dataclass
@@ -36,12 +37,7 @@ class FakeKubeAPI:
         self.lock = threading.Lock()
         api = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-                return
-
+        class Handler(QuietHandler):
             def handle_any(self) -> None:
                 parts = urlsplit(self.path)
                 length = int(self.headers.get("Content-Length") or 0)
@@ -67,10 +63,8 @@ class FakeKubeAPI:
 
             do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = handle_any
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = start_server(Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def route(self, method: str, path: str, responder: Responder | tuple[int, Any]) -> None:
         self.routes[(method, path)] = responder if callable(responder) else (lambda _r, v=responder: v)
