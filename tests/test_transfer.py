@@ -148,7 +148,7 @@ def test_range_reads_reuse_their_connection(fixtures: Fixtures, proxy_factory) -
     assert proxy.stats.connections == before  # ten ranges, on the connection the manifest came over
 
     class Enough(Exception):
-        pass
+        """The reader has read enough."""
 
     def stop(offset: int, view: memoryview) -> None:
         raise Enough

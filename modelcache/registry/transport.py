@@ -433,8 +433,8 @@ def body_reader(response: requests.Response) -> Callable[[bytearray], int]:
     end). http.client's own response where urllib3 wraps one: urllib3's ``readinto`` reads into a new
     bytes object and copies it, a copy and an allocation per read at line rate. Either way the body comes
     as sent (blob bytes are never content-decoded) and its caller verifies it."""
-    inner = getattr(response.raw, "_fp", None)
-    if isinstance(inner, http.client.HTTPResponse) and not getattr(response.raw, "_fp_bytes_read", 0):
+    inner = _http_client_response(response)
+    if inner is not None and not getattr(response.raw, "_fp_bytes_read", 0):
         return inner.readinto
     raw = response.raw
 
@@ -444,6 +444,12 @@ def body_reader(response: requests.Response) -> Callable[[bytearray], int]:
             got += n
         return got
     return fill
+
+
+def _http_client_response(response: requests.Response) -> http.client.HTTPResponse | None:
+    """The http.client response under urllib3's, where there is one."""
+    inner = getattr(response.raw, "_fp", None)
+    return inner if isinstance(inner, http.client.HTTPResponse) else None
 
 
 def _dropped_unanswered(exc: BaseException) -> bool:
@@ -473,8 +479,8 @@ def closing_response(response: requests.Response) -> Iterator[requests.Response]
     try:
         yield response
     finally:
-        inner = getattr(response.raw, "_fp", None)
-        if isinstance(inner, http.client.HTTPResponse) and _read_to_its_end(inner):
+        inner = _http_client_response(response)
+        if inner is not None and _read_to_its_end(inner):
             response.raw.release_conn()
         else:
             response.close()
