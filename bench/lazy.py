@@ -40,6 +40,15 @@ from csi_driver.proto import csi_pb2  # noqa: E402
 from tests.helpers.csi import CsiProcess, publish_request, publish_until_done  # noqa: E402
 
 
+def running_plugin(workdir: Path) -> CsiProcess:
+    """A plugin as it runs on a node: started earlier, so its spare lazy-mount server is waiting."""
+    plugin = CsiProcess(workdir, verbose=False)
+    deadline = time.monotonic() + 60
+    while not any((plugin.root / "csi" / "spare").glob("*.sock")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return plugin
+
+
 def read_file(path: Path, handle: int | None = None) -> float:
     buffer = bytearray(8 << 20)
     start = time.perf_counter()
@@ -80,7 +89,7 @@ def during_pull(registry: RunningRegistry, work: Path, model: Path, name: str, s
         prefault(3 * size, work)  # the download, the FUSE page cache and the committed file (see bench/pull.py)
         drop_caches()
         warm(registry.root / "data")
-        plugin = CsiProcess(work / f"during-{label}", verbose=False)
+        plugin = running_plugin(work / f"during-{label}")
         target = work / "pods" / f"during-{label}"
         target.parent.mkdir(exist_ok=True)
         plugin.node.NodePublishVolume(publish_request(label, target, ref, mount="lazy"))
@@ -167,7 +176,7 @@ def lazy_load(registry: RunningRegistry, work: Path, ref: str, total: int, run: 
     """Publish lazily and read every file at once; then, once the pull is complete, re-read through the
     same (FUSE) handles and directly from the cache, both warm."""
     cold_start(registry, work, total)
-    plugin = CsiProcess(work / run, verbose=False)
+    plugin = running_plugin(work / run)
     target = work / "pods" / run
     target.parent.mkdir(exist_ok=True)
     start = time.perf_counter()
@@ -192,7 +201,7 @@ def lazy_load(registry: RunningRegistry, work: Path, ref: str, total: int, run: 
 
 def pull_then_read(registry: RunningRegistry, work: Path, ref: str, total: int, run: str) -> float:
     cold_start(registry, work, total)
-    plugin = CsiProcess(work / run, verbose=False)
+    plugin = running_plugin(work / run)
     target = work / "pods" / run
     start = time.perf_counter()
     publish_until_done(plugin, publish_request(run, target, ref))
@@ -205,7 +214,7 @@ def pull_then_read(registry: RunningRegistry, work: Path, ref: str, total: int, 
 
 def lazy_tail(registry: RunningRegistry, work: Path, ref: str, total: int, last: str, run: str) -> float:
     cold_start(registry, work, total)
-    plugin = CsiProcess(work / run, verbose=False)
+    plugin = running_plugin(work / run)
     target = work / "pods" / run
     start = time.perf_counter()
     plugin.node.NodePublishVolume(publish_request(run, target, ref, mount="lazy"))
@@ -254,7 +263,7 @@ def publish_case(registry: RunningRegistry, work: Path, model: Path, name: str, 
     drop_caches()
     warm(registry.root / "data")
 
-    lazy = CsiProcess(work / "lazy", verbose=False)
+    lazy = running_plugin(work / "lazy")
     target = work / "pods" / "lazy"
     target.parent.mkdir(exist_ok=True)
     start = time.perf_counter()

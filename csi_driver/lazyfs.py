@@ -53,6 +53,7 @@ STOP_GRACE = 2.0  # a download child told to stop ends within this, at its next 
 PR_SET_PDEATHSIG = 1
 JOB_WAIT = 600.0  # seconds a server waits for its job before it gives up (its mount pod then ends)
 JOB_READ_TIMEOUT = 30.0
+SPARE_POLL_SECONDS = 0.5  # how often a spare server checks that the plugin that started it still runs
 READAHEAD_KIB = 8192
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
@@ -291,14 +292,15 @@ def _options_for(job: dict[str, Any]) -> PullOptions:
                        tuple(job.get("layers", ())))
 
 
-def download_in_child(job: dict[str, Any], store: ContentStore, blobs: list[Descriptor]) -> Download:
+def download_in_child(job: dict[str, Any], store: ContentStore, model: str, blobs: list[Descriptor]) -> Download:
     """The background download of a lazy mount, run as ``ocimodel fuse-pull`` in a child process: FUSE
     replies are written with the GIL held, so a download in the serving process would crawl while a pod
     reads. The child's ranged downloads are visible to the helper through their state files. While another
-    process (the plugin, which starts the download at publish) fetches every missing blob, no child is
-    started: another Python process on the node's CPUs would slow that download while a pod reads."""
+    process pulls model ``model`` (the plugin, which starts the pull at publish, before this server gets its
+    job), or fetches every missing blob, no child is started: another Python process on the node's CPUs
+    would slow that download while a pod reads."""
     def download(stopping: threading.Event) -> None:
-        if not _needs_own_download(store, blobs, stopping):
+        if not _needs_own_download(store, model, blobs, stopping):
             return
         child = subprocess.Popen([sys.executable, "-m", "ocimodel.cli", "fuse-pull"], stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE)
@@ -319,14 +321,14 @@ def download_in_child(job: dict[str, Any], store: ContentStore, blobs: list[Desc
     return download
 
 
-def _needs_own_download(store: ContentStore, blobs: list[Descriptor], stopping: threading.Event) -> bool:
-    """Wait while other processes fetch every missing blob of ``blobs``; True as soon as one is missing that
-    nobody fetches (that download ended or failed), False when all are committed."""
+def _needs_own_download(store: ContentStore, model: str, blobs: list[Descriptor], stopping: threading.Event) -> bool:
+    """Wait while another process pulls ``model`` or fetches every missing blob of ``blobs``; True as soon as
+    one is missing that nobody fetches (that pull ended or failed), False when all are committed."""
     while True:
         missing = [d for d in blobs if not store.has_blob(d.digest, d.size)]
         if not missing:
             return False
-        if not all(store.fetch_in_progress(d.digest) for d in missing):
+        if not store.pull_in_progress(model) and not all(store.fetch_in_progress(d.digest) for d in missing):
             return True
         if stopping.wait(OTHERS_POLL_SECONDS):
             raise PullCancelled("lazy mount stopped while another process downloaded its model")
@@ -364,9 +366,10 @@ def pull_main() -> int:
     return 0
 
 
-def receive_job(path: Path, timeout: float = JOB_WAIT) -> tuple[dict[str, Any], socket.socket]:
+def receive_job(path: Path, timeout: float = JOB_WAIT, *, spare_of: int = 0) -> tuple[dict[str, Any], socket.socket]:
     """Wait on the unix socket ``path`` (mode 0600) for a job sent by a root process (SO_PEERCRED); return
-    it and the connection to answer on. The socket is gone once a job has arrived."""
+    it and the connection to answer on. The socket is gone once a job has arrived. A spare (of the process
+    ``spare_of``) waits for as long as that process is its parent, not ``timeout``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -376,10 +379,17 @@ def receive_job(path: Path, timeout: float = JOB_WAIT) -> tuple[dict[str, Any], 
     finally:
         os.umask(umask)
     listener.listen(4)
-    listener.settimeout(timeout)
+    listener.settimeout(SPARE_POLL_SECONDS if spare_of else timeout)
     try:
         while True:
-            conn, _ = listener.accept()
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                if not spare_of:
+                    raise
+                if os.getppid() == spare_of:
+                    continue
+                raise TimeoutError("the plugin that started this spare server has ended") from None
             _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                             struct.calcsize("3i")))
             if uid != 0:
@@ -396,14 +406,31 @@ def receive_job(path: Path, timeout: float = JOB_WAIT) -> tuple[dict[str, Any], 
         path.unlink(missing_ok=True)
 
 
-def helper_main(socket_path: Path) -> int:
+def _take_up(job: dict[str, Any]) -> None:
+    """A spare server given its job: log where the job says, and leave the lowest CPU priority (every thread)."""
+    if job.get("log"):
+        fd = os.open(job["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+    for task in os.listdir("/proc/self/task"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, int(task), 0)
+        except OSError as exc:
+            log.warning("could not leave the spare's CPU priority: %s", exc)
+
+
+def helper_main(socket_path: Path, spare_of: int = 0) -> int:
     """``ocimodel fuse-serve --socket PATH``: wait there for the job (settings, credentials, reference),
-    mount, answer ``READY <files> <bytes>`` (or ``ERROR <kind> <message>``), then serve until unmounted."""
+    mount, answer ``READY <files> <bytes>`` (or ``ERROR <kind> <message>``), then serve until unmounted. A
+    spare (``--spare-of PID``) waits while that process lives, then takes up its job (see ProcessRunner)."""
     try:
-        job, conn = receive_job(socket_path)
+        job, conn = receive_job(socket_path, spare_of=spare_of)
     except (OSError, ValueError) as exc:
-        log.error("no lazy-mount job arrived on %s: %s", socket_path, exc)
+        log.log(logging.DEBUG if spare_of else logging.ERROR, "no lazy-mount job arrived on %s: %s", socket_path, exc)
         return 1
+    if spare_of:
+        _take_up(job)
     target = Path(job["target"])
     try:
         cache = _cache_for(job)
@@ -413,7 +440,7 @@ def helper_main(socket_path: Path) -> int:
         child_job = {**job, "reference": str(resolved.reference.by_digest(resolved.digest))}
         model = LazyModel(cache, resolved, options, strict=bool(job.get("strict")),
                           published_at=float(job.get("published_at", 0)))
-        model.download = download_in_child(child_job, cache.store,
+        model.download = download_in_child(child_job, cache.store, tree_key(resolved.digest, options),
                                            [step.descriptor for step in model.plan.needed(options.path_filter)])
         if job.get("verdict"):
             model.on_broken = functools.partial(write_verdict, job["verdict"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -27,6 +28,8 @@ from modelcache.fsutil import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT = 90.0
+SPARE_NICE = 19
+SPARE_CONNECT_SECONDS = 2.0
 POLL = 0.05
 MOUNT_POD_LABEL = "ocimodel.csi.dev/mount-pod"
 NODE_LABEL = "ocimodel.csi.dev/node"
@@ -62,9 +65,10 @@ def job_socket(root: Path | str, target: str) -> Path:
     return Path(root) / "csi" / "lazy" / f"{server_key(target)}.sock"
 
 
-def hand_over(path: Path, job: dict[str, Any], timeout: float, starting: Callable[[], bool]) -> str:
+def hand_over(path: Path, job: dict[str, Any], timeout: float, starting: Callable[[], bool]) -> str | None:
     """Send ``job`` to the server waiting on ``path`` once it listens (while ``starting()`` holds) and return
-    its reply line: ``READY files bytes``, ``ERROR KIND message``, or '' when it never answered."""
+    its reply line: ``READY files bytes``, ``ERROR KIND message``, '' when it took the job but never answered,
+    or None when it never took it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -79,16 +83,17 @@ def hand_over(path: Path, job: dict[str, Any], timeout: float, starting: Callabl
                 return reply.decode(errors="replace").strip()
         except (FileNotFoundError, ConnectionRefusedError):
             if not starting():
-                return ""
+                return None
             time.sleep(POLL)
         except OSError as exc:
             log.warning("handing the lazy job to %s failed: %s", path, exc)
             return ""
-    return ""
+    return None
 
 
-def started_from(line: str, what: str, log_tail: str = "") -> tuple[int, int]:
+def started_from(line: str | None, what: str, log_tail: str = "") -> tuple[int, int]:
     """``(files, bytes)`` from a READY line; a ModelCacheError for anything else."""
+    line = line or ""
     if line.startswith("READY"):
         _, files, total = line.split()[:3]
         return int(files), int(total)
@@ -121,11 +126,21 @@ class ServerRunner(Protocol):
 
 class ProcessRunner:
     """Each server is ``ocimodel fuse-serve`` in a session of its own (it outlives this process); its state
-    file ``<root>/csi/lazy/<key>.server.json`` finds it again."""
+    file ``<root>/csi/lazy/<key>.server.json`` finds it again. With ``spare``, one server is kept started
+    ahead (imports done, waiting for a job, at the lowest CPU priority until it gets one, ending with this
+    process if it never does): a publish hands its job to it and skips the Python start, which otherwise
+    lies on the path to a pod's first read and competes with the download for the CPU."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, spare: bool = False) -> None:
         self.dir = root / "csi" / "lazy"
+        self.spare_dir = root / "csi" / "spare"
         self.root = root
+        self._spare: tuple[subprocess.Popen[bytes], Path] | None = None
+        self._spares = itertools.count()
+        self._lock = threading.Lock()
+        self.keeps_spare = spare and self.available()
+        if self.keeps_spare:
+            self._refill()
 
     def available(self) -> bool:
         return fuse_available()
@@ -133,22 +148,16 @@ class ProcessRunner:
     def _state(self, target: str) -> Path:
         return self.dir / f"{server_key(target)}.server.json"
 
-    def _pid(self, target: str) -> int:
+    def _server(self, target: str) -> int:
+        """The pid of the live server of ``target`` its state file names, or 0."""
         data = read_json(self._state(target))
-        return int(data["pid"]) if isinstance(data, dict) and data.get("target") == target else 0
-
-    def _is_server(self, pid: int, target: str) -> bool:
-        """``pid`` is a live server of ``target`` (the number may have been reused for something else)."""
-        try:
-            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][:1]
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            return False
-        return state != "Z" and b"fuse-serve" in command and str(job_socket(self.root, target)).encode() in command
+        if not isinstance(data, dict) or data.get("target") != target:
+            return 0
+        pid, path = int(data.get("pid", 0)), str(data.get("socket") or job_socket(self.root, target))
+        return pid if pid and _is_server(pid, path) else 0
 
     def serving(self, target: str) -> bool:
-        pid = self._pid(target)
-        return bool(pid) and self._is_server(pid, target)
+        return bool(self._server(target))
 
     def running(self) -> dict[str, str]:
         found = {}
@@ -162,15 +171,26 @@ class ProcessRunner:
         target = job["target"]
         self.stop(target, wait=True)  # never two servers for one mount
         self.dir.mkdir(parents=True, exist_ok=True)
-        path = job_socket(self.root, target)
         log_path = self.dir / f"{server_key(target)}.log"
-        with open(log_path, "ab") as log_file:
-            process = subprocess.Popen([sys.executable, "-m", "ocimodel.cli", "fuse-serve", "--socket", str(path)],
-                                       stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-                                       start_new_session=True)
-        threading.Thread(target=process.wait, name=f"reap-{process.pid}", daemon=True).start()
-        atomic_write_json(self._state(target), {"target": target, "pid": process.pid, "socket": str(path)})
-        line = hand_over(path, job, timeout, lambda: process.poll() is None)
+        job = {**job, "log": str(log_path)}
+        spare = self._take_spare()
+        line: str | None = None
+        if spare is not None:
+            process, path = spare
+            atomic_write_json(self._state(target), {"target": target, "pid": process.pid, "socket": str(path)})
+            listening = time.monotonic() + SPARE_CONNECT_SECONDS  # its socket exists: it listens at once
+            line = hand_over(path, job, timeout, lambda: process.poll() is None and time.monotonic() < listening)
+            if line is None:  # it never took the job: it ends, and this volume gets a server of its own
+                log.warning("the spare lazy-mount server (pid %d) did not take the job; starting one for %s",
+                            process.pid, target)
+                self._state(target).unlink(missing_ok=True)
+                process.kill()
+        self._refill()
+        if line is None:
+            path = job_socket(self.root, target)
+            process = _spawn(path, log_path)
+            atomic_write_json(self._state(target), {"target": target, "pid": process.pid, "socket": str(path)})
+            line = hand_over(path, job, timeout, lambda: process.poll() is None)
         try:
             files, total = started_from(line, f"pid {process.pid}",
                                         "log: " + log_path.read_text(errors="replace")[-800:])
@@ -179,18 +199,39 @@ class ProcessRunner:
             raise
         return Started(process.pid, "", files, total)
 
+    def _take_spare(self) -> tuple[subprocess.Popen[bytes], Path] | None:
+        """The spare server when it is waiting for a job (a spare still starting stays the spare)."""
+        with self._lock:
+            spare = self._spare
+            if spare is None or spare[0].poll() is not None or not spare[1].exists():
+                return None
+            self._spare = None
+            return spare
+
+    def _refill(self) -> None:
+        """Start a new spare server unless one is starting or waiting."""
+        if not self.keeps_spare:
+            return
+        with self._lock:
+            if self._spare is not None and self._spare[0].poll() is None:
+                return
+            self.spare_dir.mkdir(parents=True, exist_ok=True)
+            path = self.spare_dir / f"{os.getpid()}-{next(self._spares)}.sock"
+            self._spare = (_spawn(path, self.spare_dir / "spare.log", spare_of=os.getpid()), path)
+
     def stop(self, target: str, server: str = "", *, wait: bool = False) -> None:
-        pid = self._pid(target)
+        pid = self._server(target)
         self._state(target).unlink(missing_ok=True)
         job_socket(self.root, target).unlink(missing_ok=True)
-        if not pid or not self._is_server(pid, target):
+        if not pid:
             return
+        command = _command_line(pid)
 
         def end() -> None:
             deadline = time.monotonic() + 10
-            while self._is_server(pid, target) and time.monotonic() < deadline:
+            while _command_line(pid) == command and time.monotonic() < deadline:
                 time.sleep(POLL)
-            if self._is_server(pid, target):
+            if _command_line(pid) == command:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
 
@@ -200,6 +241,35 @@ class ProcessRunner:
             end()
         else:
             threading.Thread(target=end, name=f"stop-{pid}", daemon=True).start()
+
+
+def _spawn(path: Path, log_path: Path, *, spare_of: int = 0) -> subprocess.Popen[bytes]:
+    """Start ``ocimodel fuse-serve`` waiting for its job on ``path``, in a session of its own; a spare (of the
+    process ``spare_of``) at the lowest CPU priority, which it leaves once it has its job."""
+    command = [sys.executable, "-m", "ocimodel.cli", "fuse-serve", "--socket", str(path)]
+    if spare_of:
+        command = ["nice", "-n", str(SPARE_NICE), *command, "--spare-of", str(spare_of)]
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                                   start_new_session=True)
+    threading.Thread(target=process.wait, name=f"reap-{process.pid}", daemon=True).start()
+    return process
+
+
+def _command_line(pid: int) -> list[bytes]:
+    """The command line of the live process ``pid``; [] when there is none (or only its zombie)."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][:1]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return []
+    return [] if state == "Z" else command
+
+
+def _is_server(pid: int, socket_path: str) -> bool:
+    """``pid`` is a live server waiting or serving on ``socket_path`` (the number may have been reused)."""
+    command = _command_line(pid)
+    return b"fuse-serve" in command and socket_path.encode() in command
 
 
 class PodApi(Protocol):

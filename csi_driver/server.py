@@ -221,8 +221,8 @@ def build_driver(settings: Settings, config: PluginConfig, *, pvcs: PvcAccess | 
                 warm_requests.request(publication.key, publication.source)
 
         node = NodeService(node_id, pulls, Publications(settings.root), publish_wait=publish_wait,
-                           on_published=request_warm, lazy=runner or ProcessRunner(settings.root), events=events,
-                           metrics=metrics, publish_slots=workers - QUICK_RPC_THREADS)
+                           on_published=request_warm, lazy=runner or ProcessRunner(settings.root, spare=True),
+                           events=events, metrics=metrics, publish_slots=workers - QUICK_RPC_THREADS)
         lost = node.lazy.adopt() if node.lazy else []
         csi_pb2_grpc.add_NodeServicer_to_server(node, server)
     if serves_controller:

@@ -18,7 +18,7 @@ from modelcache.cache import ModelCache
 from modelcache.errors import Kind, ModelCacheError, StoreFull
 from modelcache.metrics import PullMetrics
 from modelcache.progress import Progress
-from modelcache.records import PullResult
+from modelcache.records import PullResult, tree_key
 from modelcache.registry.access import check_upstream_access, upstream_hosts
 from modelcache.registry.client import RegistryClient
 from modelcache.registry.credentials import CredentialStore
@@ -39,6 +39,7 @@ class Flight:
     progress: Progress
     started: float = field(default_factory=time.monotonic)
     pulling: bool = False  # past the cache check: this flight downloads
+    marker: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # its pull marker, once pinned
 
     def pending(self) -> str:
         """What a caller that will not wait any longer is told."""
@@ -92,6 +93,8 @@ class PullFlights:
                 if self._stopping.is_set():
                     raise ModelCacheError("the plugin is shutting down", kind=Kind.UNAVAILABLE)
                 flight = Flight(reference, Future(), Progress())
+                if reference.digest:  # marked before this returns: a lazy server started next sees it at once
+                    flight.marker.enter_context(self.cache.store.pulling(tree_key(reference.digest, options)))
                 future = self._pool.submit(self._fly, flight, options, credentials)
                 flight.future = future
                 self._flights[key] = flight
@@ -101,6 +104,8 @@ class PullFlights:
     def _fly(self, flight: Flight, options: PullOptions, credentials: CredentialStore | None) -> PullResult:
         reference = flight.reference
         pinned = reference if reference.digest else self.pin(reference, options, credentials)
+        if not reference.digest and pinned.digest:
+            flight.marker.enter_context(self.cache.store.pulling(tree_key(pinned.digest, options)))
         cache = self._cache_for(credentials)
         files_signed = self.settings.signature_policy.check(cache.client, pinned)  # before anything is cached
         check_tree = files_signed.verify_tree if files_signed is not None else None
@@ -160,6 +165,7 @@ class PullFlights:
             return parse_reference(newest.reference)
 
     def _finished(self, key: tuple[str, str, str], flight: Flight, _future: object = None) -> None:
+        flight.marker.close()
         with self._lock:
             if self._flights.get(key) is flight:
                 del self._flights[key]

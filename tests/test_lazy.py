@@ -20,14 +20,19 @@ import grpc
 import pytest
 
 from csi_driver.proto import csi_pb2
+from modelcache.assemble.options import PullOptions
 from modelcache.digest import Digest
+from modelcache.records import tree_key
 from modelcache.registry import mediatypes as mt
+from modelcache.registry.reference import parse_reference
+from modelcache.settings import HostsConfig, Settings
+from modelcache.singleflight import PullFlights
 from tests.conftest import needs_root
 from tests.helpers.csi import CsiProcess, helper_pid, is_mounted, publish_request
 from tests.helpers.oci import Entry, Fixtures
 from tests.helpers.procs import alive, children_running, open_files
 from tests.helpers.proxy import ProxyProcess
-from tests.helpers.waiting import ends
+from tests.helpers.waiting import ends, wait_for
 
 pytestmark = [needs_root, pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse is missing")]
 SIZE = 24 << 20
@@ -376,6 +381,30 @@ def test_reads_behind_the_download_come_from_it(tmp_path: Path, big, proxy_facto
         csi.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id="live", target_path=str(target)))
     finally:
         csi.stop()
+
+
+def test_a_pull_is_marked_from_its_start_for_lazy_servers(tmp_path: Path, big, proxy_factory) -> None:  # type: ignore[no-untyped-def]
+    """A pull of a pinned model is marked across processes from the moment it is started (before its thread
+    runs), so that a lazy server given its job at once leaves the download to it; the mark ends with it."""
+    name, _ = big
+    proxy = proxy_factory(gate=True)  # the pull cannot finish until the gate opens
+    flights = PullFlights(Settings(root=tmp_path / "cache", hosts=HostsConfig(plain_http=True)))
+    reference = parse_reference(f"{proxy.host}/{name}")
+    pinned = flights.resolve(reference, None)
+    assert pinned.digest is not None
+    key = tree_key(pinned.digest, PullOptions())
+    check = [sys.executable, "-c", "import sys; from pathlib import Path; from modelcache.store.content import "
+             "ContentStore; print(ContentStore(Path(sys.argv[1])).pull_in_progress(sys.argv[2]))",
+             str(tmp_path / "cache"), key]
+    try:
+        assert subprocess.run(check, capture_output=True, text=True, check=True).stdout.strip() == "False"
+        flight = flights.start(pinned, PullOptions(), None, "")
+        assert subprocess.run(check, capture_output=True, text=True, check=True).stdout.strip() == "True"
+        proxy.open_gate()
+        flight.future.result(120)
+        wait_for(lambda: not flights.cache.store.pull_in_progress(key), "the mark to end with the pull")
+    finally:
+        flights.shutdown()
 
 
 def test_the_download_child_ends_with_its_helper(csi: CsiProcess, tmp_path: Path, big, proxy_factory) -> None:  # type: ignore[no-untyped-def]

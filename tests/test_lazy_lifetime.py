@@ -25,7 +25,7 @@ from modelcache.mounts import mounts_at
 from tests.helpers.csi import CsiProcess, helper_pid
 from tests.helpers.fakekube import FakeKubeAPI, Recorded, write_kubeconfig
 from tests.helpers.oci import Fixtures
-from tests.helpers.procs import alive
+from tests.helpers.procs import alive, children_running, command_line
 from tests.helpers.proxy import ProxyProcess
 from tests.test_as_deployed import POD_UID, inline_request, kubelet_target, node, plugin, sha, stop_all, wait_until
 
@@ -192,6 +192,80 @@ def test_servers_of_volumes_unpublished_while_no_plugin_ran_are_ended_at_start(
     finally:
         stop_all(csi)
         proxy.close()
+
+
+def _waiting_spare(csi: CsiProcess, other_than: int = 0) -> int:
+    """The pid of the plugin's spare server once it waits for a job (its socket exists)."""
+    assert csi.process is not None
+    found: list[int] = []
+
+    def look() -> bool:
+        for pid in children_running(csi.process.pid, b"fuse-serve"):  # type: ignore[union-attr]
+            args = (command_line(pid) or b"").split(b"\0")
+            waiting = b"--socket" in args and Path(os.fsdecode(args[args.index(b"--socket") + 1])).exists()
+            if pid != other_than and b"--spare-of" in args and waiting:
+                found[:] = [pid]
+                return True
+        return False
+
+    wait_until(look, 120, "a spare server waiting for its job")
+    return found[0]
+
+
+def _nice(pid: int) -> set[int]:
+    """The nice values of every thread of ``pid``."""
+    return {int((task / "stat").read_text().rsplit(")", 1)[1].split()[16])
+            for task in Path(f"/proc/{pid}/task").iterdir()}
+
+
+def test_a_spare_server_takes_the_first_lazy_volume_and_ends_with_its_plugin(
+        node: Path, fixtures: Fixtures, registry) -> None:  # type: ignore[no-untyped-def]
+    data, other = os.urandom(SIZE), os.urandom(SIZE)
+    fixtures.raw_model("lifetime/spare:v1", {"weights.safetensors": data})
+    fixtures.raw_model("lifetime/spare:v2", {"weights.safetensors": other})  # not cached: a lazy server again
+    csi = plugin(node)
+    readers: list[Reader] = []
+    try:
+        spare = _waiting_spare(csi)
+        assert _nice(spare) == {19}  # its start costs a download nothing
+        first = kubelet_target(node / "pods", POD_UID, "first")
+        csi.node.NodePublishVolume(inline_request("first", first, f"{registry.host}/lifetime/spare:v1", mount="lazy"))
+        assert helper_pid(csi, first) == spare  # the spare serves it ...
+        assert _nice(spare) == {0}  # ... at the normal priority, every thread
+        readers.append(Reader(first / "weights.safetensors"))
+        readers[-1].check(data, 0, SIZE)
+        log = csi.root / "csi" / "lazy" / f"{hashlib.sha256(str(first).encode()).hexdigest()[:16]}.log"
+        assert f"serving {registry.host}/lifetime/spare:v1" in log.read_text()  # its log is the volume's
+
+        second_spare = _waiting_spare(csi, other_than=spare)  # the next one is started at once
+        os.kill(second_spare, signal.SIGKILL)
+        wait_until(lambda: not alive(second_spare), 60, "the killed spare to end")
+        second = kubelet_target(node / "pods", POD_UID, "second")
+        csi.node.NodePublishVolume(inline_request("second", second, f"{registry.host}/lifetime/spare:v2",
+                                                  mount="lazy"))
+        server = helper_pid(csi, second)  # a server of its own: no spare was waiting
+        assert server not in (spare, second_spare) and _nice(server) == {0}
+        readers.append(Reader(second / "weights.safetensors"))
+        readers[-1].check(other, 0, SIZE)
+
+        third_spare = _waiting_spare(csi, other_than=second_spare)
+        _kill_plugin(csi)
+        wait_until(lambda: not alive(third_spare), 60, "the unused spare to end with its plugin")
+        for reader, content in zip(readers, (data, other), strict=True):  # the volumes' servers keep serving
+            reader.check(content, 0, SIZE)
+        csi.start()
+        assert helper_pid(csi, first) == spare and helper_pid(csi, second) == server  # adopted, not replaced
+        for reader in readers:
+            reader.close()
+        readers = []
+        _unpublish(csi, "first", first)
+        _unpublish(csi, "second", second)
+        _nothing_left(csi, first, spare)
+        _nothing_left(csi, second, server)
+    finally:
+        for reader in readers:
+            reader.close()
+        stop_all(csi)
 
 
 # -- mount pods (the runner in a cluster), against the HTTP-level fake API server ----------------------------

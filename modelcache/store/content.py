@@ -164,6 +164,16 @@ class ContentStore:
                         return
             time.sleep(SLOT_POLL_SECONDS)
 
+    def pulling(self, model: str) -> contextlib.AbstractContextManager[bool]:
+        """Mark model ``model`` (its tree key) as being pulled whole, by this thread or process, while held:
+        a lazy mount's server then leaves its download to that pull. Works across processes."""
+        return file_lock(self.locks / f"pull-{model}.lock", shared=True)
+
+    def pull_in_progress(self, model: str) -> bool:
+        """True while some thread or process holds :meth:`pulling` for ``model``."""
+        with file_lock(self.locks / f"pull-{model}.lock", blocking=False) as got:
+            return not got
+
     def fetch_in_progress(self, digest: Digest) -> bool:
         """True when a thread or process holds the fetch lock of ``digest`` (it is downloading it)."""
         with file_lock(self.locks / f"blob-{digest.algorithm}-{digest.hex}.lock", blocking=False) as got:
