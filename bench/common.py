@@ -13,12 +13,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.helpers.csi import CsiProcess  # noqa: E402
 from tests.helpers.registry import RunningRegistry, start_registry  # noqa: E402
 
 OCIMODEL = [sys.executable, "-m", "ocimodel.cli"]
 
 __all__ = ["OCIMODEL", "Run", "RunningRegistry", "drop_caches", "make_shards", "measure", "prefault",
-           "start_registry", "timed", "warm"]
+           "running_plugin", "start_registry", "timed", "warm"]
+
+
+def running_plugin(workdir: Path) -> CsiProcess:
+    """The plugin as it runs on a node: started beforehand, so its spare lazy-mount server waits for a job."""
+    plugin = CsiProcess(workdir, verbose=False)
+    deadline = time.monotonic() + 60
+    while not any((plugin.root / "csi" / "spare").glob("*.sock")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return plugin
 
 
 def drop_caches() -> bool:

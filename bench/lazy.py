@@ -33,20 +33,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import OCIMODEL, RunningRegistry, drop_caches, make_shards, prefault, start_registry, warm
+from common import OCIMODEL, RunningRegistry, drop_caches, make_shards, prefault, running_plugin, start_registry, warm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from csi_driver.proto import csi_pb2  # noqa: E402
 from tests.helpers.csi import CsiProcess, publish_request, publish_until_done  # noqa: E402
-
-
-def running_plugin(workdir: Path) -> CsiProcess:
-    """A plugin as it runs on a node: started earlier, so its spare lazy-mount server is waiting."""
-    plugin = CsiProcess(workdir, verbose=False)
-    deadline = time.monotonic() + 60
-    while not any((plugin.root / "csi" / "spare").glob("*.sock")) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return plugin
 
 
 def read_file(path: Path, handle: int | None = None) -> float:

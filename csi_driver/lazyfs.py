@@ -369,8 +369,12 @@ def pull_main() -> int:
 def receive_job(path: Path, timeout: float = JOB_WAIT, *, spare_of: int = 0) -> tuple[dict[str, Any], socket.socket]:
     """Wait on the unix socket ``path`` (mode 0600) for a job sent by a root process (SO_PEERCRED); return
     it and the connection to answer on. The socket is gone once a job has arrived. A spare (of the process
-    ``spare_of``) waits for as long as that process is its parent, not ``timeout``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ``spare_of``) waits for as long as that process is its parent, not ``timeout``; it creates nothing once
+    that process has ended (its directory included)."""
+    if spare_of and os.getppid() != spare_of:
+        raise TimeoutError("the plugin that started this spare server has ended")
+    if not spare_of:
+        path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     umask = os.umask(0o177)

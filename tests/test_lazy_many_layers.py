@@ -10,6 +10,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import requests
 
 from modelcache.cache import ModelCache
 from modelcache.digest import Digest
@@ -77,6 +78,34 @@ def test_tar_layers_are_indexed_concurrently(registry, tmp_path: Path) -> None: 
         model.build()
         assert len(model.root.children) == 3 * INDEX_WORKERS
         assert 1 < proxy.stats.blob_gets_peak <= INDEX_WORKERS + 1  # + the chunk index
+        model.close()
+    finally:
+        proxy.close()
+
+
+def test_tar_layers_are_indexed_last_first_and_those_the_pull_committed_are_read_locally(
+        registry, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The background pull fetches layers first to last: the index starts from the last one (the first blob
+    asked for is one of the last INDEX_WORKERS layers), and a layer whose blob is committed is read from the
+    store, not fetched again."""
+    files_dir(tmp_path / "model", 3 * INDEX_WORKERS)
+    name = "many/order:v1"
+    push_directory(make_client(), tmp_path / "model", parse_reference(f"{registry.host}/{name}"),
+                   compression=mt.Compression.TAR, pack_small=False)
+    proxy = RegistryProxy(registry.host)
+    try:
+        digests = layer_digests(proxy, name)
+        model = lazy(tmp_path / "root", proxy.host, name)
+        committed = digests[:INDEX_WORKERS]  # as the background pull would have by now
+        for digest in committed:
+            data = requests.get(f"http://{registry.host}/v2/many/order/blobs/{digest}", timeout=30).content
+            model.cache.store.put_bytes(Digest.parse(digest), data)
+        model.build()
+        assert len(model.root.children) == 3 * INDEX_WORKERS
+        assert {d: proxy.stats.blob_gets[d] for d in digests} == {d: int(d not in committed) for d in digests}
+        first = next(path.rsplit("/", 1)[-1] for method, path, _ in proxy.stats.requests
+                     if method == "GET" and any(path.endswith(d) for d in digests))
+        assert first in digests[-INDEX_WORKERS:]
         model.close()
     finally:
         proxy.close()

@@ -173,8 +173,11 @@ class TarLayers:
 
         self.results: list[_Indexed] = []
         if layers:
+            # last layer first: the background pull fetches them first to last, so the two meet in the middle
+            # and each reads the other half from the blobs the pull has committed (no second fetch)
             with ThreadPoolExecutor(min(INDEX_WORKERS, len(layers)), thread_name_prefix="tar-index") as pool:
-                self.results = list(pool.map(run, layers))
+                futures = [pool.submit(run, layer) for layer in reversed(layers)]
+                self.results = [future.result() for future in reversed(futures)]
         self.position = 0
 
     def next(self, budget: Budget) -> Node:
