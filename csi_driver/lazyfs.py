@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
@@ -424,6 +425,15 @@ def _take_up(job: dict[str, Any]) -> None:
             log.warning("could not leave the spare's CPU priority: %s", exc)
 
 
+def _allow_open_files() -> None:
+    """Raise the soft limit of open files to the hard one: a server keeps a descriptor per committed blob it
+    reads, and a model of thousands of files (a container's default soft limit is often 1024) would
+    otherwise turn reads into EIO."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def helper_main(socket_path: Path, spare_of: int = 0) -> int:
     """``ocimodel fuse-serve --socket PATH``: wait there for the job (settings, credentials, reference),
     mount, answer ``READY <files> <bytes>`` (or ``ERROR <kind> <message>``), then serve until unmounted. A
@@ -435,6 +445,7 @@ def helper_main(socket_path: Path, spare_of: int = 0) -> int:
         return 1
     if spare_of:
         _take_up(job)
+    _allow_open_files()
     target = Path(job["target"])
     try:
         cache = _cache_for(job)

@@ -24,6 +24,7 @@ from csi_driver.proto import csi_pb2
 from modelcache.mounts import mounts_at
 from tests.helpers.csi import CsiProcess, helper_pid
 from tests.helpers.fakekube import FakeKubeAPI, Recorded, write_kubeconfig
+from tests.helpers.namespaces import PLUGIN_NAMESPACE
 from tests.helpers.oci import Fixtures
 from tests.helpers.procs import alive, children_running, command_line
 from tests.helpers.proxy import ProxyProcess
@@ -265,6 +266,23 @@ def test_a_spare_server_takes_the_first_lazy_volume_and_ends_with_its_plugin(
     finally:
         for reader in readers:
             reader.close()
+        stop_all(csi)
+
+
+def test_a_lazy_server_may_open_a_file_per_blob(node: Path, fixtures: Fixtures, registry) -> None:  # type: ignore[no-untyped-def]
+    """A server keeps a descriptor per committed blob it reads: it raises its soft limit of open files to the
+    hard one (a container's default soft limit, often 1024, is below a model of thousands of files)."""
+    fixtures.raw_model("lifetime/files:v1", {"weights.safetensors": os.urandom(1 << 20)})
+    csi = CsiProcess(node / "plugin", mode="node", root=node / "cache", kubeconfig="none",
+                     prefix=("prlimit", "--nofile=256:4096", "--", *PLUGIN_NAMESPACE))
+    try:
+        target = kubelet_target(node / "pods", POD_UID, "files")
+        csi.node.NodePublishVolume(inline_request("files", target, f"{registry.host}/lifetime/files:v1",
+                                                  mount="lazy"))
+        limits = Path(f"/proc/{helper_pid(csi, target)}/limits").read_text()
+        assert re.search(r"Max open files\s+4096\s+4096", limits), limits
+        _unpublish(csi, "files", target)
+    finally:
         stop_all(csi)
 
 

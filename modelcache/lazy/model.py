@@ -112,11 +112,23 @@ class LazyModel(LiveReads, RangeReads):
 
     def _index_tar(self, descriptor: Descriptor, budget: Budget) -> Node:
         """The tree of an uncompressed tar layer from its headers (:func:`tar_tree`, charging ``budget``), read
-        through :meth:`read_blob`; but a layer no larger than a range chunk, which its first range request
-        would fetch whole anyway, is fetched whole in one request, verified against its digest (no range of it
-        is recorded as served), kept as its present chunks and its headers read from there."""
+        through :meth:`read_blob`; but a layer the background pull has committed is read from the store (a
+        descriptor opened and closed here: thousands of layers must not hold thousands open), and a layer no
+        larger than a range chunk, which its first range request would fetch whole anyway, is fetched whole in
+        one request, verified against its digest (no range of it is recorded as served), kept as its present
+        chunks and its headers read from there."""
         digest, size = descriptor.digest, descriptor.size
-        if size <= RANGE_CHUNK and digest.algorithm == "sha256" and not self.cache.store.has_blob(digest, size):
+        if self.cache.store.has_blob(digest, size):  # committed by the background pull: read here, no fd kept
+            try:
+                fd = os.open(self.cache.store.blob_path(digest), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                pass  # evicted meanwhile: from the registry below
+            else:
+                try:
+                    return tar_tree(BlobFile(size, lambda offset, n: os.pread(fd, n, offset)), digest, size, budget)
+                finally:
+                    os.close(fd)
+        if size <= RANGE_CHUNK and digest.algorithm == "sha256":
             chunks = self._chunk_cache(digest, size)
             if chunks.enter():
                 try:
