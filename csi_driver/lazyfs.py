@@ -27,6 +27,7 @@ import pyfuse3
 import trio
 
 from csi_driver.lazymount import write_verdict
+from csi_driver.priority import take_priority
 from modelcache.assemble.options import PullOptions
 from modelcache.cache import ModelCache
 from modelcache.errors import Kind, ModelCacheError, PullCancelled
@@ -412,17 +413,13 @@ def receive_job(path: Path, timeout: float = JOB_WAIT, *, spare_of: int = 0) -> 
 
 
 def _take_up(job: dict[str, Any]) -> None:
-    """A spare server given its job: log where the job says, and leave the lowest CPU priority (every thread)."""
+    """A spare server given its job: log where the job says, and take the plugin's CPU priority."""
     if job.get("log"):
         fd = os.open(job["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)
-    for task in os.listdir("/proc/self/task"):
-        try:
-            os.setpriority(os.PRIO_PROCESS, int(task), 0)
-        except OSError as exc:
-            log.warning("could not leave the spare's CPU priority: %s", exc)
+    take_priority(int(job.get("nice", 0)))
 
 
 def _allow_open_files() -> None:

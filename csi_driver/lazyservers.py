@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -28,7 +28,6 @@ from modelcache.fsutil import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT = 90.0
-SPARE_NICE = 19
 SPARE_CONNECT_SECONDS = 2.0
 POLL = 0.05
 MOUNT_POD_LABEL = "ocimodel.csi.dev/mount-pod"
@@ -127,19 +126,23 @@ class ServerRunner(Protocol):
 class ProcessRunner:
     """Each server is ``ocimodel fuse-serve`` in a session of its own (it outlives this process); its state
     file ``<root>/csi/lazy/<key>.server.json`` finds it again. With ``spare``, one server is kept started
-    ahead (imports done, waiting for a job, at the lowest CPU priority until it gets one, ending with this
-    process if it never does): a publish hands its job to it and skips the Python start, which otherwise
-    lies on the path to a pod's first read and competes with the download for the CPU."""
+    ahead (imports done, waiting for a job, at the lowest CPU priority until it gets one where it may take
+    this process's priority back, ending with this process if it never does): a publish hands its job to it
+    and skips the Python start, which otherwise lies on the path to a pod's first read and competes with the
+    download for the CPU."""
 
     def __init__(self, root: Path, *, spare: bool = False) -> None:
         self.dir = root / "csi" / "lazy"
         self.spare_dir = root / "csi" / "spare"
         self.root = root
         self._spare: tuple[subprocess.Popen[bytes], Path] | None = None
-        self._spares = itertools.count()
         self._lock = threading.Lock()
         self.keeps_spare = spare and self.available()
         if self.keeps_spare:
+            self.spare_dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.spare_dir.glob("*.sock"):  # an earlier plugin's: its spare ended with it
+                stale.unlink(missing_ok=True)
+            (self.spare_dir / "spare.log").unlink(missing_ok=True)
             self._refill()
 
     def available(self) -> bool:
@@ -179,24 +182,25 @@ class ProcessRunner:
             process, path = spare
             atomic_write_json(self._state(target), {"target": target, "pid": process.pid, "socket": str(path)})
             listening = time.monotonic() + SPARE_CONNECT_SECONDS  # its socket exists: it listens at once
-            line = hand_over(path, job, timeout, lambda: process.poll() is None and time.monotonic() < listening)
+            line = hand_over(path, {**job, "nice": os.getpriority(os.PRIO_PROCESS, 0)}, timeout,
+                             lambda: process.poll() is None and time.monotonic() < listening)
             if line is None:  # it never took the job: it ends, and this volume gets a server of its own
                 log.warning("the spare lazy-mount server (pid %d) did not take the job; starting one for %s",
                             process.pid, target)
                 self._state(target).unlink(missing_ok=True)
                 process.kill()
-        self._refill()
         if line is None:
             path = job_socket(self.root, target)
             process = _spawn(path, log_path)
             atomic_write_json(self._state(target), {"target": target, "pid": process.pid, "socket": str(path)})
             line = hand_over(path, job, timeout, lambda: process.poll() is None)
         try:
-            files, total = started_from(line, f"pid {process.pid}",
-                                        "log: " + log_path.read_text(errors="replace")[-800:])
+            files, total = started_from(line, f"pid {process.pid}", "log: " + _tail(log_path))
         except ModelCacheError:
             self.stop(target, wait=True)
             raise
+        finally:
+            self._refill()
         return Started(process.pid, "", files, total)
 
     def _take_spare(self) -> tuple[subprocess.Popen[bytes], Path] | None:
@@ -209,15 +213,19 @@ class ProcessRunner:
             return spare
 
     def _refill(self) -> None:
-        """Start a new spare server unless one is starting or waiting."""
+        """Start a new spare server unless one is starting or waiting; a failure (no process or file to be
+        had) only means the next publish starts a server of its own."""
         if not self.keeps_spare:
             return
         with self._lock:
             if self._spare is not None and self._spare[0].poll() is None:
                 return
-            self.spare_dir.mkdir(parents=True, exist_ok=True)
-            path = self.spare_dir / f"{os.getpid()}-{next(self._spares)}.sock"
-            self._spare = (_spawn(path, self.spare_dir / "spare.log", spare_of=os.getpid()), path)
+            path = self.spare_dir / f"{secrets.token_hex(8)}.sock"
+            try:
+                self._spare = (_spawn(path, self.spare_dir / "spare.log", spare_of=os.getpid()), path)
+            except OSError as exc:
+                self._spare = None
+                log.warning("could not start a spare lazy-mount server: %s", exc)
 
     def stop(self, target: str, server: str = "", *, wait: bool = False) -> None:
         pid = self._server(target)
@@ -244,16 +252,23 @@ class ProcessRunner:
 
 
 def _spawn(path: Path, log_path: Path, *, spare_of: int = 0) -> subprocess.Popen[bytes]:
-    """Start ``ocimodel fuse-serve`` waiting for its job on ``path``, in a session of its own; a spare (of the
-    process ``spare_of``) at the lowest CPU priority, which it leaves once it has its job."""
-    command = [sys.executable, "-m", "ocimodel.cli", "fuse-serve", "--socket", str(path)]
-    if spare_of:
-        command = ["nice", "-n", str(SPARE_NICE), *command, "--spare-of", str(spare_of)]
+    """Start ``ocimodel fuse-serve`` waiting for its job on ``path``, in a session of its own; a spare of the
+    process ``spare_of`` (see :mod:`csi_driver.priority`)."""
+    command = [sys.executable, "-m", "ocimodel.cli", "fuse-serve", "--socket", str(path),
+               *(["--spare-of", str(spare_of)] if spare_of else [])]
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
                                    start_new_session=True)
     threading.Thread(target=process.wait, name=f"reap-{process.pid}", daemon=True).start()
     return process
+
+
+def _tail(log_path: Path) -> str:
+    """The end of a server's log ('' when it has none yet)."""
+    try:
+        return log_path.read_text(errors="replace")[-800:]
+    except OSError:
+        return ""
 
 
 def _command_line(pid: int) -> list[bytes]:

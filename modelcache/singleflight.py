@@ -93,19 +93,24 @@ class PullFlights:
                 if self._stopping.is_set():
                     raise ModelCacheError("the plugin is shutting down", kind=Kind.UNAVAILABLE)
                 flight = Flight(reference, Future(), Progress())
-                if reference.digest:  # marked before this returns: a lazy server started next sees it at once
-                    flight.marker.enter_context(self.cache.store.pulling(tree_key(reference.digest, options)))
                 future = self._pool.submit(self._fly, flight, options, credentials)
                 flight.future = future
                 self._flights[key] = flight
-                future.add_done_callback(functools.partial(self._finished, key, flight))
+                fresh = True
+            else:
+                fresh = False
+        if fresh:  # outside the lock: a flight already done runs the callback here, and it takes the lock
+            future.add_done_callback(functools.partial(self._finished, key, flight))
         return flight
 
     def _fly(self, flight: Flight, options: PullOptions, credentials: CredentialStore | None) -> PullResult:
         reference = flight.reference
         pinned = reference if reference.digest else self.pin(reference, options, credentials)
-        if not reference.digest and pinned.digest:
-            flight.marker.enter_context(self.cache.store.pulling(tree_key(pinned.digest, options)))
+        if pinned.digest:  # a lazy server of this model leaves the download to this pull while it is marked
+            try:
+                flight.marker.enter_context(self.cache.store.pulling(tree_key(pinned.digest, options)))
+            except OSError as exc:
+                log.warning("could not mark the pull of %s (%s): a lazy server may download it too", pinned, exc)
         cache = self._cache_for(credentials)
         files_signed = self.settings.signature_policy.check(cache.client, pinned)  # before anything is cached
         check_tree = files_signed.verify_tree if files_signed is not None else None

@@ -384,8 +384,8 @@ def test_reads_behind_the_download_come_from_it(tmp_path: Path, big, proxy_facto
 
 
 def test_a_pull_is_marked_from_its_start_for_lazy_servers(tmp_path: Path, big, proxy_factory) -> None:  # type: ignore[no-untyped-def]
-    """A pull of a pinned model is marked across processes from the moment it is started (before its thread
-    runs), so that a lazy server given its job at once leaves the download to it; the mark ends with it."""
+    """A pull of a model is marked across processes while it runs, so that a lazy server leaves the download
+    to it; the mark ends with it."""
     name, _ = big
     proxy = proxy_factory(gate=True)  # the pull cannot finish until the gate opens
     flights = PullFlights(Settings(root=tmp_path / "cache", hosts=HostsConfig(plain_http=True)))
@@ -399,7 +399,8 @@ def test_a_pull_is_marked_from_its_start_for_lazy_servers(tmp_path: Path, big, p
     try:
         assert subprocess.run(check, capture_output=True, text=True, check=True).stdout.strip() == "False"
         flight = flights.start(pinned, PullOptions(), None, "")
-        assert subprocess.run(check, capture_output=True, text=True, check=True).stdout.strip() == "True"
+        wait_for(lambda: subprocess.run(check, capture_output=True, text=True, check=True).stdout.strip() == "True",
+                 "the running pull to be marked")
         proxy.open_gate()
         flight.future.result(120)
         wait_for(lambda: not flights.cache.store.pull_in_progress(key), "the mark to end with the pull")

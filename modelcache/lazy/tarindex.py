@@ -156,38 +156,49 @@ class TarLayers:
     def __init__(self, index: IndexLayer, layers: list[Descriptor], budget: Budget) -> None:
         self.index = index
         self.layers = layers
-        total = _Total(budget)
+        # last layer first: the background pull fetches them first to last, so the two meet in the middle and
+        # each reads the other half from the blobs the pull has committed (no second fetch)
+        self.results = self._index_all(list(range(len(layers))[::-1]), _Total(budget))
+        self.position = 0
 
-        def run(descriptor: Descriptor) -> _Indexed:
+    def _index_all(self, order: list[int], total: _Total) -> dict[int, _Indexed]:
+        """Index the layers at positions ``order`` at once (started in that order), all charging ``total``."""
+        def run(position: int) -> _Indexed:
             result = _Indexed(_Charges(total))
             if total.over.is_set():
                 result.cut = True
                 return result
             try:
-                result.tree = index(descriptor, result.charges)
+                result.tree = self.index(self.layers[position], result.charges)
             except _Cut:
                 result.cut = True
             except Exception as exc:  # noqa: BLE001 - raised in layer order by next()
                 result.error = exc
             return result
 
-        self.results: list[_Indexed] = []
-        if layers:
-            # last layer first: the background pull fetches them first to last, so the two meet in the middle
-            # and each reads the other half from the blobs the pull has committed (no second fetch)
-            with ThreadPoolExecutor(min(INDEX_WORKERS, len(layers)), thread_name_prefix="tar-index") as pool:
-                futures = [pool.submit(run, layer) for layer in reversed(layers)]
-                self.results = [future.result() for future in reversed(futures)]
-        self.position = 0
+        if not order:
+            return {}
+        with ThreadPoolExecutor(min(INDEX_WORKERS, len(order)), thread_name_prefix="tar-index") as pool:
+            futures = {position: pool.submit(run, position) for position in order}
+            return {position: future.result() for position, future in futures.items()}
 
     def next(self, budget: Budget) -> Node:
         """The tree of the next layer, its charges made to ``budget`` (where a charge fails, it raises as
         indexing that layer alone would; after them, what indexing it raised)."""
-        descriptor, result = self.layers[self.position], self.results[self.position]
+        position = self.position
+        descriptor, result = self.layers[position], self.results[position]
         self.position += 1
         result.charges.replay(budget, f"layer {descriptor.digest}", apply=not result.cut)
-        if result.cut:  # its charges so far fit: index it again, charging the model's budget itself
-            return self.index(descriptor, budget)
+        if result.cut:  # its charges so far fit: it and every later cut layer again, at once, from the budget's
+            # totals now, first to last (the first of them alone if it is cut again: one layer per pass at least)
+            total = _Total(budget)
+            total.entries, total.bytes = budget.entries, budget.bytes
+            self.results.update(self._index_all(
+                [p for p in range(position, len(self.layers)) if self.results[p].cut], total))
+            result = self.results[position]
+            if result.cut:
+                return self.index(descriptor, budget)
+            result.charges.replay(budget, f"layer {descriptor.digest}")
         if result.error is not None:
             raise result.error
         assert result.tree is not None

@@ -82,6 +82,9 @@ def _csi_errors() -> Iterator[None]:
 
 def cmd_fuse_serve(args: argparse.Namespace) -> int:
     """The server of one lazy mount (in a mount pod or a session of its own); its job arrives on --socket."""
+    if args.spare_of:
+        from csi_driver.priority import wait_as_spare
+        wait_as_spare()  # before the imports below: they are most of a spare's start
     from csi_driver.lazyfs import helper_main
     return helper_main(Path(args.socket), args.spare_of)
 
@@ -138,7 +141,8 @@ def register(sub: Any) -> None:
     helper = sub.add_parser("fuse-serve", help="(internal) serve one lazy mount; its job arrives on --socket")
     helper.add_argument("--socket", required=True, help="root-only unix socket to wait on for the job")
     helper.add_argument("--spare-of", type=int, default=0, metavar="PID",
-                        help="a spare server of plugin PID: wait while PID runs, then take up the job")
+                        help="a spare server of plugin PID: wait while PID runs, then take up the job "
+                             "(default: not a spare)")
     helper.set_defaults(handler=cmd_fuse_serve, log_level=logging.INFO)
     pull = sub.add_parser("fuse-pull", help="(internal) download a lazy mount's model; reads its job on stdin")
     pull.set_defaults(handler=cmd_fuse_pull, log_level=logging.INFO)
