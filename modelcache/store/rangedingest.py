@@ -297,13 +297,14 @@ class RangedView:
 
     def wait_on_disk(self, start: int, end: int, timeout: float, near: int, mark: str | None = None) -> bool:
         """Wait up to ``timeout`` seconds for :meth:`on_disk`, while a written range ends at most ``near``
-        bytes before ``start`` (a stream is coming); else False at once."""
+        bytes before ``start`` or inside ``[start, end)`` (a stream is coming, or is half-way through these
+        bytes); else False at once."""
         deadline = time.monotonic() + timeout
         while True:
             filled = self.filled(mark) or [[0, 0]]  # just started: the lead is at byte 0
             if covers(filled, start, end):
                 return True
-            if time.monotonic() > deadline or not any(0 <= start - e < near for _, e in filled):
+            if time.monotonic() > deadline or not any(start - near <= e < end for _, e in filled):
                 return False
             time.sleep(VIEW_POLL_SECONDS)
 
