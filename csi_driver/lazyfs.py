@@ -26,14 +26,14 @@ from typing import Any
 import pyfuse3
 import trio
 
-from csi_driver.lazymount import write_verdict
+from csi_driver.lazymount import FUSE_TYPE, write_verdict
 from csi_driver.priority import take_priority
 from modelcache.assemble.options import PullOptions
 from modelcache.cache import ModelCache
 from modelcache.errors import Kind, ModelCacheError, PullCancelled
 from modelcache.lazy.model import LazyModel, Node
 from modelcache.lazy.state import Download
-from modelcache.mounts import bind_mount_readonly, unmount_all
+from modelcache.mounts import bind_mount_readonly, mounts_at, unmount_all
 from modelcache.progress import Progress
 from modelcache.records import tree_key
 from modelcache.registry.credentials import CredentialStore
@@ -219,6 +219,10 @@ def serve(model: LazyModel, target: Path, *, ready: Any = None) -> None:
         while True:
             await trio.to_thread.run_sync(model.complete.wait, abandon_on_cancel=True)
             if model.final is not None and model.failure is None:
+                top = mounts_at(target)
+                if not top or top[-1].fstype != FUSE_TYPE:  # unpublished meanwhile: a bind would outlive it
+                    log.info("pull complete, but %s is no longer this view: nothing stacked", target)
+                    return
                 try:
                     # in a thread: mount(2) looks up the FUSE mountpoint, which this event loop must answer
                     await trio.to_thread.run_sync(bind_mount_readonly, model.final.path, target)

@@ -22,6 +22,7 @@ import pytest
 from csi_driver.proto import csi_pb2
 from modelcache.assemble.options import PullOptions
 from modelcache.digest import Digest
+from modelcache.mounts import mounts_at
 from modelcache.records import tree_key
 from modelcache.registry import mediatypes as mt
 from modelcache.registry.reference import parse_reference
@@ -157,6 +158,7 @@ def test_registry_loss_gives_eio_in_bounded_time_and_recovers(csi: CsiProcess, t
             handle.seek(SIZE // 2)
             assert handle.read(1 << 20) == data[SIZE // 2: SIZE // 2 + (1 << 20)]
         wait_until(lambda: csi.root.joinpath("blobs", "sha256", Digest.of_bytes(data).hex).exists(), 90)
+        wait_until(lambda: mounts_at(target)[-1].fstype != "fuse.ocimodel", 90)  # stacked before teardown
     finally:
         back.close()
 
