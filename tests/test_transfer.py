@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import requests
 
 from modelcache.cache import ModelCache
 from modelcache.digest import Digest
@@ -327,3 +328,48 @@ def test_two_models_sharing_a_shard_share_one_inode(fixtures: Fixtures, cache: M
     assert du.logical_bytes == 2 * len(shared) + 2
     assert len(shared) <= du.disk_bytes < 2 * len(shared)
     assert du.shared_bytes >= len(shared) - 65536  # block rounding of the small blobs
+
+
+class _ForwardProxy(QuietHandler):
+    """An HTTP forward proxy (requests send it absolute URLs): relays to the registry, recording each URL."""
+
+    seen: list[str] = []
+
+    def _relay(self) -> None:
+        type(self).seen.append(self.path)
+        with requests.Session() as session:
+            session.trust_env = False  # the test's proxy settings are for the client under test
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "proxy-connection")}
+            answer = session.request(self.command, self.path, headers=headers)
+        body = b"" if self.command == "HEAD" else answer.content
+        self.send_response(answer.status_code)
+        for name, value in answer.headers.items():
+            if name.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding"):
+                self.send_header(name, value)
+        self.send_header("Content-Length", str(len(answer.content) if self.command == "HEAD" else len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_HEAD = _relay  # noqa: N815
+
+
+def test_proxies_from_the_environment_are_used_per_origin(fixtures: Fixtures, registry, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """HTTP_PROXY and NO_PROXY from the environment apply to each origin as requests would apply them (the
+    session works them out once per origin): one client reaches the registry by a proxied name through the
+    proxy and by a NO_PROXY name directly."""
+    fixtures.raw_model("env/proxy:v1", {"w": b"weights"})
+    port = registry.host.rsplit(":", 1)[1]
+    server = start_server(_ForwardProxy)
+    _ForwardProxy.seen = []
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setenv("NO_PROXY", "localhost")
+    try:
+        client = make_client()
+        for _ in range(2):  # the second time from what the session worked out the first
+            client.resolve(parse_reference(f"127.0.0.1:{port}/env/proxy:v1"))
+            client.resolve(parse_reference(f"localhost:{port}/env/proxy:v1"))
+        assert _ForwardProxy.seen and all(url.startswith(f"http://127.0.0.1:{port}/") for url in _ForwardProxy.seen)
+        assert len([url for url in _ForwardProxy.seen if "/manifests/" in url]) == 2  # one per proxied resolve
+    finally:
+        server.shutdown()
+        server.server_close()

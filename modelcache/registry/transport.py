@@ -21,8 +21,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import IO
-from urllib.parse import urlencode, urljoin
+from typing import IO, Any
+from urllib.parse import urlencode, urljoin, urlsplit
 
 import requests
 import urllib3
@@ -35,6 +35,7 @@ from modelcache.registry.hosts import Endpoint, HostsConfig
 from modelcache.registry.mirrorhealth import MIRRORS, MirrorHealth
 
 log = logging.getLogger(__name__)
+ENVIRONMENT_ORIGINS = 256  # origins whose environment settings a session keeps
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 STREAM_ERRORS: tuple[type[BaseException], ...] = (
@@ -467,8 +468,28 @@ class _Session(requests.Session):
     with ``allow_redirects=False``, requests reads the whole body of every 3xx that names a Location, with no
     limit and decompressed, to prepare the next hop: a hostile registry's gzip bomb in a redirect."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._environment: dict[tuple[Any, ...], Any] = {}
+
     def get_redirect_target(self, resp: requests.Response) -> None:
         return None
+
+    def merge_environment_settings(self, url: str | bytes | None, proxies: Any, stream: Any, verify: Any,
+                                   cert: Any) -> Any:
+        """requests' merge of proxy and CA settings from the environment, worked out once per origin: it scans
+        every environment variable on each request (twice), and a pod's environment holds one set per Service
+        of its namespace (ms per request where there are hundreds). The environment does not change."""
+        text = url.decode() if isinstance(url, bytes) else url or ""
+        parts = urlsplit(text)
+        key = (parts.scheme, parts.netloc, tuple(sorted((proxies or {}).items())), stream, verify, cert)
+        settings = self._environment.get(key)
+        if settings is None:
+            settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+            if len(self._environment) >= ENVIRONMENT_ORIGINS:  # redirects to ever new hosts: start over
+                self._environment.clear()
+            self._environment[key] = settings
+        return settings.copy()
 
 
 @contextmanager
