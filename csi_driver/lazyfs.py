@@ -33,7 +33,7 @@ from modelcache.cache import ModelCache
 from modelcache.errors import Kind, ModelCacheError, PullCancelled
 from modelcache.lazy.model import LazyModel, Node
 from modelcache.lazy.state import Download
-from modelcache.mounts import bind_mount_readonly, mounts_at, unmount_all
+from modelcache.mounts import MountInfo, bind_mount_readonly, mounts_at, unmount, unmount_all
 from modelcache.progress import Progress
 from modelcache.records import tree_key
 from modelcache.registry.credentials import CredentialStore
@@ -215,18 +215,20 @@ def serve(model: LazyModel, target: Path, *, ready: Any = None) -> None:
     options |= {"fsname=ocimodel", "subtype=ocimodel", "ro", "allow_other", "default_permissions"}
     pyfuse3.init(operations, str(target), options)
 
+    own_view: list[MountInfo] = []  # this server's FUSE mount, once the kernel has answered INIT
+    mounted = trio.Event()
+
     async def upgrade_when_complete() -> None:
         while True:
             await trio.to_thread.run_sync(model.complete.wait, abandon_on_cancel=True)
             if model.final is not None and model.failure is None:
-                top = mounts_at(target)
-                if not top or top[-1].fstype != FUSE_TYPE:  # unpublished meanwhile: a bind would outlive it
-                    log.info("pull complete, but %s is no longer this view: nothing stacked", target)
-                    return
+                await mounted.wait()
                 try:
                     # in a thread: mount(2) looks up the FUSE mountpoint, which this event loop must answer
-                    await trio.to_thread.run_sync(bind_mount_readonly, model.final.path, target)
-                    log.info("pull complete: %s now reads the cached files directly", target)
+                    if await trio.to_thread.run_sync(stack_finished, model.final.path, target, own_view):
+                        log.info("pull complete: %s now reads the cached files directly", target)
+                    else:
+                        log.info("pull complete, but %s no longer shows this view: nothing stacked", target)
                 except OSError as exc:
                     log.warning("could not stack the finished tree over %s: %s", target, exc)
                 return
@@ -254,7 +256,10 @@ def serve(model: LazyModel, target: Path, *, ready: Any = None) -> None:
 
     async def widen_then_announce() -> None:
         await trio.to_thread.run_sync(os.stat, target)  # answered once the kernel's INIT is (which sets read-ahead)
-        widen_readahead(target)
+        own_view[:] = await trio.to_thread.run_sync(_view_at, target)
+        mounted.set()
+        if own_view:
+            widen_readahead(target, own_view[0].device)
         if ready is not None:
             ready()
 
@@ -272,14 +277,29 @@ def serve(model: LazyModel, target: Path, *, ready: Any = None) -> None:
         pyfuse3.close(unmount=False)
 
 
-def widen_readahead(target: Path, kib: int = READAHEAD_KIB) -> None:
-    """Let the kernel read ahead ``kib`` KiB on the new FUSE mount at ``target`` (its bdi's 128 KiB default
-    caps every read request at 128 KiB: one Python call and one reply per 128 KiB)."""
-    device = ""
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        fields = line.split()
-        if fields[4] == str(target) and fields[fields.index("-") + 1].startswith("fuse"):
-            device = fields[2]
+def _view_at(target: Path) -> list[MountInfo]:
+    """The topmost FUSE mount of ours at ``target`` (its real path: kubelet's directory may be a symlink)."""
+    top = mounts_at(os.path.realpath(target))
+    return [top[-1]] if top and top[-1].fstype == FUSE_TYPE else []
+
+
+def stack_finished(tree: Path, target: Path, own_view: list[MountInfo]) -> bool:
+    """Bind ``tree`` read-only over this server's FUSE mount at ``target`` while that mount is what the target
+    shows; a bind that landed on anything else (the volume unpublished between the check and the bind) is
+    taken off again, so that no mount outlives its volume. False when nothing is stacked (blocking)."""
+    if not own_view or [m.mount_id for m in _view_at(target)] != [own_view[0].mount_id]:
+        return False
+    bind_mount_readonly(tree, target)
+    top = mounts_at(os.path.realpath(target))
+    if top and top[-1].parent_id != own_view[0].mount_id:
+        unmount(target, lazy=True)
+        return False
+    return True
+
+
+def widen_readahead(target: Path, device: str, kib: int = READAHEAD_KIB) -> None:
+    """Let the kernel read ahead ``kib`` KiB on the new FUSE mount at ``target`` (device ``major:minor``; its
+    bdi's 128 KiB default caps every read request at 128 KiB: one Python call and one reply per 128 KiB)."""
     try:
         Path(f"/sys/class/bdi/{device}/read_ahead_kb").write_text(f"{kib}\n")
     except OSError as exc:

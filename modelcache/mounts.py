@@ -26,6 +26,7 @@ class MountInfo:
     """One line of /proc/self/mountinfo."""
 
     mount_id: int
+    parent_id: int
     device: str
     root: str
     mountpoint: str
@@ -45,8 +46,8 @@ def mount_table() -> list[MountInfo]:
         for line in handle:
             fields = line.split()
             sep = fields.index("-")
-            result.append(MountInfo(int(fields[0]), fields[2], _unescape(fields[3]), _unescape(fields[4]),
-                                    fields[5], fields[sep + 1], _unescape(fields[sep + 2])))
+            result.append(MountInfo(int(fields[0]), int(fields[1]), fields[2], _unescape(fields[3]),
+                                    _unescape(fields[4]), fields[5], fields[sep + 1], _unescape(fields[sep + 2])))
     return result
 
 

@@ -49,7 +49,8 @@ class LiveReads(LazyState):
             live = self._live_file(digest, view.partial) if view is not None else None
             if view is None or live is None or (  # the file first: its state must name its mark
                     not view.on_disk(*span, live.mark)
-                    and not view.wait_on_disk(*span, LIVE_WAIT_SECONDS, LIVE_NEAR, live.mark)):
+                    and not (self.cache.store.fetch_in_progress(digest)  # a partial file nobody writes: no wait
+                             and view.wait_on_disk(*span, LIVE_WAIT_SECONDS, LIVE_NEAR, live.mark))):
                 return None
         if index is not None:
             chunks = range(first, last + 1)

@@ -304,7 +304,7 @@ class RangedView:
             filled = self.filled(mark) or [[0, 0]]  # just started: the lead is at byte 0
             if covers(filled, start, end):
                 return True
-            if time.monotonic() > deadline or not any(start - near <= e < end for _, e in filled):
+            if time.monotonic() > deadline or not any(start - near < e < end for _, e in filled):
                 return False
             time.sleep(VIEW_POLL_SECONDS)
 
