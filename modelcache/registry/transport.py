@@ -36,6 +36,7 @@ from modelcache.registry.mirrorhealth import MIRRORS, MirrorHealth
 
 log = logging.getLogger(__name__)
 ENVIRONMENT_ORIGINS = 256  # origins whose environment settings a session keeps
+ORIGIN_KEPT_CHARS = 300  # ... when their host and port are no longer than this
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 STREAM_ERRORS: tuple[type[BaseException], ...] = (
@@ -486,9 +487,10 @@ class _Session(requests.Session):
         settings = self._environment.get(key)
         if settings is None:
             settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
-            if len(self._environment) >= ENVIRONMENT_ORIGINS:  # redirects to ever new hosts: start over
-                self._environment.clear()
-            self._environment[key] = settings
+            if len(parts.netloc) <= ORIGIN_KEPT_CHARS:  # a registry's odd long names are not kept
+                if len(self._environment) >= ENVIRONMENT_ORIGINS:  # redirects to ever new hosts: start over
+                    self._environment.clear()
+                self._environment[key] = settings
         return settings.copy()
 
 
