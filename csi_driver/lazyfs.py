@@ -395,11 +395,9 @@ def pull_main() -> int:
 def receive_job(path: Path, timeout: float = JOB_WAIT, *, spare_of: int = 0) -> tuple[dict[str, Any], socket.socket]:
     """Wait on the unix socket ``path`` (mode 0600) for a job sent by a root process (SO_PEERCRED); return
     it and the connection to answer on. The socket is gone once a job has arrived. A spare (of the process
-    ``spare_of``) waits for as long as that process is its parent, not ``timeout``; it creates nothing once
-    that process has ended (its directory included)."""
-    if spare_of and os.getppid() != spare_of:
-        raise TimeoutError("the plugin that started this spare server has ended")
-    if not spare_of:
+    ``spare_of``) waits for as long as that process is its parent, not ``timeout``, and never makes its
+    directory (gone with that process, it must stay gone)."""
+    if not spare_of:  # a spare's directory is its plugin's: gone with it, not made again
         path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -412,14 +410,14 @@ def receive_job(path: Path, timeout: float = JOB_WAIT, *, spare_of: int = 0) -> 
     listener.settimeout(SPARE_POLL_SECONDS if spare_of else timeout)
     try:
         while True:
+            if spare_of and os.getppid() != spare_of:
+                raise TimeoutError("the plugin that started this spare server has ended")
             try:
                 conn, _ = listener.accept()
             except TimeoutError:
-                if not spare_of:
-                    raise
-                if os.getppid() == spare_of:
+                if spare_of:
                     continue
-                raise TimeoutError("the plugin that started this spare server has ended") from None
+                raise
             _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                             struct.calcsize("3i")))
             if uid != 0:

@@ -180,7 +180,7 @@ class ProcessRunner:
         line: str | None = None
         if spare is not None:
             process, path = spare
-            atomic_write_json(self._state(target), {"target": target, "pid": process.pid, "socket": str(path)})
+            self._record(target, process.pid, path)
             listening = time.monotonic() + SPARE_CONNECT_SECONDS  # its socket exists: it listens at once
             line = hand_over(path, {**job, "nice": os.getpriority(os.PRIO_PROCESS, 0)}, timeout,
                              lambda: process.poll() is None and time.monotonic() < listening)
@@ -192,7 +192,7 @@ class ProcessRunner:
         if line is None:
             path = job_socket(self.root, target)
             process = _spawn(path, log_path)
-            atomic_write_json(self._state(target), {"target": target, "pid": process.pid, "socket": str(path)})
+            self._record(target, process.pid, path)
             line = hand_over(path, job, timeout, lambda: process.poll() is None)
         try:
             files, total = started_from(line, f"pid {process.pid}", "log: " + _tail(log_path))
@@ -202,6 +202,10 @@ class ProcessRunner:
         finally:
             self._refill()
         return Started(process.pid, "", files, total)
+
+    def _record(self, target: str, pid: int, path: Path) -> None:
+        """The state file that finds the server ``pid`` of ``target`` (waiting on ``path``) again."""
+        atomic_write_json(self._state(target), {"target": target, "pid": pid, "socket": str(path)})
 
     def _take_spare(self) -> tuple[subprocess.Popen[bytes], Path] | None:
         """The spare server when it is waiting for a job (a spare still starting stays the spare)."""

@@ -93,14 +93,13 @@ class PullFlights:
                 if self._stopping.is_set():
                     raise ModelCacheError("the plugin is shutting down", kind=Kind.UNAVAILABLE)
                 flight = Flight(reference, Future(), Progress())
-                future = self._pool.submit(self._fly, flight, options, credentials)
-                flight.future = future
+                flight.future = self._pool.submit(self._fly, flight, options, credentials)
                 self._flights[key] = flight
-                fresh = True
+                new = flight
             else:
-                fresh = False
-        if fresh:  # outside the lock: a flight already done runs the callback here, and it takes the lock
-            future.add_done_callback(functools.partial(self._finished, key, flight))
+                new = None
+        if new is not None:  # outside the lock: a flight already done runs the callback here, and it takes the lock
+            new.future.add_done_callback(functools.partial(self._finished, key, new))
         return flight
 
     def _fly(self, flight: Flight, options: PullOptions, credentials: CredentialStore | None) -> PullResult:
