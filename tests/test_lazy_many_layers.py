@@ -191,6 +191,8 @@ def test_a_wrong_small_layer_fails_the_build(fixtures: Fixtures, tmp_path: Path)
         with pytest.raises(IntegrityError, match="no endpoint answered the blob its digest names"):
             model.build()
         model.close()
+        assert not any(model.cache.store.iter_blobs())  # nothing committed, nothing half-written left
+        assert not list(model.cache.store.ingest_dir.iterdir())
     finally:
         proxy.close()
 
