@@ -157,11 +157,12 @@ def push_directory(client: RegistryClient, directory: Path, ref: Reference, *,
             layer_compression = compression
             if len(group) > 1 and compression is mt.Compression.RAW:
                 layer_compression = mt.Compression.TAR  # a pack of files is a tar
-            if layer_compression is mt.Compression.RAW:
+            if len(group) == 1:  # as modctl does: the file a layer holds (a lazy mount shows it from the manifest)
                 annotations[mt.ANNOTATION_FILE_METADATA] = json.dumps(
                     {"name": relpath, "mode": st.st_mode & 0o777, "uid": 0, "gid": 0, "size": st.st_size,
                      "mtime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(st.st_mtime)), "typeflag": 0},
                     sort_keys=True)
+            if layer_compression is mt.Compression.RAW:
                 digest, size, chunks = chunkindex.hash_file(path)
                 source, diff_id = path, digest
             else:

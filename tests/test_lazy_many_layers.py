@@ -22,7 +22,7 @@ from modelcache.registry import mediatypes as mt
 from modelcache.registry.reference import parse_reference
 from modelcache.store.content import ContentStore
 from tests.conftest import make_client
-from tests.helpers.lazymodels import files_dir, lazy_model, read_all
+from tests.helpers.lazymodels import files_dir, lazy_model, read_all, without_announcements
 from tests.helpers.oci import Entry, Fixtures, make_tar
 from tests.helpers.proxy import ProxyBehaviour, RegistryProxy
 
@@ -47,6 +47,7 @@ def test_small_tar_layers_are_fetched_whole_once_and_verified(registry, tmp_path
     name = f"many/small-{str(chunk_index).lower()}:v1"
     push_directory(make_client(), tmp_path / "model", parse_reference(f"{registry.host}/{name}"),
                    compression=mt.Compression.TAR, chunk_index=chunk_index, pack_small=False)
+    without_announcements(registry.host, name)
     proxy = RegistryProxy(registry.host)
     try:
         model = lazy(tmp_path / "root", proxy.host, name)
@@ -72,6 +73,7 @@ def test_tar_layers_are_indexed_concurrently(registry, tmp_path: Path) -> None: 
     files_dir(tmp_path / "model", 3 * INDEX_WORKERS)
     push_directory(make_client(), tmp_path / "model", parse_reference(f"{registry.host}/many/pool:v1"),
                    compression=mt.Compression.TAR, pack_small=False)
+    without_announcements(registry.host, "many/pool:v1")
     proxy = RegistryProxy(registry.host, ProxyBehaviour(blob_delay=0.2))
     try:
         model = lazy(tmp_path / "root", proxy.host, "many/pool:v1")
@@ -92,6 +94,7 @@ def test_tar_layers_are_indexed_last_first_and_those_the_pull_committed_are_read
     name = "many/order:v1"
     push_directory(make_client(), tmp_path / "model", parse_reference(f"{registry.host}/{name}"),
                    compression=mt.Compression.TAR, pack_small=False)
+    without_announcements(registry.host, name)
     proxy = RegistryProxy(registry.host)
     try:
         digests = layer_digests(proxy, name)

@@ -4,12 +4,16 @@ links are checked (those the assembled tree obeys)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from modelcache.assemble.paths import PathFilter
 from modelcache.assemble.safetar import OPAQUE, WHITEOUT
 from modelcache.assemble.treerules import check_symlink, walk_tree
 from modelcache.digest import Digest
 from modelcache.errors import UnsafeContent
+
+if TYPE_CHECKING:
+    from modelcache.lazy.announced import Announced
 
 
 @dataclass(frozen=True)
@@ -24,15 +28,23 @@ class Source:
 
 @dataclass
 class Node:
-    """A directory, file or symlink of the lazy tree."""
+    """A directory, file or symlink of the lazy tree. A file ``announced`` by its layer's annotations has no
+    ``source`` until its layer has been read and checked."""
 
     kind: str
     mode: int
     size: int = 0
     children: dict[str, Node] = field(default_factory=dict)
     source: Source | None = None
+    announced: Announced | None = None
     target: str = ""
     local: str = ""
+
+
+def file_mode(mode: int) -> int:
+    """The mode of a lazy tree's file whose tar header (or announcement) gives ``mode``: read-only, executable
+    where it was."""
+    return (mode & 0o555) | 0o444
 
 
 def ensure_dir(root: Node, parts: list[str]) -> Node:

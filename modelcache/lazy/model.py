@@ -27,8 +27,9 @@ import time
 from modelcache.assemble.paths import PathFilter, safe_relpath
 from modelcache.assemble.treerules import Budget
 from modelcache.digest import Digest
-from modelcache.errors import IntegrityError, Kind, ModelCacheError
+from modelcache.errors import IntegrityError, Kind, ModelCacheError, UnsafeContent
 from modelcache.fsutil import pwrite_all
+from modelcache.lazy.announced import announced_file, check_final, check_layer
 from modelcache.lazy.chunkcache import RANGE_CHUNK
 from modelcache.lazy.fetch import RangeReads
 from modelcache.lazy.lazytree import Node as Node
@@ -64,7 +65,12 @@ class LazyModel(LiveReads, RangeReads):
         budget = Budget.for_model(self.cache.max_model_files, self.cache.max_model_bytes,
                                   sum(s.descriptor.size for s in steps if s.compression.is_tar),
                                   self.cache.expand_ratio)
-        tars = TarLayers(self._index_tar, [s.descriptor for s in steps if s.compression is Compression.TAR], budget)
+        tar_steps = [s for s in steps if s.compression is Compression.TAR]
+        announced = [None if s.dest else announced_file(s.descriptor) for s in tar_steps]
+        # every tar layer announces its one file: the tree from the manifest alone, each layer checked when read
+        self.announced = bool(tar_steps) and None not in announced
+        tars = None if self.announced else TarLayers(self._index_tar, [s.descriptor for s in tar_steps], budget)
+        announcements = iter(announced)
         for step in steps:
             descriptor = step.descriptor
             if step.compression in (Compression.RAW, Compression.TAR):
@@ -72,10 +78,16 @@ class LazyModel(LiveReads, RangeReads):
             if step.compression is Compression.RAW:
                 budget.charge(f"layer {descriptor.digest}", entries=1, nbytes=descriptor.size)
                 self._add_file(step.dest, Source(descriptor.digest, descriptor.size, 0, descriptor.size), 0o444)
-            elif step.compression is Compression.TAR:
+            elif step.compression is Compression.TAR and tars is not None:
                 layer = tars.next(budget)
                 base = ensure_dir(self.root, step.dest.split("/")) if step.dest else self.root
                 merge_layer(base, layer, step.dest, path_filter)
+            elif step.compression is Compression.TAR:
+                file = next(announcements)
+                assert file is not None
+                budget.charge(f"layer {descriptor.digest}", entries=1, nbytes=file.size)
+                if path_filter.accepts(file.path):
+                    self._place(file.path, Node("file", file.mode, file.size, announced=file))
             else:
                 self.pending = True
         check_links(self.root)
@@ -161,6 +173,8 @@ class LazyModel(LiveReads, RangeReads):
                 for digest in self.blobs:
                     self.cache.store.served.settle(digest)
                     self._check_served(digest)
+                if self.announced:
+                    check_final(self.root, self.final.path, exact=not self.pending)
             except ModelCacheError as exc:
                 if exc.kind is Kind.INTEGRITY:
                     self._broken(str(exc))
@@ -240,8 +254,20 @@ class LazyModel(LiveReads, RangeReads):
                 return os.pread(fd, size, offset)
             finally:
                 os.close(fd)
-        assert node.source is not None
-        return self.read(node.source, offset, size)
+        return self.read(node.source or self._checked_source(node), offset, size)
+
+    def _checked_source(self, node: Node) -> Source:
+        """Where the bytes of a file its layer announced are, once the layer's headers are read and found to
+        hold that file alone (:func:`check_layer`); a layer holding anything else breaks the model."""
+        announced = node.announced
+        assert announced is not None
+        budget = Budget.for_model(self.cache.max_model_files, self.cache.max_model_bytes, announced.descriptor.size,
+                                  self.cache.expand_ratio)
+        try:
+            node.source = check_layer(announced, self._index_tar(announced.descriptor, budget))
+        except (IntegrityError, UnsafeContent) as exc:
+            raise self._broken(str(exc)) from None
+        return node.source
 
     def read(self, source: Source, offset: int, size: int) -> bytes:
         """Up to ``size`` bytes of a file at ``offset`` (blocking: call from a worker thread)."""

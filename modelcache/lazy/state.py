@@ -64,6 +64,7 @@ class LazyState:
         self.plan: Plan = cache.plan(resolved, options)
         self.root = Node("dir", 0o555)
         self.pending = False
+        self.announced = False  # the tree was shown from its tar layers' annotations (modelcache.lazy.announced)
         self.progress = Progress()
         self.complete = threading.Event()
         self.final: PullResult | None = None

@@ -18,7 +18,7 @@ from modelcache.assemble.safetar import checked_members, open_tar, tar_errors
 from modelcache.assemble.treerules import Budget
 from modelcache.digest import Digest
 from modelcache.errors import UnsafeContent
-from modelcache.lazy.lazytree import Node, Source, ensure_dir
+from modelcache.lazy.lazytree import Node, Source, ensure_dir, file_mode
 from modelcache.registry.manifest import Descriptor
 from modelcache.registry.mediatypes import Compression
 
@@ -75,7 +75,7 @@ def tar_tree(blob: BlobFile, digest: Digest, size: int, budget: Budget) -> Node:
                     parent.children[parts[-1]] = Node("dir", 0o555)
             elif info.isreg():
                 files[info.name] = parent.children[parts[-1]] = Node(
-                    "file", (info.mode & 0o555) | 0o444, info.size,
+                    "file", file_mode(info.mode), info.size,
                     source=Source(digest, size, info.offset_data, info.size))
             elif info.issym():
                 parent.children[parts[-1]] = Node("symlink", 0o777, len(info.linkname), target=info.linkname)

@@ -29,6 +29,7 @@ MODEL_KINDS = ("weight", "weight.config", "doc", "code", "dataset")
 ANNOTATION_FILEPATH = "org.cncf.model.filepath"
 ANNOTATION_FILEPATH_LEGACY = "org.cnai.model.filepath"
 ANNOTATION_FILE_METADATA = "org.cncf.model.file.metadata+json"
+ANNOTATION_FILE_METADATA_LEGACY = "org.cnai.model.file.metadata+json"
 ANNOTATION_TITLE = "org.opencontainers.image.title"
 ANNOTATION_ORAS_UNPACK = "io.deis.oras.content.unpack"
 
