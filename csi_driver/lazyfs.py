@@ -29,6 +29,7 @@ import trio
 from csi_driver.lazymount import FUSE_TYPE, write_verdict
 from csi_driver.priority import take_priority
 from modelcache.assemble.options import PullOptions
+from modelcache.assemble.treerules import walk_tree
 from modelcache.cache import ModelCache
 from modelcache.errors import Kind, ModelCacheError, PullCancelled
 from modelcache.lazy.model import LazyModel, Node
@@ -508,10 +509,4 @@ def helper_main(socket_path: Path, spare_of: int = 0) -> int:
 
 
 def _walk_files(node: Node) -> list[Node]:
-    result = []
-    for child in node.children.values():
-        if child.kind == "file":
-            result.append(child)
-        elif child.kind == "dir":
-            result.extend(_walk_files(child))
-    return result
+    return [child for _, child in walk_tree(node) if child.kind == "file"]  # not recursive: trees may be deep

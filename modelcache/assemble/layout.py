@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from modelcache.assemble import kitfile
 from modelcache.assemble.paths import PathFilter, safe_relpath
@@ -43,16 +44,31 @@ class Plan:
         return [s for s in self.steps if s.compression.is_tar or path_filter.accepts(s.dest)]
 
 
-def _check_metadata(layer: Descriptor, where: str) -> None:
-    text = layer.annotations.get(mt.ANNOTATION_FILE_METADATA)
+MAX_METADATA = 64 << 10  # characters of a layer's file metadata annotation
+
+
+def file_metadata(layer: Descriptor, where: str) -> dict[str, Any] | None:
+    """The file metadata annotation of ``layer`` (either vocabulary), parsed; None when it has none.
+    IntegrityError when it is not a JSON object of at most MAX_METADATA characters."""
+    annotations = layer.annotations
+    text = annotations.get(mt.ANNOTATION_FILE_METADATA) or annotations.get(mt.ANNOTATION_FILE_METADATA_LEGACY)
     if not text:
-        return
+        return None
+    if len(text) > MAX_METADATA:
+        raise IntegrityError(f"{where}: {mt.ANNOTATION_FILE_METADATA} is longer than {MAX_METADATA} characters")
     try:
         meta = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # nesting deep enough to exhaust the parser's stack is not metadata
         raise IntegrityError(f"{where}: {mt.ANNOTATION_FILE_METADATA} is not valid JSON") from None
     if not isinstance(meta, dict):
         raise IntegrityError(f"{where}: {mt.ANNOTATION_FILE_METADATA} is not an object")
+    return meta
+
+
+def _check_metadata(layer: Descriptor, where: str) -> None:
+    meta = file_metadata(layer, where)
+    if meta is None:
+        return
     size = meta.get("size")
     if isinstance(size, int) and size != layer.size:
         raise IntegrityError(f"{where}: file metadata says {size} bytes but the layer has {layer.size}")

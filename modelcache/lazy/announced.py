@@ -9,14 +9,15 @@ broken, so every read fails."""
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from modelcache.assemble.layout import file_metadata
 from modelcache.assemble.paths import safe_relpath
-from modelcache.assemble.treerules import walk_tree
+from modelcache.assemble.safetar import WHITEOUT
+from modelcache.assemble.treerules import check_depth, walk_tree
 from modelcache.errors import IntegrityError, UnsafeContent
 from modelcache.lazy.lazytree import Node, Source, file_mode
 from modelcache.registry import mediatypes as mt
@@ -41,18 +42,19 @@ def announced_file(descriptor: Descriptor) -> Announced | None:
     """The file ``descriptor``'s annotations announce, or None when they announce none that can be shown (no
     path or metadata, not a regular file, a size its layer cannot hold, an unsafe path): its headers are
     then read as for any tar layer."""
+    where = f"layer {descriptor.digest}"
     annotations = descriptor.annotations
     path = annotations.get(mt.ANNOTATION_FILEPATH) or annotations.get(mt.ANNOTATION_FILEPATH_LEGACY)
-    text = annotations.get(mt.ANNOTATION_FILE_METADATA) or annotations.get(mt.ANNOTATION_FILE_METADATA_LEGACY)
-    if not path or not text:
+    if not path:
         return None
     try:
-        meta = json.loads(text)
-        path = safe_relpath(path, f"layer {descriptor.digest}")
-    except (ValueError, UnsafeContent):
+        meta = file_metadata(descriptor, where)
+        path = safe_relpath(path, where)
+        check_depth(path, where)
+    except (IntegrityError, UnsafeContent):
         return None
-    if not isinstance(meta, dict):
-        return None
+    if meta is None or any(part.startswith(WHITEOUT) for part in path.split("/")):
+        return None  # a whiteout removes what lower layers hold: the layer's headers say what
     size, mode = meta.get("size"), meta.get("mode", 0o444)
     if meta.get("typeflag", 0) not in REGULAR_TYPEFLAGS or type(size) is not int or type(mode) is not int:
         return None
@@ -90,16 +92,18 @@ def _listing(layer: Node) -> str:
 
 def check_final(shown: Node, final: Path, *, exact: bool) -> None:
     """IntegrityError unless every path of the lazy tree ``shown`` is in the finished tree at ``final``, of
-    the same kind, a file of the same size; with ``exact`` (no layer's paths were left to the pull), unless
-    the finished tree holds nothing else either."""
-    expected = {path: (node.kind, node.size if node.kind == "file" else 0) for path, node in walk_tree(shown)}
-    found: dict[str, tuple[str, int]] = {}
+    the same kind, a file of the same size and mode; with ``exact`` (no layer's paths were left to the pull),
+    unless the finished tree holds nothing else either."""
+    expected = {path: (node.kind, node.size, node.mode) if node.kind == "file" else (node.kind, 0, 0)
+                for path, node in walk_tree(shown)}
+    found: dict[str, tuple[str, int, int]] = {}
     for dirpath, dirnames, filenames in os.walk(final):
         for name in dirnames + filenames:
             full = os.path.join(dirpath, name)
             st = os.lstat(full)
             kind = "dir" if stat.S_ISDIR(st.st_mode) else "symlink" if stat.S_ISLNK(st.st_mode) else "file"
-            found[os.path.relpath(full, final)] = (kind, st.st_size if kind == "file" else 0)
+            found[os.path.relpath(full, final)] = ((kind, st.st_size, stat.S_IMODE(st.st_mode)) if kind == "file"
+                                                   else (kind, 0, 0))
     differing = {path for path, entry in expected.items() if found.get(path) != entry}
     if exact:
         differing |= found.keys() - expected.keys()

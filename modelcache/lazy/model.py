@@ -69,6 +69,8 @@ class LazyModel(LiveReads, RangeReads):
         announced = [None if s.dest else announced_file(s.descriptor) for s in tar_steps]
         # every tar layer announces its one file: the tree from the manifest alone, each layer checked when read
         self.announced = bool(tar_steps) and None not in announced
+        self._checks = Budget.for_model(self.cache.max_model_files, self.cache.max_model_bytes,
+                                        sum(s.descriptor.size for s in tar_steps), self.cache.expand_ratio)
         tars = None if self.announced else TarLayers(self._index_tar, [s.descriptor for s in tar_steps], budget)
         announcements = iter(announced)
         for step in steps:
@@ -86,8 +88,10 @@ class LazyModel(LiveReads, RangeReads):
                 file = next(announcements)
                 assert file is not None
                 budget.charge(f"layer {descriptor.digest}", entries=1, nbytes=file.size)
+                parts = file.path.split("/")
+                parent = ensure_dir(self.root, parts[:-1])  # made for a file left out too, as extraction does
                 if path_filter.accepts(file.path):
-                    self._place(file.path, Node("file", file.mode, file.size, announced=file))
+                    parent.children[parts[-1]] = Node("file", file.mode, file.size, announced=file)
             else:
                 self.pending = True
         check_links(self.root)
@@ -258,16 +262,28 @@ class LazyModel(LiveReads, RangeReads):
 
     def _checked_source(self, node: Node) -> Source:
         """Where the bytes of a file its layer announced are, once the layer's headers are read and found to
-        hold that file alone (:func:`check_layer`); a layer holding anything else breaks the model."""
+        hold that file alone (:func:`check_layer`); a layer holding anything else breaks the model. A layer is
+        checked once at a time, and what all checks read is charged to one budget for the model."""
         announced = node.announced
         assert announced is not None
-        budget = Budget.for_model(self.cache.max_model_files, self.cache.max_model_bytes, announced.descriptor.size,
-                                  self.cache.expand_ratio)
-        try:
-            node.source = check_layer(announced, self._index_tar(announced.descriptor, budget))
-        except (IntegrityError, UnsafeContent) as exc:
-            raise self._broken(str(exc)) from None
-        return node.source
+        digest = announced.descriptor.digest
+        with self._chunks_lock:
+            lock = self._layer_checks.setdefault(digest, threading.Lock())
+        with lock:
+            if node.source is not None:
+                return node.source
+            with self._chunks_lock:
+                checks = self._checks
+                budget = Budget(checks.max_entries, checks.max_bytes, checks.max_expanded, checks.entries, checks.bytes)
+            entries, nbytes = budget.entries, budget.bytes
+            try:
+                source = check_layer(announced, self._index_tar(announced.descriptor, budget))
+                with self._chunks_lock:
+                    checks.charge(f"layer {digest}", entries=budget.entries - entries, nbytes=budget.bytes - nbytes)
+            except (IntegrityError, UnsafeContent) as exc:
+                raise self._broken(str(exc)) from None
+            node.source = source
+            return source
 
     def read(self, source: Source, offset: int, size: int) -> bytes:
         """Up to ``size`` bytes of a file at ``offset`` (blocking: call from a worker thread)."""

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from modelcache.assemble.layout import Plan
 from modelcache.assemble.options import PullOptions
+from modelcache.assemble.treerules import Budget
 from modelcache.cache import ModelCache
 from modelcache.digest import Digest
 from modelcache.errors import IntegrityError, Kind, ModelCacheError
@@ -65,6 +66,8 @@ class LazyState:
         self.root = Node("dir", 0o555)
         self.pending = False
         self.announced = False  # the tree was shown from its tar layers' annotations (modelcache.lazy.announced)
+        self._layer_checks: dict[Digest, threading.Lock] = {}  # announced layers being checked, one check each
+        self._checks = Budget(0, 0, 0)  # what the checks of announced layers have read, against the model's limits
         self.progress = Progress()
         self.complete = threading.Event()
         self.final: PullResult | None = None
