@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 
 from modelcache.assemble.layout import file_metadata
@@ -19,23 +18,12 @@ from modelcache.assemble.paths import safe_relpath
 from modelcache.assemble.safetar import WHITEOUT
 from modelcache.assemble.treerules import check_depth, walk_tree
 from modelcache.errors import IntegrityError, UnsafeContent
-from modelcache.lazy.lazytree import Node, Source, file_mode
+from modelcache.lazy.lazytree import Announced, Node, Source, file_mode
 from modelcache.registry import mediatypes as mt
 from modelcache.registry.manifest import Descriptor
 
 REGULAR_TYPEFLAGS = (0, 48, "0", "")  # tar.TypeReg ('0', 48 as Go writes a byte), and the old NUL flag
 TAR_HEADER = 512
-
-
-@dataclass(frozen=True)
-class Announced:
-    """The file a single-file tar layer announces: at ``path`` (from the tree's root), ``size`` bytes, with
-    the mode the lazy tree gives it."""
-
-    descriptor: Descriptor
-    path: str
-    size: int
-    mode: int
 
 
 def announced_file(descriptor: Descriptor) -> Announced | None:

@@ -4,16 +4,13 @@ links are checked (those the assembled tree obeys)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from modelcache.assemble.paths import PathFilter
 from modelcache.assemble.safetar import OPAQUE, WHITEOUT
 from modelcache.assemble.treerules import check_symlink, walk_tree
 from modelcache.digest import Digest
 from modelcache.errors import UnsafeContent
-
-if TYPE_CHECKING:
-    from modelcache.lazy.announced import Announced
+from modelcache.registry.manifest import Descriptor
 
 
 @dataclass(frozen=True)
@@ -24,6 +21,17 @@ class Source:
     blob_size: int
     offset: int
     size: int
+
+
+@dataclass(frozen=True)
+class Announced:
+    """The file a single-file tar layer announces: at ``path`` (from the tree's root), ``size`` bytes, with
+    the mode the lazy tree gives it."""
+
+    descriptor: Descriptor
+    path: str
+    size: int
+    mode: int
 
 
 @dataclass
