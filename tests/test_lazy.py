@@ -23,14 +23,15 @@ from csi_driver.proto import csi_pb2
 from modelcache.assemble.options import PullOptions
 from modelcache.digest import Digest
 from modelcache.mounts import mounts_at
+from modelcache.push import push_directory
 from modelcache.records import tree_key
 from modelcache.registry import mediatypes as mt
 from modelcache.registry.reference import parse_reference
 from modelcache.settings import HostsConfig, Settings
 from modelcache.singleflight import PullFlights
-from tests.conftest import needs_root
+from tests.conftest import make_client, needs_root
 from tests.helpers.csi import CsiProcess, helper_pid, is_mounted, publish_request
-from tests.helpers.oci import Entry, Fixtures
+from tests.helpers.oci import Entry, Fixtures, make_tar
 from tests.helpers.procs import alive, children_running, open_files
 from tests.helpers.proxy import ProxyProcess
 from tests.helpers.waiting import ends, wait_for
@@ -247,6 +248,40 @@ def test_uncompressed_tar_is_lazy_and_compressed_tar_appears_when_pulled(csi: Cs
         fixtures.host, proxy.host)))
     assert os.listdir(tgz_target) == ["c.txt"]  # waits for the layer
     assert (tgz_target / "c.txt").read_bytes() == b"sea"
+
+
+def test_announced_tar_layers_are_listed_at_once_and_read_through_the_mount(
+        csi: CsiProcess, tmp_path: Path, fixtures: Fixtures, proxy_factory) -> None:  # type: ignore[no-untyped-def]
+    """A model pushed one tar layer per file (each announcing its file, as modctl and ``ocimodel push`` write
+    them) through a slow front: the mount lists every file with its size and mode while the pull runs, and
+    each file reads as pushed; a layer holding another file than it announces reads as EIO."""
+    model = tmp_path / "model"
+    files = {"config.json": b'{"a": 1}', "sub/tokenizer.json": os.urandom(5000), "run.sh": b"#!/bin/sh\n"}
+    for relpath, data in files.items():
+        (model / relpath).parent.mkdir(parents=True, exist_ok=True)
+        (model / relpath).write_bytes(data)
+    (model / "run.sh").chmod(0o755)
+    push_directory(make_client(), model, parse_reference(fixtures.ref("lazy/announced:v1")),
+                   compression=mt.Compression.TAR, pack_small=False)
+    proxy = proxy_factory(200_000)
+    target = tmp_path / "announced"
+    csi.node.NodePublishVolume(lazy_request("announced", target, f"{proxy.host}/lazy/announced:v1"))
+    assert sorted(os.listdir(target)) == ["config.json", "run.sh", "sub"]
+    assert {path: os.stat(target / path).st_size for path in files} == {p: len(d) for p, d in files.items()}
+    assert oct(os.stat(target / "run.sh").st_mode & 0o777) == oct(0o555)
+    assert {path: (target / path).read_bytes() for path in files} == files
+    csi.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id="announced", target_path=str(target)))
+    assert not is_mounted(target)
+
+    lie = {mt.ANNOTATION_FILEPATH: "a.json", mt.ANNOTATION_FILE_METADATA: json.dumps({"size": 10, "typeflag": 48})}
+    fixtures.manifest("lazy/lie:v1", [fixtures.layer("lazy/lie", make_tar([Entry("b.json", b"x" * 10)]),
+                                                     mt.model_layer_type("weight", mt.Compression.TAR), lie)])
+    lying = tmp_path / "lying"
+    csi.node.NodePublishVolume(lazy_request("lying", lying, f"{proxy.host}/lazy/lie:v1"))
+    assert os.listdir(lying) == ["a.json"]
+    with pytest.raises(OSError) as info:
+        (lying / "a.json").read_bytes()
+    assert info.value.errno == errno.EIO
 
 
 def test_wrong_range_answers_are_caught_when_the_blob_commits(tmp_path: Path, big, proxy_factory) -> None:
