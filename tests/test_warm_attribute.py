@@ -58,12 +58,14 @@ def test_a_publish_with_warm_reads_the_model_into_page_cache(tmp_path: Path, fix
             csi.node.NodePublishVolume(request, timeout=60)
             published.append((f"vol-{name}", target))
         total = SIZE + len(b'{"warm": 1}')  # both files
+        warmed = rf"warmed {re.escape(str(trees['warm']))}: {total} of {total} bytes resident"
         deadline = time.monotonic() + 120  # a guard against a hang only
-        while (resident := pagecache.report([trees["warm"]]).resident_bytes) < total:
+        # the pages are resident before the agent logs that they are: wait for both
+        while (resident := pagecache.report([trees["warm"]]).resident_bytes) < total or \
+                not re.search(warmed, log.read_text()):
             assert agent.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, f"{resident} of {total} bytes resident; agent log:\n{log.read_text()}"
             time.sleep(0.1)
-        assert re.search(rf"warmed {re.escape(str(trees['warm']))}: {total} of {total} bytes resident", log.read_text())
         assert fincore_bytes(trees["warm"] / "weights.bin") in (None, SIZE)
         # the volume without the attribute was not warmed: nothing asked for it
         assert pagecache.report([trees["cold"]]).resident_bytes == 0
