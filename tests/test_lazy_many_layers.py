@@ -23,7 +23,7 @@ from modelcache.registry.reference import parse_reference
 from modelcache.store.content import ContentStore
 from tests.conftest import make_client
 from tests.helpers.lazymodels import files_dir, lazy_model, read_all, without_announcements
-from tests.helpers.oci import Entry, Fixtures, make_tar
+from tests.helpers.oci import Entry, Fixtures, compress, make_tar
 from tests.helpers.proxy import ProxyBehaviour, RegistryProxy
 
 TAR = mt.model_layer_type("weight.config", mt.Compression.TAR)
@@ -212,3 +212,34 @@ def test_unsafe_content_is_refused_alike(fixtures: Fixtures, tmp_path: Path) -> 
     model.close()
     pull = ModelCache(ContentStore(tmp_path / "pull"), make_client())
     assert str(info.value) == refusal(lambda: pull.pull(fixtures.ref(name)))
+
+
+@pytest.mark.parametrize("first", ["raw", "tar"])
+def test_a_compressed_layer_after_a_readable_one_holds_back_the_whole_tree(fixtures: Fixtures, tmp_path: Path,
+                                                                          first: str) -> None:
+    """A compressed layer may replace (or remove) a file an earlier, readable layer holds: such a model shows
+    nothing until the pull has finished, and then the files it builds, never the replaced bytes. A compressed
+    layer before the readable ones holds nothing back."""
+    name = f"many/replaced-{first}:v1"
+    repository = name.split(":")[0]
+    earlier = (fixtures.layer(repository, b"X" * 10, mt.model_layer_type("weight", mt.Compression.RAW),
+                              {mt.ANNOTATION_FILEPATH: "a.json"}) if first == "raw" else
+               fixtures.layer(repository, make_tar([Entry("a.json", b"X" * 10)]), TAR))
+    later = fixtures.layer(repository, compress(make_tar([Entry("a.json", b"Y" * 10)]), mt.Compression.TAR_GZIP),
+                           mt.model_layer_type("weight", mt.Compression.TAR_GZIP))
+    fixtures.manifest(name, [earlier, later])
+    model = lazy(tmp_path / "lazy", fixtures.host, name)
+    model.build()
+    assert model.pending and not model.root.children
+    model.start_background().join()
+    assert model.failure is None
+    model.adopt_final_tree()
+    assert read_all(model, "a.json") == b"Y" * 10
+    model.close()
+
+    name = f"{repository}:compressed-first"
+    fixtures.manifest(name, [later, earlier])
+    model = lazy(tmp_path / "first", fixtures.host, name)
+    model.build()
+    assert model.pending and read_all(model, "a.json") == b"X" * 10  # the last layer's: shown at once
+    model.close()

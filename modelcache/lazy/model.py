@@ -5,7 +5,8 @@ requests into a sparse partial blob, while the ordinary pull fills the cache in 
 Raw layers (ModelPack's recommended form, ORAS files) are lazy byte for byte. Uncompressed tar layers
 are indexed by reading their headers with range requests and served lazily too. Compressed tar layers
 (and container-image layouts, whose whiteouts need every layer) cannot be read at an offset: their
-paths appear once the background pull has finished.
+paths appear once the background pull has finished, and the whole tree does when such a layer comes after
+a readable one (it may replace or remove what that one holds).
 
 Integrity: an OCI digest covers a whole blob, not a chunk. A model pushed with a chunk index (see
 :mod:`modelcache.trust.chunkindex`) has every chunk verified before it is served; a chunk that fails is asked
@@ -61,6 +62,12 @@ class LazyModel(LiveReads, RangeReads):
             self.pending = True
             return
         steps = self.plan.needed(path_filter)
+        readable = [i for i, s in enumerate(steps) if s.compression in (Compression.RAW, Compression.TAR)]
+        if readable and any(s.compression not in (Compression.RAW, Compression.TAR) for s in steps[readable[0]:]):
+            # a compressed layer after a readable one may replace or remove what that one holds: nothing is
+            # shown before the pull has finished, as for container images
+            self.pending = True
+            return
         self.cache.store_synthesized(self.plan, steps)  # a ModelKit's Kitfile: read like a committed raw layer
         budget = Budget.for_model(self.cache.max_model_files, self.cache.max_model_bytes,
                                   sum(s.descriptor.size for s in steps if s.compression.is_tar),
