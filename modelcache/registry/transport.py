@@ -16,6 +16,7 @@ import json
 import logging
 import random
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -28,7 +29,7 @@ import requests
 import urllib3
 
 from modelcache.errors import Kind, RegistryError
-from modelcache.registry import egress
+from modelcache.registry import egress, slowbodies
 from modelcache.registry.credentials import Credentials, CredentialStore
 from modelcache.registry.egress import ANY_BUT_METADATA, AddressClass, EgressRefused
 from modelcache.registry.hosts import Endpoint, HostsConfig
@@ -84,6 +85,7 @@ class RetryPolicy:
     connect_timeout: float = 10.0
     read_timeout: float = 30.0
     mirror_connect_timeout: float = 0.5
+    min_bytes_per_second: float = 16 << 10  # a body's floor speed, each read of it (see slowbodies)
 
     def delay(self, attempt: int, retry_after: str | None = None) -> float:
         """Seconds to wait before retry number ``attempt`` (1-based)."""
@@ -430,22 +432,32 @@ def _basic(creds: Credentials) -> str:
     return "Basic " + base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
 
 
-def body_reader(response: requests.Response) -> Callable[[bytearray], int]:
+def body_reader(response: requests.Response, policy: RetryPolicy, what: str) -> Callable[[bytearray], int]:
     """``readinto`` of a streamed response's body, filling the whole buffer per call (short only at the
-    end). http.client's own response where urllib3 wraps one: urllib3's ``readinto`` reads into a new
-    bytes object and copies it, a copy and an allocation per read at line rate. Either way the body comes
-    as sent (blob bytes are never content-decoded) and its caller verifies it."""
+    end), each call bounded by ``policy``'s floor speed (:mod:`modelcache.registry.slowbodies`). http.client's
+    own response where urllib3 wraps one: urllib3's ``readinto`` reads into a new bytes object and copies it,
+    a copy and an allocation per read at line rate. Either way the body comes as sent (blob bytes are never
+    content-decoded) and its caller verifies it."""
     inner = _http_client_response(response)
+    readinto: Callable[[bytearray], int]
     if inner is not None and not getattr(response.raw, "_fp_bytes_read", 0):
-        return inner.readinto
-    raw = response.raw
+        readinto = inner.readinto
+    else:
+        raw = response.raw
 
-    def fill(buffer: bytearray) -> int:
-        view, got = memoryview(buffer), 0
-        while got < len(buffer) and (n := raw.readinto(view[got:])):
-            got += n
-        return got
-    return fill
+        def fill(buffer: bytearray) -> int:
+            view, got = memoryview(buffer), 0
+            while got < len(buffer) and (n := raw.readinto(view[got:])):
+                got += n
+            return got
+        readinto = fill
+    sock = getattr(getattr(getattr(inner, "fp", None), "raw", None), "_sock", None)
+    if not isinstance(sock, socket.socket):
+        log.debug("%s: no socket under the response; its body's speed is not bounded", what)
+        return readinto
+    declared = response.headers.get("Content-Length", "")
+    return slowbodies.guarded(readinto, sock, int(declared) if declared.isdigit() else None,
+                              floor=policy.min_bytes_per_second, grace=policy.read_timeout, what=what)
 
 
 def _http_client_response(response: requests.Response) -> http.client.HTTPResponse | None:

@@ -165,15 +165,20 @@ class RegistryProxy:
             if corrupt and not corrupted:
                 chunk = bytes([chunk[0] ^ 0xFF]) + chunk[1:]
                 corrupted = True
-            try:
-                h.wfile.write(chunk)
-            except (BrokenPipeError, ConnectionResetError):
-                return False
-            sent += len(chunk)
-            if is_blob and b.bytes_per_second:
-                ahead = sent / b.bytes_per_second - (time.monotonic() - started)
-                if ahead > 0:
-                    time.sleep(ahead)
+            # throttled, a chunk goes out in pieces of a twentieth of a second each: a steady stream, not bursts
+            step = max(1024, int(b.bytes_per_second / 20)) if is_blob and b.bytes_per_second else len(chunk)
+            for offset in range(0, len(chunk), step):
+                piece = chunk[offset:offset + step]
+                try:
+                    h.wfile.write(piece)
+                    h.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    return False
+                sent += len(piece)
+                if is_blob and b.bytes_per_second:
+                    ahead = sent / b.bytes_per_second - (time.monotonic() - started)
+                    if ahead > 0:
+                        time.sleep(ahead)
         return True
 
     def _take_cut(self) -> bool:
