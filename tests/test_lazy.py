@@ -30,7 +30,7 @@ from modelcache.registry.reference import parse_reference
 from modelcache.settings import HostsConfig, Settings
 from modelcache.singleflight import PullFlights
 from tests.conftest import make_client, needs_root
-from tests.helpers.csi import CsiProcess, helper_pid, is_mounted, publish_request
+from tests.helpers.csi import CsiProcess, helper_pid, is_mounted, publish_request, unmount_all_under
 from tests.helpers.oci import Entry, Fixtures, make_tar
 from tests.helpers.procs import alive, children_running, open_files
 from tests.helpers.proxy import ProxyProcess
@@ -56,9 +56,7 @@ def proxy_factory(proxy_process):  # type: ignore[no-untyped-def]
 def csi(tmp_path: Path) -> Iterator[CsiProcess]:
     process = CsiProcess(tmp_path)
     yield process
-    for mountpoint in [m for m in Path("/proc/self/mountinfo").read_text().split("\n") if str(tmp_path) in m]:
-        target = mountpoint.split()[4]
-        subprocess.run(["umount", "-l", target], check=False, capture_output=True)
+    unmount_all_under(tmp_path)
     if process.process and process.process.poll() is None:
         process.stop()
 

@@ -14,14 +14,13 @@ from __future__ import annotations
 import errno
 import os
 import socket
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import needs_root
-from tests.helpers.csi import CsiProcess, publish_request
+from tests.helpers.csi import CsiProcess, publish_request, unmount_all_under
 from tests.helpers.oci import Fixtures
 from tests.helpers.proxy import ProxyProcess
 from tests.helpers.registry import RunningRegistry
@@ -37,9 +36,7 @@ HANG_GUARD = 120.0
 def csi(tmp_path: Path) -> Iterator[CsiProcess]:
     process = CsiProcess(tmp_path / "driver")
     yield process
-    for line in reversed(Path("/proc/self/mountinfo").read_text().splitlines()):
-        if str(tmp_path) in line.split()[4]:
-            subprocess.run(["umount", "-l", line.split()[4]], check=False, capture_output=True)
+    unmount_all_under(tmp_path)
     if process.process and process.process.poll() is None:
         process.stop()
 

@@ -4,8 +4,11 @@ connection for as long as the registry likes. Real registry, throttled by a prox
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import socket
+import threading
 
 import pytest
 
@@ -16,6 +19,7 @@ from modelcache.registry.reference import parse_reference
 from tests.conftest import FAST_RETRY, make_client
 from tests.helpers.oci import Fixtures
 from tests.helpers.proxy import ProxyBehaviour, RegistryProxy
+from tests.helpers.waiting import wait_for
 
 DATA = os.urandom(100_000)
 
@@ -67,3 +71,70 @@ def test_a_trickling_stream_fails_a_pull_instead_of_holding_it(fixtures: Fixture
         assert (tmp_path / "out").stat().st_size < len(DATA)
     finally:
         proxy.close()
+
+
+class Trickler:
+    """A raw HTTP server that answers each request with ``head`` and ``body``, the bytes from ``drip_from``
+    on one every DRIP seconds (400 of them take 20 s: far past every deadline the tests allow)."""
+
+    DRIP = 0.05
+
+    def __init__(self, head: bytes, body: bytes, drip_from: int) -> None:
+        self.answer, self.drip_from = head + body, drip_from
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.host = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.stop = threading.Event()
+        self.cut = threading.Event()  # the client dropped the connection before the answer's end
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(65536)
+            conn.sendall(self.answer[:self.drip_from])
+            for i in range(self.drip_from, len(self.answer)):
+                if self.stop.wait(self.DRIP):
+                    return
+                try:
+                    conn.sendall(self.answer[i:i + 1])
+                except OSError:
+                    self.cut.set()
+                    return
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()
+
+
+@pytest.mark.parametrize("part", ["headers", "error body"])
+def test_trickled_headers_or_error_body_are_cut(part: str) -> None:
+    """An answer whose headers, or whose small (error) body, trickle is cut at the socket's read timeout
+    plus its size limit at the floor speed: the connection is dropped before the answer's end, and the range
+    read fails (as unavailable for headers; a cut error body only loses its detail), it is not held."""
+    head = b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\n" + b"X-Pad: " + b"a" * 400 + b"\r\n"
+    body = b"x" * 400
+    head += f"Content-Length: {len(body)}\r\n\r\n".encode()
+    server = Trickler(head, body, drip_from=20 if part == "headers" else len(head))
+    try:
+        client = make_client(retry=dataclasses.replace(FAST_RETRY, attempts=1, read_timeout=1.0))
+        with pytest.raises(RegistryError) as info:
+            client.download_range(parse_reference(f"{server.host}/slow/answer:v1"), Digest.parse("sha256:" + "a" * 64),
+                                  10, 0, 10, lambda _, data: None)
+        if part == "headers":
+            assert info.value.kind is Kind.UNAVAILABLE and "slower than" in str(info.value)
+        else:
+            assert info.value.kind is Kind.NOT_FOUND
+        wait_for(server.cut.is_set, "the client to drop the connection before the answer's end")
+    finally:
+        server.close()

@@ -188,7 +188,7 @@ class RegistryClient:
                     out.truncate()
                     verifier.reset()
                 try:
-                    readinto = body_reader(response, self.transport.retry, what)
+                    readinto = body_reader(response, self.transport.retry, what, descriptor.size - start)
                     buffer = bytearray(READ_SIZE)  # one buffer for the whole stream: no allocation per read
                     view = memoryview(buffer)
                     while n := readinto(buffer):
@@ -237,7 +237,7 @@ class RegistryClient:
                                                                     f"bytes {position}-{end}/*"):
                     raise IntegrityError(f"{what}: the registry answered {answered or 'no Content-Range'} instead")
                 try:
-                    readinto = body_reader(response, self.transport.retry, what)
+                    readinto = body_reader(response, self.transport.retry, what, end + 1 - position)
                     while position <= end and (n := readinto(buffer)):
                         n = min(n, end + 1 - position)
                         write(position, view[:n])

@@ -18,7 +18,7 @@ import ipaddress
 import re
 import socket
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -27,9 +27,11 @@ import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, LocationParseError, NameResolutionError, NewConnectionError
+from urllib3.response import HTTPResponse
 from urllib3.util import parse_url
 
 from modelcache.errors import Kind, RegistryError
+from modelcache.registry import slowbodies
 from modelcache.registry.reference import normalise_registry
 
 if TYPE_CHECKING:
@@ -182,14 +184,32 @@ def _connect(conn: HTTPConnection) -> socket.socket:
     raise NewConnectionError(conn, f"Failed to establish a new connection: {failure}")
 
 
+def _headers_in_time(conn: BaseHTTPConnection, getresponse: Callable[[], HTTPResponse]) -> HTTPResponse:
+    """An answer's status and headers, read within the socket's read timeout plus HEADER_BYTES at the floor
+    speed (:mod:`modelcache.registry.slowbodies`): a registry trickling headers is cut."""
+    sock = getattr(conn, "sock", None)
+    if not isinstance(sock, socket.socket):
+        return getresponse()
+    seconds = slowbodies.grace_of(sock) + slowbodies.HEADER_BYTES / slowbodies.FLOOR
+    answer = slowbodies.bounded(getresponse, sock, seconds, f"{conn.host}: answer headers", slowbodies.FLOOR)
+    assert isinstance(answer, HTTPResponse)
+    return answer
+
+
 class _Connection(HTTPConnection):
     def _new_conn(self) -> socket.socket:
         return _connect(self)
+
+    def getresponse(self) -> HTTPResponse:  # type: ignore[override]
+        return _headers_in_time(self, super().getresponse)
 
 
 class _TLSConnection(HTTPSConnection):
     def _new_conn(self) -> socket.socket:
         return _connect(self)
+
+    def getresponse(self) -> HTTPResponse:  # type: ignore[override]
+        return _headers_in_time(self, super().getresponse)
 
 
 _taken = threading.local()

@@ -85,7 +85,7 @@ class RetryPolicy:
     connect_timeout: float = 10.0
     read_timeout: float = 30.0
     mirror_connect_timeout: float = 0.5
-    min_bytes_per_second: float = 16 << 10  # a body's floor speed, each read of it (see slowbodies)
+    min_bytes_per_second: float = slowbodies.FLOOR  # a blob body's floor speed, each read of it (see slowbodies)
 
     def delay(self, attempt: int, retry_after: str | None = None) -> float:
         """Seconds to wait before retry number ``attempt`` (1-based)."""
@@ -432,9 +432,11 @@ def _basic(creds: Credentials) -> str:
     return "Basic " + base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
 
 
-def body_reader(response: requests.Response, policy: RetryPolicy, what: str) -> Callable[[bytearray], int]:
+def body_reader(response: requests.Response, policy: RetryPolicy, what: str,
+                expected: int | None = None) -> Callable[[bytearray], int]:
     """``readinto`` of a streamed response's body, filling the whole buffer per call (short only at the
-    end), each call bounded by ``policy``'s floor speed (:mod:`modelcache.registry.slowbodies`). http.client's
+    end), each call bounded by ``policy``'s floor speed for the bytes it may still bring (``expected`` at
+    most, where the caller knows; :mod:`modelcache.registry.slowbodies`). http.client's
     own response where urllib3 wraps one: urllib3's ``readinto`` reads into a new bytes object and copies it,
     a copy and an allocation per read at line rate. Either way the body comes as sent (blob bytes are never
     content-decoded) and its caller verifies it."""
@@ -451,13 +453,21 @@ def body_reader(response: requests.Response, policy: RetryPolicy, what: str) -> 
                 got += n
             return got
         readinto = fill
-    sock = getattr(getattr(getattr(inner, "fp", None), "raw", None), "_sock", None)
-    if not isinstance(sock, socket.socket):
-        log.debug("%s: no socket under the response; its body's speed is not bounded", what)
+    sock = _socket_of(response)
+    if sock is None:
+        log.warning("%s: no socket under the response; its body's speed is not bounded", what)
         return readinto
-    declared = response.headers.get("Content-Length", "")
-    return slowbodies.guarded(readinto, sock, int(declared) if declared.isdigit() else None,
-                              floor=policy.min_bytes_per_second, grace=policy.read_timeout, what=what)
+    declared = getattr(inner, "length", None)  # as http.client parsed Content-Length (None: unknown)
+    left = [n for n in (declared if isinstance(declared, int) else None, expected) if n is not None]
+    return slowbodies.guarded(readinto, sock, min(left) if left else None, floor=policy.min_bytes_per_second,
+                              grace=policy.read_timeout, what=what)
+
+
+def _socket_of(response: requests.Response) -> socket.socket | None:
+    """The socket a response's body is read from (where http.client's response is under urllib3's)."""
+    inner = _http_client_response(response)
+    sock = getattr(getattr(getattr(inner, "fp", None), "raw", None), "_sock", None)
+    return sock if isinstance(sock, socket.socket) else None
 
 
 def _http_client_response(response: requests.Response) -> http.client.HTTPResponse | None:
@@ -528,19 +538,28 @@ def _read_to_its_end(inner: http.client.HTTPResponse) -> bool:
 
 
 def read_limited(response: requests.Response, limit: int, what: str) -> bytes:
-    """Read a small body, refusing more than ``limit`` bytes (manifests, configs, tokens)."""
-    declared = response.headers.get("Content-Length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    """Read a small body, refusing more than ``limit`` bytes (manifests, configs, tokens, error bodies), in
+    at most the socket's read timeout plus ``limit`` bytes' time at the floor speed."""
+    declared = response.headers.get("Content-Length", "")
+    if declared.isascii() and declared.isdigit() and len(declared) <= 19 and int(declared) > limit:
         raise RegistryError(f"{what}: body of {declared} bytes exceeds the {limit}-byte limit",
                             kind=Kind.UNSAFE_CONTENT)
     chunks: list[bytes] = []
-    total = 0
-    try:
+
+    def read() -> None:
+        total = 0
         for chunk in response.iter_content(65536):
             total += len(chunk)
             if total > limit:
                 raise RegistryError(f"{what}: body exceeds the {limit}-byte limit", kind=Kind.UNSAFE_CONTENT)
             chunks.append(chunk)
+    try:
+        sock = _socket_of(response)
+        if sock is None:
+            read()
+        else:
+            slowbodies.bounded(read, sock, slowbodies.grace_of(sock) + limit / slowbodies.FLOOR, what,
+                               slowbodies.FLOOR)
     except STREAM_ERRORS as exc:
         raise RegistryError(f"{what}: connection failed while reading ({type(exc).__name__})",
                             kind=Kind.UNAVAILABLE) from None

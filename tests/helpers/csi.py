@@ -135,3 +135,17 @@ def helper_pid(csi: CsiProcess, target: Path) -> int:
         if f'"target_path": "{target}"' in text:
             return int(re.search(r'"helper_pid": (\d+)', text).group(1))  # type: ignore[union-attr]
     raise AssertionError(f"no record for {target}")
+
+
+def unmount_all_under(path: Path) -> None:
+    """Lazily unmount every mount at or below ``path``, again while any is left: a lazy server may stack the
+    finished tree on its mount between a look at the mount table and the unmount, and an unmount takes off
+    only the top one."""
+    for _ in range(10):
+        points = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+                  if line.split()[4] == str(path) or line.split()[4].startswith(f"{path}/")]
+        if not points:
+            return
+        for point in reversed(points):
+            subprocess.run(["umount", "-l", point], check=False, capture_output=True)
+    raise AssertionError(f"mounts under {path} keep coming back")
