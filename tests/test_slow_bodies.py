@@ -138,3 +138,20 @@ def test_trickled_headers_or_error_body_are_cut(part: str) -> None:
         wait_for(server.cut.is_set, "the client to drop the connection before the answer's end")
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("declared", ["\xb2", "9" * 5000])
+def test_a_content_length_python_cannot_read_is_no_length(declared: str) -> None:
+    """A Content-Length that looks like digits to str.isdigit() but not to int() (a superscript two, 5,000
+    digits): the body is read as one of unknown length, not failed with a ValueError."""
+    body = b"0123456789"
+    head = f"HTTP/1.1 200 OK\r\nContent-Length: {declared}\r\nConnection: close\r\n\r\n".encode("latin-1")
+    server = Trickler(head, body, drip_from=len(head) + len(body))
+    try:
+        client = make_client(retry=dataclasses.replace(FAST_RETRY, attempts=1, read_timeout=1.0))
+        received = bytearray()
+        client.download_range(parse_reference(f"{server.host}/odd/length:v1"), Digest.parse("sha256:" + "a" * 64),
+                              len(body), 0, len(body), lambda _, data: received.extend(data))
+        assert bytes(received) == body
+    finally:
+        server.close()
