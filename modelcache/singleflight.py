@@ -89,7 +89,10 @@ class PullFlights:
         key = (str(reference), options.variant(), credentials_id)
         with self._lock:
             flight = self._flights.get(key)
-            if flight is None:
+            # a failed flight whose done-callback has not yet removed it (its waiters wake before callbacks
+            # run) is not joined: the caller retrying at once would get that failure again
+            if flight is None or (flight.future.done() and (flight.future.cancelled() or
+                                                           flight.future.exception() is not None)):
                 if self._stopping.is_set():
                     raise ModelCacheError("the plugin is shutting down", kind=Kind.UNAVAILABLE)
                 flight = Flight(reference, Future(), Progress())
