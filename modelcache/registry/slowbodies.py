@@ -117,11 +117,12 @@ def bounded(call: Callable[[], object], sock: socket.socket, seconds: float, wha
 
 
 def guarded(readinto: Callable[[bytearray], int], sock: socket.socket, length: int | None, *, floor: float,
-            grace: float, what: str) -> Callable[[bytearray], int]:
+            what: str) -> Callable[[bytearray], int]:
     """``readinto`` of a body of ``length`` bytes still to come (None: unknown) whose every call must end
-    within ``grace`` seconds plus the bytes it may read at ``floor`` bytes per second; RegistryError
+    within the socket's read timeout plus the bytes it may read at ``floor`` bytes per second; RegistryError
     (UNAVAILABLE) when one does not."""
     left = length
+    grace = grace_of(sock)
 
     def read(buffer: bytearray) -> int:
         nonlocal left

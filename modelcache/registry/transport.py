@@ -460,7 +460,7 @@ def body_reader(response: requests.Response, policy: RetryPolicy, what: str,
     declared = getattr(inner, "length", None)  # as http.client parsed Content-Length (None: unknown)
     left = [n for n in (declared if isinstance(declared, int) else None, expected) if n is not None]
     return slowbodies.guarded(readinto, sock, min(left) if left else None, floor=policy.min_bytes_per_second,
-                              grace=policy.read_timeout, what=what)
+                              what=what)
 
 
 def _socket_of(response: requests.Response) -> socket.socket | None:
